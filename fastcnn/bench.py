@@ -1,0 +1,226 @@
+"""``fastcnn bench``: per-layer forward/backward times, GFLOP/s and the training step.
+
+Every figure is a median over ``repeats`` timed runs after warm-up. With
+``compare="torch"`` the same layer (same weights, channels_last) and the same
+training step are timed in PyTorch, in the same process, right after ours.
+"""
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+
+def _median_ms(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_peak_gflops(threads, torch=None, size=1024, repeats=5):
+    """The machine's float32 matmul rate with ``threads`` threads, measured now.
+
+    With torch: torch.mm on ``threads`` threads. Without: NumPy's BLAS on one
+    thread (fastcnn keeps BLAS single-threaded) times ``threads``.
+    """
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(size, size)).astype(np.float32)
+    b = rng.normal(size=(size, size)).astype(np.float32)
+    flops = 2 * size ** 3
+    if torch is not None:
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        ms = _median_ms(lambda: torch.mm(ta, tb), repeats)
+        return flops / ms / 1e6, f"torch.mm, {threads} thread(s)"
+    ms = _median_ms(lambda: a @ b, repeats)
+    return flops / ms / 1e6 * threads, f"numpy matmul on 1 thread x {threads}"
+
+
+def _gflops(flops, ms):
+    return flops / ms / 1e6 if flops and ms > 0 else None
+
+
+def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None, log=print):
+    """Measure and return a report dict (see ``print_report``)."""
+    from .config import load_config, validate
+    from .losses import softmax_cross_entropy
+    from .model import build_model
+    from .optim import build_optimizer
+    from .torch_reference import import_torch, to_torch_input, torch_layer, torch_model
+    from .train import set_threads, warm_up
+
+    cfg = load_config(config) if config else validate({"model": {}, "data": {"dataset": "mnist"}})
+    n_threads = set_threads(threads if threads is not None else cfg.train.threads)
+    torch = None
+    if compare == "torch":
+        torch = import_torch()
+        if torch is None:
+            log("PyTorch is not installed: --compare torch skipped (pip install torch==2.13.0)")
+        else:
+            torch.set_num_threads(n_threads)
+    log(f"fastcnn bench: batch {batch_size}, {n_threads} thread(s), {cpu_name()}")
+    warm_up(cfg.model, log=log)
+
+    model = build_model(cfg.model, seed=cfg.seed)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch_size, *model.input_shape)).astype(model.dtype)
+    labels = rng.integers(0, model.num_classes, size=batch_size)
+    peak, peak_source = matmul_peak_gflops(n_threads, torch)
+
+    rows = []
+    act = x
+    for i, layer in enumerate(model.layers):
+        inp = act.copy()
+        out = layer.forward(inp, True)
+        fwd_ms = _median_ms(lambda: layer.forward(inp, True), repeats)
+        act = layer.forward(inp, True).copy()
+        dy = rng.normal(size=out.shape).astype(model.dtype)
+        layer.forward(inp, True)
+        bwd_ms = _median_ms(lambda: layer.backward(dy, True), repeats)
+        f = layer.flops(batch_size)
+        row = {"index": i, "layer": repr(layer), "kind": layer.kind, "output_shape": list(out.shape[1:]),
+               "forward_ms": fwd_ms, "backward_ms": bwd_ms,
+               "forward_gflops": _gflops(f, fwd_ms), "backward_gflops": _gflops(2 * f, bwd_ms)}
+        for key in ("forward", "backward"):
+            g = row[f"{key}_gflops"]
+            row[f"{key}_peak_pct"] = 100 * g / peak if g else None
+        if torch is not None:
+            row.update(_torch_layer_times(layer, inp, dy, torch, repeats, to_torch_input, torch_layer))
+        rows.append(row)
+
+    opt = build_optimizer(cfg.train.optimizer, model.parameters())
+
+    def step():
+        logits = model.forward(x, training=True)
+        _, dlogits = softmax_cross_entropy(logits, labels)
+        model.backward(dlogits, input_grad=False)
+        opt.step()
+
+    step_ms = _median_ms(step, repeats)
+    infer_x = rng.normal(size=(256, *model.input_shape)).astype(model.dtype)
+    infer_ms = _median_ms(lambda: model.forward(infer_x, training=False), max(3, repeats // 2))
+    report = {
+        "batch_size": batch_size, "threads": n_threads, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        "matmul_peak_gflops": peak, "matmul_peak_source": peak_source, "layers": rows,
+        "step": {"ms": step_ms, "images_per_sec": batch_size / step_ms * 1e3},
+        "inference_b256": {"ms": infer_ms, "images_per_sec": 256 / infer_ms * 1e3},
+    }
+    if torch is not None:
+        report["step"].update(_torch_step(model, x, labels, cfg, torch, repeats))
+        report["inference_b256"].update(_torch_inference(model, infer_x, torch, max(3, repeats // 2)))
+    return report
+
+
+def _torch_layer_times(layer, inp, dy, torch, repeats, to_torch_input, torch_layer):
+    mod = torch_layer(layer, torch)
+    four_d = inp.ndim == 4
+    t_in = to_torch_input(inp, torch) if four_d else torch.from_numpy(inp.copy())
+    t_in = t_in.detach().requires_grad_(True)
+    if four_d:
+        mod = mod.to(memory_format=torch.channels_last)
+    mod.train()
+    out = mod(t_in)
+    t_dy = torch.from_numpy(dy.copy())
+    if t_dy.dim() == 4:
+        t_dy = t_dy.permute(0, 3, 1, 2)
+    t_dy = t_dy.reshape(out.shape) if t_dy.shape != out.shape else t_dy
+
+    def fwd():
+        with torch.no_grad():
+            mod(t_in)
+
+    def fwd_bwd():
+        o = mod(t_in)
+        o.backward(t_dy)
+
+    fwd_ms = _median_ms(fwd, repeats)
+    both_ms = _median_ms(fwd_bwd, repeats)
+    return {"torch_forward_ms": fwd_ms, "torch_backward_ms": max(both_ms - fwd_ms, 0.0)}
+
+
+def _torch_step(model, x, labels, cfg, torch, repeats):
+    from .torch_reference import to_torch_input, torch_model
+
+    net = torch_model(model, torch, channels_last=True)
+    opt_cfg = cfg.train.optimizer
+    if opt_cfg["name"] == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
+                               eps=opt_cfg["eps"], weight_decay=opt_cfg["weight_decay"])
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=opt_cfg["lr"], momentum=opt_cfg["momentum"],
+                              dampening=opt_cfg["dampening"], nesterov=opt_cfg["nesterov"],
+                              weight_decay=opt_cfg["weight_decay"])
+    tx = to_torch_input(x, torch).contiguous(memory_format=torch.channels_last)
+    ty = torch.from_numpy(labels)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(tx), ty)
+        loss.backward()
+        opt.step()
+
+    ms = _median_ms(step, repeats)
+    return {"torch_ms": ms, "torch_images_per_sec": len(x) / ms * 1e3}
+
+
+def _torch_inference(model, x, torch, repeats):
+    from .torch_reference import to_torch_input, torch_model
+
+    net = torch_model(model, torch, channels_last=True).eval()
+    tx = to_torch_input(x, torch).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.no_grad():
+            net(tx)
+
+    ms = _median_ms(run, repeats)
+    return {"torch_ms": ms, "torch_images_per_sec": len(x) / ms * 1e3}
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_report(report, echo=print):
+    """A human-readable table of a bench report."""
+    has_torch = "torch_ms" in report["step"]
+    echo(f"\nbatch {report['batch_size']}, {report['threads']} thread(s), {report['cpu']}; "
+         f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s ({report['matmul_peak_source']})")
+    head = f"{'#':>2} {'layer':<10} {'fwd ms':>8} {'GFLOP/s':>8} {'%peak':>6} {'bwd ms':>8} {'GFLOP/s':>8} {'%peak':>6}"
+    if has_torch:
+        head += f" {'torch fwd':>10} {'torch bwd':>10}"
+    echo(head)
+    for r in report["layers"]:
+        line = (f"{r['index']:>2} {r['kind']:<10} {r['forward_ms']:>8.3f} {_fmt(r['forward_gflops'], '8.1f'):>8} "
+                f"{_fmt(r['forward_peak_pct'], '5.0f'):>6} {r['backward_ms']:>8.3f} "
+                f"{_fmt(r['backward_gflops'], '8.1f'):>8} {_fmt(r['backward_peak_pct'], '5.0f'):>6}")
+        if has_torch:
+            line += f" {r['torch_forward_ms']:>10.3f} {r['torch_backward_ms']:>10.3f}"
+        echo(line)
+    s, inf = report["step"], report["inference_b256"]
+    line = f"training step (fwd + loss + bwd + optimizer): {s['ms']:.2f} ms, {s['images_per_sec']:.0f} images/s"
+    if has_torch:
+        line += (f"; PyTorch channels_last {s['torch_ms']:.2f} ms, {s['torch_images_per_sec']:.0f} images/s "
+                 f"(fastcnn/PyTorch = {s['images_per_sec'] / s['torch_images_per_sec']:.2f}x)")
+    echo(line)
+    line = f"inference, batch 256: {inf['ms']:.2f} ms, {inf['images_per_sec']:.0f} images/s"
+    if has_torch:
+        line += (f"; PyTorch {inf['torch_images_per_sec']:.0f} images/s "
+                 f"({inf['images_per_sec'] / inf['torch_images_per_sec']:.2f}x)")
+    echo(line)

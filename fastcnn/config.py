@@ -1,0 +1,522 @@
+"""YAML config -> a validated, fully resolved config.
+
+The schema below is the single source of truth for which keys exist, their
+types, ranges and defaults. Every error names the key path where it happened
+(``model.layers[3].kernel_size: ...``) and is raised as ConfigError, which the
+CLI prints as one line with exit code 2.
+"""
+import copy
+import difflib
+import os
+
+import yaml
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------
+# Field checkers: each takes (value, path) and returns the normalized value or
+# raises ConfigError.
+
+
+def _type_name(value):
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def integer(minimum=None, maximum=None):
+    def check(value, path):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {_type_name(value)} ({value!r})")
+        if minimum is not None and value < minimum:
+            raise ConfigError(path, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(path, f"must be <= {maximum}, got {value}")
+        return value
+    return check
+
+
+def number(minimum=None, maximum=None, min_exclusive=False, max_exclusive=False):
+    def check(value, path):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {_type_name(value)} ({value!r})")
+        value = float(value)
+        if value != value:
+            raise ConfigError(path, "must be a number, got NaN")
+        if minimum is not None and (value <= minimum if min_exclusive else value < minimum):
+            raise ConfigError(path, f"must be {'>' if min_exclusive else '>='} {minimum}, got {value:g}")
+        if maximum is not None and (value >= maximum if max_exclusive else value > maximum):
+            raise ConfigError(path, f"must be {'<' if max_exclusive else '<='} {maximum}, got {value:g}")
+        return value
+    return check
+
+
+def boolean(value, path):
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"expected true or false, got {_type_name(value)} ({value!r})")
+    return value
+
+
+def choice(*options):
+    def check(value, path):
+        if value not in options:
+            hint = _did_you_mean(value, options)
+            raise ConfigError(path, f"must be one of {', '.join(map(str, options))}; got {value!r}{hint}")
+        return value
+    return check
+
+
+def optional(checker):
+    def check(value, path):
+        return None if value is None else checker(value, path)
+    return check
+
+
+def int_or_pair(minimum):
+    one = integer(minimum)
+
+    def check(value, path):
+        if isinstance(value, list):
+            if len(value) != 2:
+                raise ConfigError(path, f"expected an integer or a pair [h, w], got a list of {len(value)}")
+            return [one(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return one(value, path)
+    return check
+
+
+def padding_value(value, path):
+    if isinstance(value, str):
+        if value not in ("valid", "same"):
+            raise ConfigError(path, f"must be an integer, a pair, 'valid' or 'same'; got {value!r}")
+        return value
+    return int_or_pair(0)(value, path)
+
+
+def shape3(value, path):
+    if not isinstance(value, list) or len(value) != 3:
+        raise ConfigError(path, f"expected [height, width, channels], got {value!r}")
+    return [integer(1)(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+def validation_value(value, path):
+    if value == "test":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
+        return float(value)
+    raise ConfigError(path, f"must be 'test' or a fraction in (0, 1) held out of the training set; got {value!r}")
+
+
+def threads_value(value, path):
+    if value is None:
+        return None
+    return integer(1)(value, path)
+
+
+# --------------------------------------------------------------------------
+# The schema. A section is a dict: key -> (checker, default). REQUIRED marks
+# keys with no default.
+
+REQUIRED = object()
+
+LAYER_SCHEMAS = {
+    "conv2d": {
+        "filters": (integer(1), REQUIRED),
+        "kernel_size": (int_or_pair(1), REQUIRED),
+        "stride": (int_or_pair(1), 1),
+        "padding": (padding_value, 0),
+        "dilation": (int_or_pair(1), 1),
+        "bias": (boolean, True),
+    },
+    "maxpool2d": {
+        "pool_size": (int_or_pair(1), 2),
+        "stride": (optional(int_or_pair(1)), None),
+        "padding": (int_or_pair(0), 0),
+    },
+    "relu": {},
+    "leaky_relu": {"negative_slope": (number(0.0), 0.01)},
+    "batchnorm": {
+        "momentum": (number(0.0, 1.0), 0.1),
+        "eps": (number(0.0, min_exclusive=True), 1e-5),
+    },
+    "flatten": {},
+    "dense": {
+        "units": (integer(1), REQUIRED),
+        "bias": (boolean, True),
+    },
+}
+
+SEED_LAYERS = [
+    {"type": "conv2d", "filters": 32, "kernel_size": 3},
+    {"type": "relu"},
+    {"type": "maxpool2d", "pool_size": 2},
+    {"type": "conv2d", "filters": 64, "kernel_size": 3},
+    {"type": "relu"},
+    {"type": "maxpool2d", "pool_size": 2},
+    {"type": "flatten"},
+    {"type": "dense", "units": 128},
+    {"type": "relu"},
+    {"type": "dense", "units": 10},
+]
+
+OPTIMIZER_SCHEMAS = {
+    "adam": {
+        "lr": (number(0.0, min_exclusive=True), 0.001),
+        "betas": (None, [0.9, 0.999]),  # checked by _betas
+        "eps": (number(0.0, min_exclusive=True), 1e-8),
+        "weight_decay": (number(0.0), 0.0),
+    },
+    "sgd": {
+        "lr": (number(0.0, min_exclusive=True), 0.01),
+        "momentum": (number(0.0), 0.0),
+        "dampening": (number(0.0), 0.0),
+        "nesterov": (boolean, False),
+        "weight_decay": (number(0.0), 0.0),
+    },
+}
+
+SCHEDULE_SCHEMAS = {"none": {}}
+
+DATASETS = ("mnist", "fashion-mnist", "synthetic")
+
+SCHEMA = {
+    "seed": (integer(0), 0),
+    "model": {
+        "input_shape": (shape3, [28, 28, 1]),
+        "num_classes": (integer(2), 10),
+        "dtype": (choice("float32", "float64"), "float32"),
+        "layers": (None, SEED_LAYERS),  # checked by _layers
+    },
+    "data": {
+        "dataset": (choice(*DATASETS), REQUIRED),
+        "root": (optional(lambda v, p: _string(v, p)), None),
+        "batch_size": (integer(1), 64),
+        "validation": (validation_value, "test"),
+        "num_train": (optional(integer(1)), None),
+        "num_test": (optional(integer(1)), None),
+    },
+    "train": {
+        "epochs": (integer(0), 5),
+        "optimizer": (None, {"name": "adam", "lr": 0.001}),  # checked by _named_section
+        "schedule": (None, {"name": "none"}),
+        "threads": (threads_value, None),
+    },
+    "output": {
+        "dir": (lambda v, p: _string(v, p), "runs/mnist"),
+    },
+}
+
+TOP_REQUIRED = ("model",)
+
+
+def _string(value, path):
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, f"expected a non-empty string, got {_type_name(value)} ({value!r})")
+    return value
+
+
+def _did_you_mean(word, options):
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _join(path, key):
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check_section(raw, schema, path, special=None):
+    """Validate a mapping against a schema section; returns a new resolved dict."""
+    special = special or {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"expected a mapping, got {_type_name(raw)}")
+    for key in raw:
+        if key not in schema:
+            raise ConfigError(_join(path, key), "unknown key" + _did_you_mean(key, schema) +
+                              f"; known keys: {', '.join(schema)}")
+    out = {}
+    for key, spec in schema.items():
+        sub = _join(path, key)
+        if isinstance(spec, dict):
+            out[key] = _check_section(raw.get(key), spec, sub, special)
+            continue
+        checker, default = spec
+        if key in special:
+            out[key] = special[key](raw.get(key, copy.deepcopy(default)), sub)
+        elif key in raw:
+            out[key] = checker(raw[key], sub) if checker else raw[key]
+        elif default is REQUIRED:
+            raise ConfigError(sub, "required key is missing")
+        else:
+            out[key] = copy.deepcopy(default)
+    return out
+
+
+def _named_section(schemas, kind):
+    def check(value, path):
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping with a 'name', got {_type_name(value)}")
+        if "name" not in value:
+            raise ConfigError(_join(path, "name"), f"required key is missing (one of {', '.join(schemas)})")
+        name = value["name"]
+        if name not in schemas:
+            raise ConfigError(_join(path, "name"), f"unknown {kind} {name!r}{_did_you_mean(name, schemas)}; "
+                              f"known: {', '.join(schemas)}")
+        rest = {k: v for k, v in value.items() if k != "name"}
+        resolved = _check_section(rest, schemas[name], path, {"betas": _betas})
+        return {"name": name, **resolved}
+    return check
+
+
+def _betas(value, path):
+    if not isinstance(value, list) or len(value) != 2:
+        raise ConfigError(path, f"expected a pair [beta1, beta2], got {value!r}")
+    return [number(0.0, 1.0, max_exclusive=True)(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+def _layers(value, path):
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "expected a non-empty list of layers")
+    layers = []
+    for i, layer in enumerate(value):
+        lpath = f"{path}[{i}]"
+        if not isinstance(layer, dict):
+            raise ConfigError(lpath, f"expected a mapping with a 'type', got {_type_name(layer)}")
+        if "type" not in layer:
+            raise ConfigError(_join(lpath, "type"), "required key is missing")
+        kind = layer["type"]
+        if kind not in LAYER_SCHEMAS:
+            raise ConfigError(_join(lpath, "type"), f"unknown layer type {kind!r}{_did_you_mean(kind, LAYER_SCHEMAS)}"
+                              f"; known: {', '.join(LAYER_SCHEMAS)}")
+        rest = {k: v for k, v in layer.items() if k != "type"}
+        layers.append({"type": kind, **_check_section(rest, LAYER_SCHEMAS[kind], lpath)})
+    return layers
+
+
+_SPECIAL = {
+    "layers": _layers,
+    "optimizer": _named_section(OPTIMIZER_SCHEMAS, "optimizer"),
+    "schedule": _named_section(SCHEDULE_SCHEMAS, "schedule"),
+}
+
+
+class Section(dict):
+    """A dict whose keys also read as attributes: cfg.train.epochs."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _wrap(value):
+    if isinstance(value, dict):
+        return Section({k: _wrap(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    return value
+
+
+def _unwrap(value):
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
+
+
+def validate(raw):
+    """A raw mapping (as parsed from YAML) -> a resolved config (Section).
+
+    Checks keys, types and ranges, then the layer stack's shapes (by building
+    the shape plan, without allocating any weights).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"the config must be a mapping of sections (model, data, ...), got {_type_name(raw)}")
+    for key in TOP_REQUIRED:
+        if key not in raw:
+            raise ConfigError(key, "required section is missing")
+    if not isinstance(raw.get("data"), dict) or "dataset" not in raw["data"]:
+        if "data" in raw and not isinstance(raw["data"], dict):
+            raise ConfigError("data", f"expected a mapping, got {_type_name(raw['data'])}")
+        raise ConfigError("data.dataset", f"required key is missing (one of {', '.join(DATASETS)})")
+    cfg = _wrap(_check_section(raw, SCHEMA, "", _SPECIAL))
+    from .model import plan_shapes  # local import: config stays importable without numba
+
+    plan_shapes(cfg.model)
+    return cfg
+
+
+def validate_section(name, raw):
+    """Validate one top-level section (e.g. a ``model`` mapping given in Python)."""
+    return _wrap(_check_section(raw, SCHEMA[name], name, _SPECIAL))
+
+
+def load_config(path, overrides=()):
+    """Read a YAML file, apply ``KEY=VALUE`` overrides, validate. Returns a Section."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and cmark:
+            problem += f" ({context} started at line {cmark.line + 1})"
+        raise ConfigError("", f"{path}: YAML syntax error{where}: {problem}") from None
+    if raw is None:
+        raise ConfigError("", f"{path}: the config file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{path}: the config must be a mapping of sections (model, data, ...), "
+                              f"got {_type_name(raw)}")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw)
+
+
+def _parse_key_path(key):
+    """'model.layers[3].filters' -> ['model', 'layers', 3, 'filters']."""
+    parts = []
+    for piece in key.split("."):
+        if not piece:
+            raise ConfigError(key, "malformed key path (empty component)")
+        name, _, rest = piece.partition("[")
+        if name:
+            parts.append(name)
+        while rest:
+            index, close, rest = rest.partition("]")
+            if not close or not index.isdigit():
+                raise ConfigError(key, "malformed key path (list index must be [N])")
+            parts.append(int(index))
+            rest = rest[1:] if rest.startswith("[") else rest
+            if rest:
+                raise ConfigError(key, "malformed key path")
+    return parts
+
+
+def _schema_has(parts, raw):
+    """Whether a key path names a key the schema knows (so --set may create it)."""
+    node = SCHEMA
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            if isinstance(node, tuple):
+                if i == len(parts) - 1:
+                    return True
+                # Into a special (layers, optimizer): the value must already exist in raw.
+                return False
+        else:
+            return False
+    return isinstance(node, dict)
+
+
+def apply_override(raw, item):
+    """Apply one ``KEY=VALUE`` (VALUE parsed as YAML) to the raw mapping in place."""
+    if "=" not in item:
+        raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    parts = _parse_key_path(key)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        here = _path_str(parts[: i + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(here, "no such list element to override")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(here, "cannot override inside a value that is not a mapping")
+            if part not in node:
+                # A section or named sub-mapping absent from the file: create it if the schema has it.
+                default = _default_at(parts[: i + 1])
+                if default is None:
+                    raise ConfigError(here, "no such key to override" + _did_you_mean(part, _known_at(parts[:i])))
+                node[part] = default
+            node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ConfigError(key, "no such list element to override")
+        node[last] = value
+        return
+    if not isinstance(node, dict):
+        raise ConfigError(key, "cannot override inside a value that is not a mapping")
+    if last not in node and not _known_key(parts, node):
+        raise ConfigError(key, "no such key to override" + _did_you_mean(last, _known_at(parts[:-1], node)))
+    node[last] = value
+
+
+def _path_str(parts):
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+def _default_at(parts):
+    """A fresh default value for a schema section/key path, or None."""
+    node = SCHEMA
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, dict):
+        return {}
+    return copy.deepcopy(node[1]) if node[1] is not REQUIRED else None
+
+
+def _known_at(parts, node=None):
+    """Known key names at a path (for 'did you mean')."""
+    schema = SCHEMA
+    for part in parts:
+        if isinstance(schema, dict) and part in schema:
+            schema = schema[part]
+        else:
+            schema = None
+            break
+    keys = set(schema) if isinstance(schema, dict) else set()
+    if isinstance(node, dict):
+        keys |= set(node)
+        if "type" in node and node["type"] in LAYER_SCHEMAS:
+            keys |= set(LAYER_SCHEMAS[node["type"]])
+        if "name" in node:
+            for schemas in (OPTIMIZER_SCHEMAS, SCHEDULE_SCHEMAS):
+                keys |= set(schemas.get(node["name"], {}))
+    return sorted(keys)
+
+
+def _known_key(parts, node):
+    if _schema_has(parts, None):
+        return True
+    last = parts[-1]
+    if "type" in node and node["type"] in LAYER_SCHEMAS:
+        return last in LAYER_SCHEMAS[node["type"]]
+    if "name" in node:
+        return any(last in s.get(node["name"], {}) for s in (OPTIMIZER_SCHEMAS, SCHEDULE_SCHEMAS))
+    return False
+
+
+def to_yaml(cfg):
+    """The resolved config as YAML text (saved beside a run's outputs)."""
+    return yaml.safe_dump(_unwrap(cfg), sort_keys=False, default_flow_style=None)
+
+
+def to_dict(cfg):
+    return _unwrap(cfg)

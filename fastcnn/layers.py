@@ -1,0 +1,387 @@
+"""Layer classes: parameters, cached activations, forward/backward via kernels.
+
+A layer is built for a per-sample input shape (H, W, C) or (F,), owns its
+parameters (``Parameter``: ``.data`` and ``.grad``) and buffers (running
+statistics), and keeps what its backward pass needs from the last forward.
+
+Outputs are written into buffers the layer allocates once per batch shape and
+reuses: an array returned by ``forward``/``backward`` stays valid until the
+layer's next call of the same method. Sequential copies what it hands back to
+the user.
+"""
+import numpy as np
+
+from .errors import ConfigError
+from .kernels import activation, conv, dense, norm, pool
+from .shapes import pair, same_padding, window_output_size
+
+
+class Parameter:
+    """A trainable array and its gradient (same shape and dtype)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = np.zeros_like(data)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Layer:
+    """Base class. Subclasses set ``params`` and ``buffers`` (name -> array) in build()."""
+
+    kind = "layer"
+
+    def __init__(self):
+        self.params = {}
+        self.buffers = {}
+        self._scratch = {}
+        self.dtype = np.dtype(np.float32)
+
+    def output_shape(self, in_shape, path="layer"):
+        """Per-sample output shape; ConfigError (naming ``path``) if impossible."""
+        return in_shape
+
+    def build(self, in_shape, rng, dtype):
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(self.output_shape(in_shape))
+        self.dtype = np.dtype(dtype)
+
+    def _buffer(self, name, shape, dtype=None):
+        """A scratch array reused across calls while the shape stays the same."""
+        dtype = np.dtype(dtype or self.dtype)
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+            buf = np.empty(shape, dtype=dtype)
+            self._scratch[name] = buf
+        return buf
+
+    def forward(self, x, training):
+        raise NotImplementedError
+
+    def backward(self, dy, need_input_grad=True):
+        raise NotImplementedError
+
+    def flops(self, batch):
+        """Forward multiply-add FLOPs (2 per MAC) for a batch; 0 for cheap layers."""
+        return 0
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+def _require_rank(in_shape, rank, path, what):
+    if len(in_shape) != rank:
+        shape = tuple(in_shape)
+        hint = " (add a flatten layer before it)" if rank == 1 else ""
+        raise ConfigError(path, f"{what} expects a {'(height, width, channels)' if rank == 3 else 'flat'} "
+                                f"input{hint}; got shape {shape}")
+
+
+def _he_uniform(rng, shape, fan_in, dtype):
+    # He (Kaiming) uniform: bound = sqrt(6 / fan_in) = gain(relu) * sqrt(3 / fan_in).
+    bound = np.sqrt(6.0 / fan_in)
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+class Conv2D(Layer):
+    kind = "conv2d"
+
+    def __init__(self, filters, kernel_size, stride=1, padding=0, dilation=1, bias=True):
+        super().__init__()
+        self.filters = int(filters)
+        self.kernel = pair(kernel_size)
+        self.stride = pair(stride)
+        self.dilation = pair(dilation)
+        self.padding = padding
+        self.use_bias = bool(bias)
+
+    def _pads(self, path):
+        """(top, bottom, left, right)."""
+        if self.padding == "same":
+            if self.stride != (1, 1):
+                raise ConfigError(f"{path}.padding", f"'same' needs stride 1, got stride {list(self.stride)}")
+            top, bottom = same_padding(self.kernel[0], self.dilation[0])
+            left, right = same_padding(self.kernel[1], self.dilation[1])
+            return top, bottom, left, right
+        if self.padding == "valid":
+            return 0, 0, 0, 0
+        ph, pw = pair(self.padding)
+        return ph, ph, pw, pw
+
+    def output_shape(self, in_shape, path="conv2d"):
+        _require_rank(in_shape, 3, path, "conv2d")
+        h, w, _ = in_shape
+        top, bottom, left, right = self._pads(path)
+        oh = window_output_size(h, self.kernel[0], self.stride[0], top, bottom, self.dilation[0])
+        ow = window_output_size(w, self.kernel[1], self.stride[1], left, right, self.dilation[1])
+        if oh < 1 or ow < 1:
+            raise ConfigError(path, f"conv2d with kernel {list(self.kernel)}, stride {list(self.stride)}, "
+                                    f"padding {self.padding!r}, dilation {list(self.dilation)} turns input "
+                                    f"{tuple(in_shape)} into an output of size {oh}x{ow} (below 1)")
+        return (oh, ow, self.filters)
+
+    def build(self, in_shape, rng, dtype):
+        super().build(in_shape, rng, dtype)
+        self.pads = self._pads("conv2d")
+        kh, kw = self.kernel
+        cin = in_shape[2]
+        shape = (kh, kw, cin, self.filters)
+        self.params["weight"] = Parameter(_he_uniform(rng, shape, kh * kw * cin, self.dtype))
+        if self.use_bias:
+            self.params["bias"] = Parameter(np.zeros(self.filters, self.dtype))
+        else:
+            self._zero_bias = np.zeros(self.filters, self.dtype)
+
+    def _bias(self):
+        return self.params["bias"].data if self.use_bias else self._zero_bias
+
+    def _geometry(self):
+        return (self.stride[0], self.stride[1], self.pads[0], self.pads[2], self.dilation[0], self.dilation[1])
+
+    def forward(self, x, training):
+        self.x = x
+        y = self._buffer("y", (x.shape[0], *self.out_shape))
+        conv.conv2d_forward(x, self.params["weight"].data, self._bias(), y, *self._geometry())
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        w = self.params["weight"]
+        db = self.params["bias"].grad if self.use_bias else self._buffer("db", (self.filters,))
+        conv.conv2d_backward_weight(self.x, dy, w.grad, db, *self._geometry())
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", self.x.shape)
+        conv.conv2d_backward_input(dy, w.data, dx, *self._geometry())
+        return dx
+
+    def flops(self, batch):
+        oh, ow, f = self.out_shape
+        return 2 * batch * oh * ow * self.kernel[0] * self.kernel[1] * self.in_shape[2] * f
+
+    def __repr__(self):
+        return (f"Conv2D(filters={self.filters}, kernel_size={list(self.kernel)}, stride={list(self.stride)}, "
+                f"padding={self.padding!r}, dilation={list(self.dilation)}, bias={self.use_bias})")
+
+
+class MaxPool2D(Layer):
+    kind = "maxpool2d"
+
+    def __init__(self, pool_size=2, stride=None, padding=0):
+        super().__init__()
+        self.pool = pair(pool_size)
+        self.stride = pair(stride) if stride is not None else self.pool
+        self.pad = pair(padding)
+
+    def output_shape(self, in_shape, path="maxpool2d"):
+        _require_rank(in_shape, 3, path, "maxpool2d")
+        h, w, c = in_shape
+        for axis in (0, 1):
+            if self.pad[axis] > self.pool[axis] // 2:
+                raise ConfigError(f"{path}.padding", f"must be at most half the pool size "
+                                                     f"({self.pool[axis] // 2}), got {self.pad[axis]}")
+        oh = window_output_size(h, self.pool[0], self.stride[0], self.pad[0], self.pad[0])
+        ow = window_output_size(w, self.pool[1], self.stride[1], self.pad[1], self.pad[1])
+        if oh < 1 or ow < 1:
+            raise ConfigError(path, f"maxpool2d with pool {list(self.pool)}, stride {list(self.stride)} turns "
+                                    f"input {tuple(in_shape)} into an output of size {oh}x{ow} (below 1)")
+        return (oh, ow, c)
+
+    def forward(self, x, training):
+        self.x_shape = x.shape
+        y = self._buffer("y", (x.shape[0], *self.out_shape))
+        self.argmax = self._buffer("argmax", y.shape, np.int32)
+        pool.maxpool2d_forward(x, y, self.argmax, self.pool[0], self.pool[1], self.stride[0], self.stride[1],
+                               self.pad[0], self.pad[1])
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", self.x_shape)
+        pool.maxpool2d_backward(dy, self.argmax, dx)
+        return dx
+
+    def __repr__(self):
+        return f"MaxPool2D(pool_size={list(self.pool)}, stride={list(self.stride)}, padding={list(self.pad)})"
+
+
+class ReLU(Layer):
+    kind = "relu"
+
+    def forward(self, x, training):
+        self.x = x
+        y = self._buffer("y", x.shape)
+        activation.relu_forward(x.reshape(-1), y.reshape(-1))
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", dy.shape)
+        activation.relu_backward(self.x.reshape(-1), dy.reshape(-1), dx.reshape(-1))
+        return dx
+
+
+class LeakyReLU(Layer):
+    kind = "leaky_relu"
+
+    def __init__(self, negative_slope=0.01):
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x, training):
+        self.x = x
+        y = self._buffer("y", x.shape)
+        activation.leaky_relu_forward(x.reshape(-1), self.dtype.type(self.negative_slope), y.reshape(-1))
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", dy.shape)
+        activation.leaky_relu_backward(self.x.reshape(-1), dy.reshape(-1), self.dtype.type(self.negative_slope),
+                                       dx.reshape(-1))
+        return dx
+
+    def __repr__(self):
+        return f"LeakyReLU(negative_slope={self.negative_slope})"
+
+
+class BatchNorm(Layer):
+    """Batch norm per channel (after a conv: over N, H, W) or per feature (after a dense: over N)."""
+
+    kind = "batchnorm"
+
+    def __init__(self, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+
+    def output_shape(self, in_shape, path="batchnorm"):
+        if len(in_shape) not in (1, 3):
+            raise ConfigError(path, f"batchnorm expects (height, width, channels) or (features,), got {in_shape}")
+        return in_shape
+
+    def build(self, in_shape, rng, dtype):
+        super().build(in_shape, rng, dtype)
+        c = in_shape[-1]
+        self.params["gamma"] = Parameter(np.ones(c, self.dtype))
+        self.params["beta"] = Parameter(np.zeros(c, self.dtype))
+        self.buffers["running_mean"] = np.zeros(c, self.dtype)
+        self.buffers["running_var"] = np.ones(c, self.dtype)
+
+    def forward(self, x, training):
+        c = x.shape[-1]
+        x2 = x.reshape(-1, c)
+        y = self._buffer("y", x.shape)
+        eps = self.dtype.type(self.eps)
+        gamma, beta = self.params["gamma"].data, self.params["beta"].data
+        if not training:
+            norm.batchnorm_forward_eval(x2, gamma, beta, self.buffers["running_mean"], self.buffers["running_var"],
+                                        eps, y.reshape(-1, c))
+            return y
+        m = x2.shape[0]
+        if m < 2:
+            raise ValueError(f"batchnorm in training needs more than 1 value per channel, got input shape {x.shape}")
+        self.x = x
+        self.mean = self._buffer("mean", (c,))
+        self.var = self._buffer("var", (c,))
+        self.invstd = self._buffer("invstd", (c,))
+        norm.batchnorm_forward_train(x2, gamma, beta, eps, y.reshape(-1, c), self.mean, self.var, self.invstd)
+        # Running statistics, as PyTorch: the unbiased batch variance.
+        mom = self.momentum
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        rm *= 1 - mom
+        rm += mom * self.mean
+        rv *= 1 - mom
+        rv += (mom * m / (m - 1)) * self.var
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        c = dy.shape[-1]
+        dx = self._buffer("dx", dy.shape)
+        norm.batchnorm_backward(self.x.reshape(-1, c), dy.reshape(-1, c), self.params["gamma"].data, self.mean,
+                                self.invstd, dx.reshape(-1, c), self.params["gamma"].grad, self.params["beta"].grad)
+        return dx if need_input_grad else None
+
+    def __repr__(self):
+        return f"BatchNorm(momentum={self.momentum}, eps={self.eps})"
+
+
+class Flatten(Layer):
+    """(H, W, C) -> (H*W*C,), NHWC order: feature index = (h*W + w)*C + c."""
+
+    kind = "flatten"
+
+    def output_shape(self, in_shape, path="flatten"):
+        return (int(np.prod(in_shape)),)
+
+    def forward(self, x, training):
+        self.x_shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy, need_input_grad=True):
+        return dy.reshape(self.x_shape) if need_input_grad else None
+
+
+class Dense(Layer):
+    kind = "dense"
+
+    def __init__(self, units, bias=True):
+        super().__init__()
+        self.units = int(units)
+        self.use_bias = bool(bias)
+
+    def output_shape(self, in_shape, path="dense"):
+        _require_rank(in_shape, 1, path, "dense")
+        return (self.units,)
+
+    def build(self, in_shape, rng, dtype):
+        super().build(in_shape, rng, dtype)
+        fan_in = in_shape[0]
+        self.params["weight"] = Parameter(_he_uniform(rng, (fan_in, self.units), fan_in, self.dtype))
+        if self.use_bias:
+            self.params["bias"] = Parameter(np.zeros(self.units, self.dtype))
+        else:
+            self._zero_bias = np.zeros(self.units, self.dtype)
+
+    def forward(self, x, training):
+        self.x = x
+        y = self._buffer("y", (x.shape[0], self.units))
+        dense.dense_forward(x, self.params["weight"].data, self.params["bias"].data if self.use_bias
+                            else self._zero_bias, y)
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        w = self.params["weight"]
+        db = self.params["bias"].grad if self.use_bias else self._buffer("db", (self.units,))
+        dense.dense_backward_weight(self.x, dy, w.grad, db)
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", self.x.shape)
+        dense.dense_backward_input(dy, w.data, dx)
+        return dx
+
+    def flops(self, batch):
+        return 2 * batch * self.in_shape[0] * self.units
+
+    def __repr__(self):
+        return f"Dense(units={self.units}, bias={self.use_bias})"
+
+
+LAYER_TYPES = {
+    "conv2d": Conv2D,
+    "maxpool2d": MaxPool2D,
+    "relu": ReLU,
+    "leaky_relu": LeakyReLU,
+    "batchnorm": BatchNorm,
+    "flatten": Flatten,
+    "dense": Dense,
+}
+
+
+def layer_from_config(spec):
+    """A layer object from a validated config entry {type: ..., **options}."""
+    options = {k: v for k, v in spec.items() if k != "type"}
+    return LAYER_TYPES[spec["type"]](**options)

@@ -1,0 +1,44 @@
+"""Loss functions (public API): ``fastcnn.softmax_cross_entropy``."""
+import numpy as np
+
+
+def softmax_cross_entropy(logits, labels):
+    """Fused softmax cross-entropy, mean over the batch.
+
+    logits: float32 or float64 array (N, K); labels: integer class indices (N,),
+    each in [0, K). Numerically stable (log-sum-exp).
+
+    Returns (loss: float, dlogits): dlogits has the shape and dtype of logits
+    and is d(mean loss)/dlogits = (softmax(logits) - onehot(labels)) / N.
+    Raises ValueError naming the problem for bad shapes, dtypes or labels.
+    """
+    if not isinstance(logits, np.ndarray):
+        raise ValueError(f"logits: expected a NumPy array, got {type(logits).__name__}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits: expected a 2-D array (batch, classes), got shape {logits.shape}")
+    if logits.dtype not in (np.float32, np.float64):
+        raise ValueError(f"logits: expected float32 or float64, got {logits.dtype}")
+    n, k = logits.shape
+    if n == 0:
+        raise ValueError("logits: the batch is empty")
+    if k == 0:
+        raise ValueError("logits: there are no classes (shape[1] == 0)")
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels: expected a 1-D array of class indices, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels: expected integer class indices, got dtype {labels.dtype}")
+    if labels.shape[0] != n:
+        raise ValueError(f"labels: length {labels.shape[0]} does not match the batch size {n} of logits")
+    bad = (labels < 0) | (labels >= k)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"labels: value {labels[i]} at index {i} is outside [0, {k})")
+
+    from fastcnn.kernels.loss import softmax_cross_entropy_kernel
+
+    logits = np.ascontiguousarray(logits)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    dlogits = np.empty_like(logits)
+    loss = softmax_cross_entropy_kernel(logits, labels, dlogits)
+    return float(loss), dlogits

@@ -1,0 +1,152 @@
+"""Sequential model: built from ``model.layers``, forward/backward, state_dict.
+
+State-dict keys are ``layers.<i>.<name>``, ``<i>`` counting every layer of the
+config (ReLU and flatten too), ``<name>`` one of weight, bias, gamma, beta,
+running_mean, running_var.
+"""
+import numpy as np
+
+from .errors import CheckpointError, ConfigError
+
+
+def _spec_get(spec, key, default=None):
+    return spec.get(key, default) if isinstance(spec, dict) else getattr(spec, key, default)
+
+
+def plan_shapes(model_cfg):
+    """Per-sample shapes through the stack: [(layer, in_shape, out_shape), ...].
+
+    Raises ConfigError naming the layer (``model.layers[i]``) when a shape
+    becomes impossible, or when the last layer's width is not num_classes.
+    Allocates no weights: config validation calls it.
+    """
+    from .layers import layer_from_config
+
+    shape = tuple(_spec_get(model_cfg, "input_shape", (28, 28, 1)))
+    num_classes = _spec_get(model_cfg, "num_classes", 10)
+    plan = []
+    for i, spec in enumerate(_spec_get(model_cfg, "layers")):
+        path = f"model.layers[{i}]"
+        layer = layer_from_config(spec)
+        out = tuple(layer.output_shape(shape, path))
+        plan.append((layer, shape, out))
+        shape = out
+    if shape != (num_classes,):
+        raise ConfigError("model.layers", f"the last layer must output ({num_classes},) = num_classes logits; "
+                                          f"it outputs {shape}")
+    return plan
+
+
+class Sequential:
+    """A stack of layers applied in order."""
+
+    def __init__(self, layers, input_shape, dtype="float32"):
+        self.layers = list(layers)
+        self.input_shape = tuple(input_shape)
+        self.dtype = np.dtype(dtype)
+
+    # -- the training step -------------------------------------------------
+    def forward(self, x, training=True):
+        """x: (N, H, W, C) NHWC -> logits (N, num_classes), a fresh array."""
+        x = np.asarray(x)
+        if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"model input must have shape (batch, {', '.join(map(str, self.input_shape))}), "
+                             f"got {x.shape}")
+        if x.shape[0] < 1:
+            raise ValueError("model input is an empty batch")
+        x = np.ascontiguousarray(x, dtype=self.dtype)
+        for layer in self.layers:
+            x = layer.forward(x, training)
+        return x.copy()
+
+    def backward(self, dlogits, input_grad=True):
+        """Gradient of the loss w.r.t. the logits -> dL/dx (NHWC), a fresh array.
+
+        Overwrites every parameter's ``.grad``. With ``input_grad=False`` the
+        first layer skips its input gradient (the trainer does not need it)
+        and None is returned.
+        """
+        dy = np.ascontiguousarray(dlogits, dtype=self.dtype)
+        last = len(self.layers) - 1
+        for i in range(last, -1, -1):
+            dy = self.layers[i].backward(dy, need_input_grad=input_grad or i > 0)
+        return dy.copy() if input_grad else None
+
+    def predict(self, x, batch_size=256):
+        """Logits for a large array, in evaluation mode, in batches."""
+        out = []
+        for start in range(0, len(x), batch_size):
+            out.append(self.forward(x[start:start + batch_size], training=False))
+        return np.concatenate(out) if out else np.zeros((0, self.num_classes), self.dtype)
+
+    # -- parameters and state ---------------------------------------------
+    @property
+    def num_classes(self):
+        return self.layers[-1].out_shape[0]
+
+    def named_parameters(self):
+        for i, layer in enumerate(self.layers):
+            for name, p in layer.params.items():
+                yield f"layers.{i}.{name}", p
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self):
+        for i, layer in enumerate(self.layers):
+            for name, b in layer.buffers.items():
+                yield f"layers.{i}.{name}", b
+
+    def num_parameters(self):
+        return sum(p.data.size for p in self.parameters())
+
+    def state_dict(self):
+        """{key: ndarray}: copies of every parameter and buffer."""
+        state = {k: p.data.copy() for k, p in self.named_parameters()}
+        state.update({k: b.copy() for k, b in self.named_buffers()})
+        return state
+
+    def _state_arrays(self):
+        arrays = {k: p.data for k, p in self.named_parameters()}
+        arrays.update(dict(self.named_buffers()))
+        return arrays
+
+    def load_state_dict(self, state):
+        """Copy arrays into the model in place. Every key must match, with its shape."""
+        own = self._state_arrays()
+        for key, target in own.items():
+            if key not in state:
+                raise CheckpointError(f"state is missing key {key!r} (expected shape {target.shape})")
+            value = np.asarray(state[key])
+            if value.shape != target.shape:
+                raise CheckpointError(f"{key}: shape {value.shape} in the state, {target.shape} in the model")
+            if value.dtype.kind != "f":
+                raise CheckpointError(f"{key}: expected a float array, got dtype {value.dtype}")
+        extra = [k for k in state if k.startswith("layers.") and k not in own]
+        if extra:
+            raise CheckpointError(f"state has key {extra[0]!r}, which this model does not have")
+        for key, target in own.items():
+            target[...] = state[key]
+
+    def __repr__(self):
+        lines = [f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers)]
+        return "Sequential(\n" + "\n".join(lines) + "\n)"
+
+
+def build_model(model_cfg, seed=0):
+    """A Sequential from a ``model`` config section, initialized from ``seed``.
+
+    A plain dict is validated (and given defaults) first, as in a config file.
+    """
+    from . import config
+
+    if not isinstance(model_cfg, config.Section):
+        model_cfg = config.validate_section("model", model_cfg)
+    plan = plan_shapes(model_cfg)
+    dtype = np.dtype(_spec_get(model_cfg, "dtype", "float32"))
+    rng = np.random.default_rng(seed)
+    layers = []
+    for layer, in_shape, _ in plan:
+        layer.build(in_shape, rng, dtype)
+        layers.append(layer)
+    return Sequential(layers, _spec_get(model_cfg, "input_shape", (28, 28, 1)), dtype)

@@ -1,0 +1,32 @@
+"""Output sizes and padding of window layers (convolution, pooling).
+
+PyTorch's convention throughout: pixels left over at the bottom/right edge are
+dropped; only an output size below 1 is an error.
+"""
+
+
+def window_output_size(size, kernel, stride, pad_before, pad_after, dilation=1):
+    """Output length along one axis: floor((size + pads - dilation*(k-1) - 1) / stride) + 1.
+
+    May return a value < 1; callers turn that into an error naming the layer.
+    """
+    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def same_padding(kernel, dilation=1):
+    """(before, after) padding that keeps the size with stride 1.
+
+    Total padding dilation*(k-1); the odd pixel goes after (bottom/right), as
+    PyTorch and Keras do.
+    """
+    total = dilation * (kernel - 1)
+    return total // 2, total - total // 2
+
+
+def pair(value):
+    """An int or a 2-sequence as a (h, w) tuple of ints."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"expected an int or a pair, got {list(value)!r}")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)

@@ -1,0 +1,303 @@
+"""The training loop: data + model + optimizer -> epochs, metrics, checkpoints.
+
+One step is exactly the public API: ``model.forward`` -> ``softmax_cross_entropy``
+-> ``model.backward`` -> ``opt.step``; a script calling those in a loop trains
+as ``fastcnn train`` does.
+"""
+import json
+import os
+import signal
+import time
+
+import numpy as np
+
+from . import __version__
+from .config import ConfigError, to_dict, to_yaml
+from .errors import UserError
+
+
+def set_threads(threads):
+    """Numba's thread count for the kernels (None: all cores). Returns the count in use."""
+    import numba
+
+    if threads is None:
+        return numba.get_num_threads()
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= threads <= limit:
+        raise ConfigError("train.threads", f"must be between 1 and {limit} (the cores Numba was started with), "
+                                           f"got {threads}")
+    numba.set_num_threads(threads)
+    return threads
+
+
+def kernel_dispatchers():
+    """Every Numba dispatcher in fastcnn.kernels (for compile statistics)."""
+    import importlib
+    import pkgutil
+
+    from numba.core.registry import CPUDispatcher
+
+    from . import kernels
+
+    found = []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
+        found += [obj for obj in vars(module).values() if isinstance(obj, CPUDispatcher)]
+    return found
+
+
+def compile_stats():
+    """(compiled from scratch, loaded from the on-disk cache) counts so far, over all kernels."""
+    compiled = loaded = 0
+    for d in kernel_dispatchers():
+        compiled += sum(d.stats.cache_misses.values())
+        loaded += sum(d.stats.cache_hits.values())
+    return compiled, loaded
+
+
+def warm_up(model_cfg, dtype_batch=2, log=print):
+    """Compile (or load from cache) every kernel the model uses, on a throwaway copy of it.
+
+    The real model's state (batch-norm running statistics) is untouched.
+    Returns seconds spent.
+    """
+    from .losses import softmax_cross_entropy
+    from .model import build_model
+    from .optim import Adam, SGD
+
+    start = time.perf_counter()
+    before = compile_stats()
+    scratch = build_model(model_cfg, seed=0)
+    x = np.zeros((dtype_batch, *scratch.input_shape), scratch.dtype)
+    labels = np.zeros(dtype_batch, np.int64)
+    logits = scratch.forward(x, training=True)
+    _, dlogits = softmax_cross_entropy(logits, labels)
+    scratch.backward(dlogits, input_grad=False)
+    scratch.forward(x, training=False)
+    Adam(scratch.parameters()).step()
+    SGD(scratch.parameters(), momentum=0.9).step()
+    seconds = time.perf_counter() - start
+    compiled, loaded = (a - b for a, b in zip(compile_stats(), before))
+    if compiled:
+        log(f"Compiled {compiled} kernel(s) in {seconds:.1f} s (first run; cached for the next ones)")
+    else:
+        log(f"Kernels loaded from cache in {seconds:.2f} s")
+    return seconds
+
+
+def evaluate(model, x, y, batch_size=500):
+    """Evaluation-mode metrics: {'loss', 'accuracy', 'per_class_accuracy', 'count'}."""
+    from .losses import softmax_cross_entropy
+
+    num_classes = model.num_classes
+    total_loss = 0.0
+    correct = np.zeros(num_classes, np.int64)
+    count = np.zeros(num_classes, np.int64)
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        logits = model.forward(xb, training=False)
+        loss, _ = softmax_cross_entropy(logits, yb)
+        total_loss += float(loss) * len(yb)
+        pred = logits.argmax(axis=1)
+        np.add.at(count, yb, 1)
+        np.add.at(correct, yb[pred == yb], 1)
+    n = max(int(count.sum()), 1)
+    per_class = [float(c / k) if k else None for c, k in zip(correct, count)]
+    return {"loss": total_loss / n, "accuracy": float(correct.sum() / n), "per_class_accuracy": per_class,
+            "count": int(count.sum())}
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after saving; ``code`` is the exit status (130 or 143)."""
+
+    def __init__(self, signum, checkpoint):
+        self.signum = signum
+        self.code = 128 + signum
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted by signal {signum}")
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves, then stops.
+
+    A second signal raises KeyboardInterrupt at once (checkpoints are written
+    atomically, so that never leaves a broken file).
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def prepare_output_dir(path):
+    """Create the output folder and prove it is writable, before any training."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"output.dir: cannot write to {path}: {e.strerror or e}") from None
+
+
+def load_data(cfg, progress=True):
+    """The dataset of the config, checked against the model: (x_train, y_train, x_val, y_val, dataset)."""
+    from .data import load_dataset, split_validation
+
+    d = cfg.data
+    ds = load_dataset(d.dataset, d.root, input_shape=tuple(cfg.model.input_shape),
+                      num_classes=cfg.model.num_classes, num_train=d.num_train, num_test=d.num_test,
+                      seed=cfg.seed, progress=progress)
+    if tuple(ds.input_shape) != tuple(cfg.model.input_shape):
+        raise ConfigError("model.input_shape", f"is {list(cfg.model.input_shape)} but dataset {d.dataset!r} has "
+                                               f"images of shape {list(ds.input_shape)}")
+    if ds.num_classes != cfg.model.num_classes:
+        raise ConfigError("model.num_classes", f"is {cfg.model.num_classes} but dataset {d.dataset!r} has "
+                                               f"{ds.num_classes} classes")
+    if d.validation == "test":
+        return ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds
+    x_tr, y_tr, x_val, y_val = split_validation(ds.x_train, ds.y_train, d.validation, cfg.seed)
+    return x_tr, y_tr, x_val, y_val, ds
+
+
+class Trainer:
+    """Runs ``cfg.train.epochs`` epochs; writes metrics.jsonl, last.npz, best.npz and config.yaml."""
+
+    def __init__(self, cfg, resume=None, progress=True, log=print, started=None):
+        self.cfg = cfg
+        self.resume = resume
+        self.progress = progress
+        self.log = log
+        self.started = started if started is not None else time.perf_counter()
+
+    def _save(self, name, epoch, batch_in_epoch, running, extra=None):
+        from .checkpoint import save_checkpoint
+
+        meta = {
+            "config": to_dict(self.cfg), "epoch": epoch, "batch": batch_in_epoch, "step": self.opt.step_count,
+            "running": running, "best_accuracy": self.best_accuracy, "history": self.history,
+            "fastcnn_version": __version__,
+        }
+        meta.update(extra or {})
+        path = os.path.join(self.out_dir, name)
+        save_checkpoint(path, self.model.state_dict(), self.opt.state_dict(), meta)
+        return path
+
+    def run(self):
+        from tqdm import tqdm
+
+        from .checkpoint import load_checkpoint
+        from .data import BatchLoader
+        from .losses import softmax_cross_entropy
+        from .model import build_model
+        from .optim import build_optimizer
+
+        cfg = self.cfg
+        threads = set_threads(cfg.train.threads)
+        self.out_dir = cfg.output.dir
+        prepare_output_dir(self.out_dir)
+        checkpoint = load_checkpoint(self.resume) if self.resume else None
+
+        x_train, y_train, x_val, y_val, ds = load_data(cfg, self.progress)
+        self.model = build_model(cfg.model, seed=cfg.seed)
+        self.opt = build_optimizer(cfg.train.optimizer, self.model.parameters())
+        start_epoch, start_batch, running = 0, 0, None
+        self.best_accuracy, self.history = None, []
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint.model)
+            self.opt.load_state_dict(checkpoint.optim)
+            meta = checkpoint.meta
+            start_epoch, start_batch = int(meta.get("epoch", 0)), int(meta.get("batch", 0))
+            running = meta.get("running")
+            self.best_accuracy = meta.get("best_accuracy")
+            self.history = list(meta.get("history", []))
+            self.log(f"Resuming from {self.resume}: epoch {start_epoch + 1}, batch {start_batch}")
+
+        with open(os.path.join(self.out_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(to_yaml(cfg))
+        self.log(f"Training on {len(x_train)} images ({ds.name}), validating on {len(x_val)}; "
+                 f"{self.model.num_parameters():,} parameters; {threads} thread(s); output {self.out_dir}")
+        warm_up(cfg.model, log=self.log)
+
+        loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed)
+        metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
+        if checkpoint is None and os.path.exists(metrics_path):
+            os.unlink(metrics_path)
+        first_step_logged = False
+        epochs = cfg.train.epochs
+        with _StopFlag() as stop:
+            for epoch in range(start_epoch, epochs):
+                sums = running or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+                running = None
+                first = start_batch if epoch == start_epoch else 0
+                bar = tqdm(total=len(loader), initial=first, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+                           disable=not self.progress, dynamic_ncols=True, leave=True)
+                t_epoch = time.perf_counter()
+                for b, (xb, yb) in enumerate(loader.epoch_batches(epoch, start=first), start=first):
+                    if not first_step_logged:
+                        self.log(f"First training step at {time.perf_counter() - self.started:.2f} s after start")
+                        first_step_logged = True
+                    logits = self.model.forward(xb, training=True)
+                    loss, dlogits = softmax_cross_entropy(logits, yb)
+                    self.model.backward(dlogits, input_grad=False)
+                    self.opt.step()
+                    sums["loss"] += float(loss) * len(yb)
+                    sums["correct"] += int((logits.argmax(axis=1) == yb).sum())
+                    sums["seen"] += len(yb)
+                    bar.update(1)
+                    if b % 20 == 0 or b == len(loader) - 1:
+                        elapsed = sums["seconds"] + time.perf_counter() - t_epoch
+                        bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
+                                        acc=f"{sums['correct'] / sums['seen']:.4f}",
+                                        img_s=f"{sums['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
+                    if stop.signum is not None:
+                        bar.close()
+                        sums["seconds"] += time.perf_counter() - t_epoch
+                        path = self._save("last.npz", epoch, b + 1, sums)
+                        raise Interrupted(stop.signum, path)
+                bar.close()
+                sums["seconds"] += time.perf_counter() - t_epoch
+                val = evaluate(self.model, x_val, y_val)
+                record = {
+                    "epoch": epoch + 1, "step": self.opt.step_count,
+                    "train_loss": sums["loss"] / max(sums["seen"], 1),
+                    "train_accuracy": sums["correct"] / max(sums["seen"], 1),
+                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                    "images_per_sec": sums["seen"] / max(sums["seconds"], 1e-9),
+                    "epoch_seconds": sums["seconds"], "lr": self.opt.lr,
+                }
+                self.history.append(record)
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                improved = self.best_accuracy is None or val["accuracy"] > self.best_accuracy
+                if improved:
+                    self.best_accuracy = val["accuracy"]
+                self._save("last.npz", epoch + 1, 0, None)
+                if improved:
+                    self._save("best.npz", epoch + 1, 0, None)
+                self.log(f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} "
+                         f"acc {record['train_accuracy']:.4f} | val loss {val['loss']:.4f} "
+                         f"acc {val['accuracy']:.4f} | {record['images_per_sec']:.0f} img/s, "
+                         f"{sums['seconds']:.1f} s" + (" (best)" if improved else ""))
+            if epochs == start_epoch and checkpoint is None:
+                self._save("last.npz", epochs, 0, None)
+        return {"history": self.history, "best_accuracy": self.best_accuracy, "output_dir": self.out_dir}

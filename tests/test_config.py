@@ -1,0 +1,115 @@
+"""Config loading, validation and --set overrides."""
+import pytest
+import yaml
+
+import fastcnn
+from fastcnn.config import load_config, to_yaml, validate
+from fastcnn.errors import ConfigError
+
+from conftest import REPO
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def _minimal(**extra):
+    raw = {"model": {}, "data": {"dataset": "synthetic"}}
+    raw.update(extra)
+    return raw
+
+
+def test_defaults_are_the_design_values():
+    cfg = validate({"model": {}, "data": {"dataset": "mnist"}})
+    assert cfg.seed == 0
+    assert cfg.model.input_shape == [28, 28, 1] and cfg.model.num_classes == 10
+    assert [layer["type"] for layer in cfg.model.layers][:3] == ["conv2d", "relu", "maxpool2d"]
+    assert cfg.data.batch_size == 64 and cfg.data.validation == "test" and cfg.data.root is None
+    assert cfg.train.epochs == 5 and cfg.train.optimizer == {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999],
+                                                              "eps": 1e-8, "weight_decay": 0.0}
+    assert cfg.train.threads is None and cfg.output.dir == "runs/mnist"
+
+
+@pytest.mark.parametrize("name", ["mnist.yaml", "mnist_bn.yaml", "synthetic_small.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(f"{REPO}/configs/{name}")
+    model = fastcnn.build_model(cfg.model, seed=0)
+    assert model.num_classes == cfg.model.num_classes
+
+
+def test_resolved_config_round_trips_through_yaml():
+    cfg = load_config(f"{REPO}/configs/mnist.yaml")
+    again = validate(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("raw, path, words", [
+    (_minimal(model={"layers": [{"type": "conv2d", "filters": 0, "kernel_size": 3}]}),
+     "model.layers[0].filters", ">= 1"),
+    (_minimal(model={"layers": [{"type": "conv2d", "filters": 4, "kernel_size": 3, "strides": 2}]}),
+     "model.layers[0].strides", "did you mean 'stride'"),
+    (_minimal(model={"layers": [{"type": "convolution"}]}), "model.layers[0].type", "unknown layer type"),
+    (_minimal(model={"layers": [{"filters": 3}]}), "model.layers[0].type", "missing"),
+    (_minimal(model={"layers": [{"type": "conv2d", "filters": 4, "kernel_size": "3"}]}),
+     "model.layers[0].kernel_size", "expected an integer"),
+    (_minimal(model={"layers": [{"type": "conv2d", "filters": 4, "kernel_size": 30}, {"type": "flatten"},
+                                {"type": "dense", "units": 10}]}), "model.layers[0]", "below 1"),
+    (_minimal(model={"layers": [{"type": "flatten"}, {"type": "dense", "units": 7}]}), "model.layers",
+     "num_classes"),
+    (_minimal(model={"layers": [{"type": "dense", "units": 10}]}), "model.layers[0]", "flatten"),
+    (_minimal(model={"layers": [{"type": "conv2d", "filters": 4, "kernel_size": 3, "stride": 2,
+                                 "padding": "same"}]}), "model.layers[0].padding", "stride 1"),
+    (_minimal(data={"dataset": "imagenet"}), "data.dataset", "must be one of"),
+    (_minimal(data={"dataset": "mnist", "batch_size": 0}), "data.batch_size", ">= 1"),
+    (_minimal(data={"dataset": "mnist", "validation": 1.5}), "data.validation", "fraction"),
+    (_minimal(train={"epochs": -1}), "train.epochs", ">= 0"),
+    (_minimal(train={"optimizer": {"name": "adam", "lr": 0}}), "train.optimizer.lr", "> 0"),
+    (_minimal(train={"optimizer": {"name": "rmsprop"}}), "train.optimizer.name", "unknown optimizer"),
+    (_minimal(train={"optimizer": {"name": "sgd", "betas": [0.9, 0.99]}}), "train.optimizer.betas",
+     "unknown key"),
+    (_minimal(trainer={}), "trainer", "did you mean 'train'"),
+    ({"data": {"dataset": "mnist"}}, "model", "missing"),
+    ({"model": {}}, "data.dataset", "missing"),
+])
+def test_errors_name_the_key_path(raw, path, words):
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    message = str(info.value)
+    assert message.startswith(f"{path}:"), message
+    assert words in message
+
+
+def test_missing_file_and_yaml_syntax_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="line 3"):
+        load_config(_write(tmp_path, "model:\n  layers: []\ndata: {dataset: [mnist\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(_write(tmp_path, ""))
+
+
+def test_set_overrides(tmp_path):
+    path = f"{REPO}/configs/mnist.yaml"
+    cfg = load_config(path, ["train.epochs=1", "model.layers[0].filters=8", "data.root=/tmp/x",
+                             "train.optimizer.lr=0.01", "seed=3"])
+    assert cfg.train.epochs == 1 and cfg.model.layers[0]["filters"] == 8
+    assert cfg.data.root == "/tmp/x" and cfg.train.optimizer["lr"] == 0.01 and cfg.seed == 3
+    # A key the file leaves out but the schema has.
+    cfg = load_config(_write(tmp_path, "model: {}\ndata: {dataset: synthetic}\n"), ["train.threads=1"])
+    assert cfg.train.threads == 1
+
+
+@pytest.mark.parametrize("item, path", [
+    ("train.epoch=1", "train.epoch"),
+    ("model.layers[99].filters=1", "model.layers[99]"),
+    ("train.epochs=many", "train.epochs"),
+    ("nonsense", "--set"),
+])
+def test_set_errors(item, path):
+    with pytest.raises(ConfigError) as info:
+        load_config(f"{REPO}/configs/mnist.yaml", [item])
+    assert str(info.value).startswith(f"{path}:")

@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+
+from fastcnn.kernels import dense as K
+from fastcnn.kernels import reference as R
+
+DTYPES = [np.float32, np.float64]
+# (N, I, O): batch sizes around the row block (4), 1, the seed net's dense2
+SHAPES = [(1, 3, 2), (4, 5, 7), (5, 9, 3), (7, 16, 33), (64, 128, 10), (3, 1, 1)]
+
+
+def numerical_grad(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f(x)
+        flat[i] = old - eps
+        fm = f(x)
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+def forward(x, w, b):
+    y = np.full((x.shape[0], w.shape[1]), np.nan, dtype=x.dtype)
+    K.dense_forward(x, w, b, y)
+    return y
+
+
+def backward(x, w, dy):
+    dx = np.full_like(x, np.nan)
+    dw = np.full_like(w, np.nan)
+    db = np.full(w.shape[1], np.nan, dtype=w.dtype)
+    K.dense_backward_input(dy, w, dx)
+    K.dense_backward_weight(x, dy, dw, db)
+    return dx, dw, db
+
+
+def data(rng, shape, dtype):
+    N, I, O = shape
+    x = rng.standard_normal((N, I)).astype(dtype)
+    w = rng.standard_normal((I, O)).astype(dtype)
+    b = rng.standard_normal(O).astype(dtype)
+    dy = rng.standard_normal((N, O)).astype(dtype)
+    return x, w, b, dy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(dtype, shape):
+    rng = np.random.default_rng(0)
+    x, w, b, dy = data(rng, shape, dtype)
+    y = forward(x, w, b)
+    dx, dw, db = backward(x, w, dy)
+    for a in (y, dx, dw, db):
+        assert a.dtype == dtype
+    t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    d = lambda a: a.astype(np.float64)  # noqa: E731
+    np.testing.assert_allclose(y, R.dense_forward(d(x), d(w), d(b)), **t)
+    np.testing.assert_allclose(dx, R.dense_backward_input(d(dy), d(w)), **t)
+    dw_ref, db_ref = R.dense_backward_weight(d(x), d(dy))
+    np.testing.assert_allclose(dw, dw_ref, **t)
+    np.testing.assert_allclose(db, db_ref, **t)
+
+
+def test_seed_shape_float32():
+    rng = np.random.default_rng(1)
+    x, w, b, dy = data(rng, (64, 1600, 128), np.float32)
+    y = forward(x, w, b)
+    dx, dw, db = backward(x, w, dy)
+    d = lambda a: a.astype(np.float64)  # noqa: E731
+    np.testing.assert_allclose(y, R.dense_forward(d(x), d(w), d(b)), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(dx, R.dense_backward_input(d(dy), d(w)), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(dw, R.dense_backward_weight(d(x), d(dy))[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(5, 4, 3), (1, 3, 2)])
+def test_gradient_check(shape):
+    rng = np.random.default_rng(2)
+    x, w, b, G = data(rng, shape, np.float64)
+    dx, dw, db = backward(x, w, G)
+    np.testing.assert_allclose(dx, numerical_grad(lambda x: float(np.sum(forward(x, w, b) * G)), x), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dw, numerical_grad(lambda w: float(np.sum(forward(x, w, b) * G)), w), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(db, numerical_grad(lambda b: float(np.sum(forward(x, w, b) * G)), b), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_against_torch(dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x, w, b, G = data(rng, (6, 20, 9), dtype)
+    y = forward(x, w, b)
+    dx, dw, db = backward(x, w, G)
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w.T.copy(), requires_grad=True)  # torch stores (out, in)
+    bt = torch.tensor(b, requires_grad=True)
+    yt = torch.nn.functional.linear(xt, wt, bt)
+    (yt * torch.tensor(G)).sum().backward()
+    t = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, yt.detach().numpy(), **t)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), **t)
+    np.testing.assert_allclose(dw, wt.grad.numpy().T, **t)
+    np.testing.assert_allclose(db, bt.grad.numpy(), **t)

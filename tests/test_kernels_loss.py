@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+
+import fastcnn
+from fastcnn.kernels import loss as K
+from fastcnn.kernels import reference as R
+from fastcnn.losses import softmax_cross_entropy
+
+DTYPES = [np.float32, np.float64]
+
+
+def numerical_grad(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f(x)
+        flat[i] = old - eps
+        fm = f(x)
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+def kernel(logits, labels):
+    d = np.full_like(logits, np.nan)
+    loss = K.softmax_cross_entropy_kernel(logits, labels, d)
+    return loss, d
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (5, 3), (64, 10), (7, 100)])
+def test_kernel_matches_reference(dtype, shape):
+    rng = np.random.default_rng(0)
+    logits = (3 * rng.standard_normal(shape)).astype(dtype)
+    labels = rng.integers(0, shape[1], shape[0]).astype(np.int64)
+    loss, d = kernel(logits, labels)
+    loss_ref, d_ref = R.softmax_cross_entropy(logits.astype(np.float64), labels)
+    assert d.dtype == dtype
+    t = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
+    assert loss == pytest.approx(loss_ref, rel=t["rtol"], abs=t["atol"])
+    np.testing.assert_allclose(d, d_ref, **t)
+    np.testing.assert_allclose(d.sum(axis=1), 0, atol=1e-6)
+
+
+def test_gradient_check():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((4, 5))
+    labels = rng.integers(0, 5, 4)
+    _, d = kernel(logits, labels)
+    num = numerical_grad(lambda z: kernel(z, labels)[0], logits)
+    np.testing.assert_allclose(d, num, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_api(dtype):
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((8, 4)).astype(dtype)
+    labels = rng.integers(0, 4, 8)
+    loss, d = fastcnn.softmax_cross_entropy(logits, labels)
+    assert isinstance(loss, float)
+    assert d.shape == logits.shape and d.dtype == dtype
+    loss_ref, d_ref = R.softmax_cross_entropy(logits.astype(np.float64), labels)
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    # any integer dtype for labels
+    loss32, _ = softmax_cross_entropy(logits, labels.astype(np.int32))
+    assert loss32 == loss
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_logits_do_not_overflow(dtype):
+    logits = np.array([[1000.0, 0.0, -1000.0], [1000.0, 1000.0, 0.0], [-1000.0, 1000.0, 999.0]], dtype=dtype)
+    labels = np.array([0, 1, 2])
+    loss, d = softmax_cross_entropy(logits, labels)
+    assert np.isfinite(loss) and np.all(np.isfinite(d))
+    expected = (0.0 + np.log(2.0) + (1.0 + np.log1p(np.exp(-1.0)))) / 3
+    assert loss == pytest.approx(expected, rel=1e-5)
+    # a confidently wrong prediction: loss ~ 2000 / 3 and still finite
+    loss2, d2 = softmax_cross_entropy(np.array([[1000.0, -1000.0]], dtype=dtype), np.array([1]))
+    assert loss2 == pytest.approx(2000.0, rel=1e-6)
+    np.testing.assert_allclose(d2, [[1.0, -1.0]])
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (np.array([0, 1, 2, 12]), r"value 12 at index 3 is outside \[0, 10\)"),
+        (np.array([0, -1, 2, 3]), r"value -1 at index 1 is outside \[0, 10\)"),
+        (np.array([0, 1, 2]), r"length 3 .* batch size 4"),
+        (np.array([[0, 1, 2, 3]]), r"1-D"),
+        (np.array([0.0, 1.0, 2.0, 3.0]), r"integer"),
+    ],
+)
+def test_bad_labels(labels, match):
+    logits = np.zeros((4, 10), np.float32)
+    with pytest.raises(ValueError, match=match):
+        softmax_cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize(
+    "logits, match",
+    [
+        (np.zeros(10, np.float32), r"2-D"),
+        (np.zeros((4, 10), np.int64), r"float"),
+        (np.zeros((0, 10), np.float32), r"empty"),
+        ([[0.0, 1.0]], r"NumPy array"),
+    ],
+)
+def test_bad_logits(logits, match):
+    with pytest.raises(ValueError, match=match):
+        softmax_cross_entropy(logits, np.zeros(4, np.int64))
+
+
+def test_non_contiguous_logits():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((10, 6))[:, ::2]
+    labels = rng.integers(0, 3, 10)
+    loss, d = softmax_cross_entropy(logits, labels)
+    loss_ref, d_ref = R.softmax_cross_entropy(logits, labels)
+    assert loss == pytest.approx(loss_ref, rel=1e-12)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_against_torch(dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    logits = (5 * rng.standard_normal((16, 10))).astype(dtype)
+    labels = rng.integers(0, 10, 16)
+    loss, d = softmax_cross_entropy(logits, labels)
+    lt = torch.tensor(logits, requires_grad=True)
+    lossT = torch.nn.functional.cross_entropy(lt, torch.tensor(labels))
+    lossT.backward()
+    t = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
+    assert loss == pytest.approx(lossT.item(), rel=t["rtol"])
+    np.testing.assert_allclose(d, lt.grad.numpy(), **t)

@@ -1,0 +1,187 @@
+import numba
+import numpy as np
+import pytest
+
+from fastcnn.kernels import norm as K
+from fastcnn.kernels import reference as R
+
+DTYPES = [np.float32, np.float64]
+EPS = 1e-5
+# (M, C): as (N*H*W, C) after a conv (several chunks, a partial last chunk)
+# and as (N, C) after a dense layer.
+SHAPES = [(2 * 5 * 7, 3), (3 * 13 * 11, 8), (K.CHUNK * 3, 4), (K.CHUNK + 1, 2), (5, 16), (64, 10), (1, 3)]
+
+
+def numerical_grad(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f(x)
+        flat[i] = old - eps
+        fm = f(x)
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+def params(rng, C, dtype):
+    gamma = (1 + 0.5 * rng.standard_normal(C)).astype(dtype)
+    beta = rng.standard_normal(C).astype(dtype)
+    return gamma, beta
+
+
+def train_forward(x, gamma, beta, eps=EPS):
+    M, C = x.shape
+    dt = x.dtype.type
+    y = np.empty_like(x)
+    mean, var, invstd = (np.empty(C, x.dtype) for _ in range(3))
+    K.batchnorm_forward_train(x, gamma, beta, dt(eps), y, mean, var, invstd)
+    return y, mean, var, invstd
+
+
+def backward(x, dy, gamma, mean, invstd):
+    dx = np.empty_like(x)
+    dgamma = np.empty_like(gamma)
+    dbeta = np.empty_like(gamma)
+    K.batchnorm_backward(x, dy, gamma, mean, invstd, dx, dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
+def tol(dtype):
+    return dict(rtol=2e-4, atol=2e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_train_forward_and_backward_match_reference(dtype, shape):
+    rng = np.random.default_rng(0)
+    M, C = shape
+    x = (3 + 2 * rng.standard_normal(shape)).astype(dtype)
+    gamma, beta = params(rng, C, dtype)
+    y, mean, var, invstd = train_forward(x, gamma, beta)
+    for a in (y, mean, var, invstd):
+        assert a.dtype == dtype
+    x64 = x.astype(np.float64)
+    y_ref, mean_ref, var_ref, invstd_ref = R.batchnorm_forward_train(x64, gamma.astype(np.float64), beta.astype(np.float64), EPS)
+    t = tol(dtype)
+    np.testing.assert_allclose(mean, mean_ref, **t)
+    np.testing.assert_allclose(var, var_ref, **t)
+    if M > 1:
+        np.testing.assert_allclose(invstd, invstd_ref, **t)
+        np.testing.assert_allclose(y, y_ref, **t)
+
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx, dgamma, dbeta = backward(x, dy, gamma, mean, invstd)
+    for a in (dx, dgamma, dbeta):
+        assert a.dtype == dtype
+    dx_ref, dgamma_ref, dbeta_ref = R.batchnorm_backward(
+        x64, dy.astype(np.float64), gamma.astype(np.float64), mean.astype(np.float64), invstd.astype(np.float64))
+    t = dict(rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(dx_ref).max()))) if dtype == np.float32 else t
+    np.testing.assert_allclose(dbeta, dbeta_ref, **t)
+    np.testing.assert_allclose(dgamma, dgamma_ref, **t)
+    np.testing.assert_allclose(dx, dx_ref, **t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2 * 5 * 7, 3), (5, 16)])
+def test_eval_forward_matches_reference(dtype, shape):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(dtype)
+    gamma, beta = params(rng, shape[1], dtype)
+    rm = rng.standard_normal(shape[1]).astype(dtype)
+    rv = rng.uniform(0.5, 2, shape[1]).astype(dtype)
+    y = np.empty_like(x)
+    K.batchnorm_forward_eval(x, gamma, beta, rm, rv, x.dtype.type(EPS), y)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, R.batchnorm_forward_eval(x, gamma, beta, rm, rv, EPS), **tol(dtype))
+
+
+def test_float32_variance_accurate_with_large_offset():
+    # two-pass: a large mean does not destroy the variance in float32
+    rng = np.random.default_rng(2)
+    x64 = 1000 + 0.01 * rng.standard_normal((5000, 4))
+    x = x64.astype(np.float32)
+    y, mean, var, invstd = train_forward(x, np.ones(4, np.float32), np.zeros(4, np.float32))
+    ref_var = x.astype(np.float64).var(axis=0)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-3)
+
+
+def test_deterministic_across_thread_counts():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((K.CHUNK * 5 + 17, 6)).astype(np.float32)
+    gamma, beta = params(rng, 6, np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    results = []
+    old = numba.get_num_threads()
+    try:
+        for n in sorted({1, old}):
+            numba.set_num_threads(n)
+            for _ in range(2):
+                y, mean, var, invstd = train_forward(x, gamma, beta)
+                results.append((y, mean, var, invstd) + backward(x, dy, gamma, mean, invstd))
+    finally:
+        numba.set_num_threads(old)
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(2 * 3 * 3, 3), (6, 4)])
+def test_gradient_check(shape):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape)
+    gamma, beta = params(rng, shape[1], np.float64)
+    G = rng.standard_normal(shape)  # random upstream gradient: a plain sum would make dx vanish
+    y, mean, var, invstd = train_forward(x, gamma, beta)
+    dx, dgamma, dbeta = backward(x, G, gamma, mean, invstd)
+    assert np.abs(dx).max() > 1e-3
+    num_dx = numerical_grad(lambda x: float(np.sum(train_forward(x, gamma, beta)[0] * G)), x)
+    num_dg = numerical_grad(lambda g: float(np.sum(train_forward(x, g, beta)[0] * G)), gamma.copy())
+    num_db = numerical_grad(lambda b: float(np.sum(train_forward(x, gamma, b)[0] * G)), beta.copy())
+    np.testing.assert_allclose(dx, num_dx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dgamma, num_dg, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dbeta, num_db, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nhwc", [(4, 5, 6, 3), (16, 1, 1, 7)])
+def test_against_torch(dtype, nhwc):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(5)
+    N, H, W, C = nhwc
+    x = (2 + rng.standard_normal(nhwc)).astype(dtype)
+    gamma, beta = params(rng, C, dtype)
+    G = rng.standard_normal(nhwc).astype(dtype)
+    y, mean, var, invstd = train_forward(x.reshape(-1, C), gamma, beta)
+    dx, dgamma, dbeta = backward(x.reshape(-1, C), G.reshape(-1, C), gamma, mean, invstd)
+
+    def nchw(a):
+        return torch.tensor(a.transpose(0, 3, 1, 2).copy())
+
+    xt = nchw(x).requires_grad_(True)
+    gt = torch.tensor(gamma, requires_grad=True)
+    bt = torch.tensor(beta, requires_grad=True)
+    rm = torch.zeros(C, dtype=xt.dtype)
+    rv = torch.ones(C, dtype=xt.dtype)
+    yt = F.batch_norm(xt, rm, rv, gt, bt, training=True, momentum=0.1, eps=EPS)
+    (yt * nchw(G)).sum().backward()
+    t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y.reshape(nhwc), yt.detach().numpy().transpose(0, 2, 3, 1), **t)
+    np.testing.assert_allclose(dx.reshape(nhwc), xt.grad.numpy().transpose(0, 2, 3, 1), **t)
+    np.testing.assert_allclose(dgamma, gt.grad.numpy(), **t)
+    np.testing.assert_allclose(dbeta, bt.grad.numpy(), **t)
+    # torch's running var uses the unbiased variance; ours is the biased one
+    M = N * H * W
+    np.testing.assert_allclose(rm.numpy(), 0.1 * mean, **t)
+    np.testing.assert_allclose(rv.numpy(), 0.9 + 0.1 * var * M / (M - 1), **t)
+
+    # eval mode with the running statistics torch just produced
+    rm_np, rv_np = rm.numpy().copy(), rv.numpy().copy()
+    y_eval = np.empty_like(x.reshape(-1, C))
+    K.batchnorm_forward_eval(x.reshape(-1, C), gamma, beta, rm_np, rv_np, x.dtype.type(EPS), y_eval)
+    with torch.no_grad():
+        yt_eval = F.batch_norm(nchw(x), rm, rv, torch.tensor(gamma), torch.tensor(beta), training=False, eps=EPS)
+    np.testing.assert_allclose(y_eval.reshape(nhwc), yt_eval.numpy().transpose(0, 2, 3, 1), **t)
