@@ -304,3 +304,24 @@ def test_mirror_list_resolution(monkeypatch):
 
 def test_error_is_user_error():
     assert issubclass(DataError, UserError)
+
+
+def test_temp_file_not_creatable(tmp_path, served, monkeypatch):
+    """Stands in for an unwritable folder when the tests run as root."""
+    url, md5, _ = served
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(dl.tempfile, "mkstemp", denied)
+    with pytest.raises(DataError, match="cannot write to the data folder") as info:
+        load(tmp_path, [url + "/good/"], md5)
+    assert str(tmp_path / "mnist") in str(info.value)
+
+
+def test_file_url_mirror(tmp_path):
+    """A local folder works as a mirror (air-gapped machines): FASTCNN_MNIST_MIRROR=file:///..."""
+    md5, _ = make_fake_mnist(tmp_path / "src")
+    ds = load(tmp_path / "cache", [(tmp_path / "src").as_uri()], md5)
+    assert len(ds.y_train) == N_TRAIN
+    assert sorted(os.listdir(tmp_path / "cache" / "mnist")) == sorted(FILE_NAMES)

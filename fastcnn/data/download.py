@@ -183,7 +183,7 @@ def _fetch_into(url, out, name, md5, timeout, progress):
     if md5 is not None:
         got = h.hexdigest()
         if got != md5.lower():
-            raise ChecksumMismatch(f"MD5 {got}, expected {md5.lower()} ({received} bytes)")
+            raise ChecksumMismatch(f"MD5 {got}, expected {md5.lower()}, {received} bytes")
 
 
 def download_files(folder, names, checksums, mirrors, *, dataset, timeout=DEFAULT_TIMEOUT,
