@@ -139,7 +139,9 @@ def test_float32_is_computed_in_float32():
 # Central-difference gradient check (float64, random upstream gradient)
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["pad_int", "dilation_2_1_pad_stride", "same_even_2x3", "cin1_cout1", "stride2_leftover"])
+@pytest.mark.parametrize(
+    "name", ["pad_int", "dilation_2_1_pad_stride", "same_even_2x3", "cin1_cout1", "stride2_leftover"]
+)
 def test_gradients_central_difference(name):
     x, w, b, G, stride, padding, dilation = _make(CASES[name], np.float64, seed=1)
     out_shape = G.shape

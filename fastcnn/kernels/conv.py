@@ -10,23 +10,29 @@ Padding is given as ``pad_top``/``pad_left`` only: the output size comes from
 the output array's shape, the bottom/right padding is implied, and input
 positions outside ``[0, H) x [0, W)`` count as zeros.
 
-How they work: each kernel turns one row of pixels into a small matrix product.
+How they work: each kernel turns a block of pixels into a small matrix product.
 
-* forward, per output row (n, oh): gather the im2col rows ``col (OW, KH*KW*Cin)``,
-  then ``y[n, oh] = b + col @ w.reshape(KH*KW*Cin, Cout)``.
-* backward input, per input row (n, ih): a gather (no scatter, so no races):
-  for each kernel row kh whose output row ``oh = (ih + pad_top - kh*dil_h) / stride_h``
-  exists, gather ``dy`` into ``col (W, KW*Cout)`` (zeros where no output pixel
-  reads the input pixel), then ``dx[n, ih] += col @ w[kh]`` with ``w[kh]`` seen as
-  ``(KW*Cout, Cin)``.
-* backward weight: the output rows are split into a fixed number of chunks;
-  each chunk sums ``col.T @ dy[n, oh]`` into its own partial ``(KH*KW*Cin, Cout)``
-  buffer, and the partials are added in a fixed order: deterministic.
+* forward, per output row (n, oh) (the prange): gather the im2col rows
+  ``col (OW, KH*KW*Cin)`` (zero-padded to a multiple of 16 columns), then
+  ``y[n, oh] = b + col @ w.reshape(KH*KW*Cin, Cout)``.
+* backward input, per input row (n, ih): a gather, never a scatter, so rows
+  are independent and there are no races. For each kernel row kh whose output
+  row ``oh = (ih + pad_top - kh*dil_h) / stride_h`` exists (divisible, in
+  range), gather ``dy[n, oh]`` into ``col (W, KW*Cout)`` (zeros where no output
+  pixel reads the input pixel), then ``dx[n, ih] += col @ w[kh]`` with
+  ``w[kh]`` seen as ``(KW*Cout, Cin)``; consecutive valid kh make one product.
+* backward weight: the N*OH*OW output pixels are cut into blocks of
+  _PIXEL_BLOCK; the blocks are dealt in order to a fixed number of chunks;
+  each chunk sums ``dy_block.T @ col_block`` into its own ``(Cout, KH*KW*Cin)``
+  partial, and the partials are added in chunk order. The chunking does not
+  depend on the thread count, so dw is bit-identical run to run and whatever
+  the number of threads.
 
-The matrix products are register-blocked outer products (``_gemm_outer``:
-4 output rows x 4 reduction steps per pass over the contiguous vector axis) or,
-when the vector axis is too short to vectorize (e.g. Cout = 1), dot products
-over the reduction axis (``_gemm_dot``).
+The matrix products are ``_gemm_dot`` (4 x 4 dot products over the contiguous
+reduction axis, whose partial sums LLVM keeps in vector registers) when the
+reduction is long enough, else ``_gemm_outer`` (outer products, 4 rows x 4
+reduction steps per pass over the contiguous vector axis; for Cin = 1 and
+similar short reductions).
 """
 import numpy as np
 from numba import njit, prange
@@ -54,7 +60,7 @@ _PIXEL_BLOCK = 256
 # Small matrix products on 2-D views (serial; called inside prange bodies).
 # --------------------------------------------------------------------------
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=True)
 def _gemm_outer(C, A, B):
     """C (M, Nn) += A (M, K) @ B (K, Nn). Rows of B and C contiguous; A read by scalar."""
     M, Nn = C.shape
@@ -135,7 +141,7 @@ def _gemm_outer(C, A, B):
         i += 1
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=True)
 def _gemm_dot(C, A, BT, k0, k1):
     """C (M, Nn) += A[:, k0:k1] @ BT[:, k0:k1].T, BT (Nn, K). Rows of A and BT contiguous.
 
