@@ -183,6 +183,7 @@ SCHEMA = {
         "input_shape": (shape3, [28, 28, 1]),
         "num_classes": (integer(2), 10),
         "dtype": (choice("float32", "float64"), "float32"),
+        "init": (choice("he_uniform", "pytorch"), "he_uniform"),
         "layers": (None, SEED_LAYERS),  # checked by _layers
     },
     "data": {

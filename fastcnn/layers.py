@@ -42,6 +42,8 @@ class Layer:
         """Per-sample output shape; ConfigError (naming ``path``) if impossible."""
         return in_shape
 
+    init = "he_uniform"  # weight initialization scheme (see init_weight_and_bias); set by build_model
+
     def build(self, in_shape, rng, dtype):
         self.in_shape = tuple(in_shape)
         self.out_shape = tuple(self.output_shape(in_shape))
@@ -78,10 +80,28 @@ def _require_rank(in_shape, rank, path, what):
                                 f"input{hint}; got shape {shape}")
 
 
-def _he_uniform(rng, shape, fan_in, dtype):
-    # He (Kaiming) uniform: bound = sqrt(6 / fan_in) = gain(relu) * sqrt(3 / fan_in).
-    bound = np.sqrt(6.0 / fan_in)
-    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+INIT_SCHEMES = ("he_uniform", "pytorch")
+
+
+def init_weight_and_bias(rng, weight_shape, bias_size, fan_in, dtype, scheme="he_uniform"):
+    """Initial (weight, bias) of a conv or dense layer; bias is None when bias_size is 0.
+
+    he_uniform: weights U(-b, b) with b = sqrt(6 / fan_in) (Kaiming uniform,
+      ReLU gain), zero biases. The default.
+    pytorch: what torch.nn.Conv2d / Linear do by default (kaiming_uniform_ with
+      a = sqrt(5)): weights and biases U(-b, b) with b = 1 / sqrt(fan_in).
+    """
+    if scheme == "he_uniform":
+        bound = np.sqrt(6.0 / fan_in)
+        weight = rng.uniform(-bound, bound, size=weight_shape).astype(dtype)
+        bias = np.zeros(bias_size, dtype) if bias_size else None
+    elif scheme == "pytorch":
+        bound = 1.0 / np.sqrt(fan_in)
+        weight = rng.uniform(-bound, bound, size=weight_shape).astype(dtype)
+        bias = rng.uniform(-bound, bound, size=bias_size).astype(dtype) if bias_size else None
+    else:
+        raise ValueError(f"unknown init scheme {scheme!r}; known: {', '.join(INIT_SCHEMES)}")
+    return weight, bias
 
 
 class Conv2D(Layer):
@@ -126,10 +146,11 @@ class Conv2D(Layer):
         self.pads = self._pads("conv2d")
         kh, kw = self.kernel
         cin = in_shape[2]
-        shape = (kh, kw, cin, self.filters)
-        self.params["weight"] = Parameter(_he_uniform(rng, shape, kh * kw * cin, self.dtype))
+        weight, bias = init_weight_and_bias(rng, (kh, kw, cin, self.filters), self.filters if self.use_bias else 0,
+                                            kh * kw * cin, self.dtype, self.init)
+        self.params["weight"] = Parameter(weight)
         if self.use_bias:
-            self.params["bias"] = Parameter(np.zeros(self.filters, self.dtype))
+            self.params["bias"] = Parameter(bias)
         else:
             self._zero_bias = np.zeros(self.filters, self.dtype)
 
@@ -340,9 +361,11 @@ class Dense(Layer):
     def build(self, in_shape, rng, dtype):
         super().build(in_shape, rng, dtype)
         fan_in = in_shape[0]
-        self.params["weight"] = Parameter(_he_uniform(rng, (fan_in, self.units), fan_in, self.dtype))
+        weight, bias = init_weight_and_bias(rng, (fan_in, self.units), self.units if self.use_bias else 0, fan_in,
+                                            self.dtype, self.init)
+        self.params["weight"] = Parameter(weight)
         if self.use_bias:
-            self.params["bias"] = Parameter(np.zeros(self.units, self.dtype))
+            self.params["bias"] = Parameter(bias)
         else:
             self._zero_bias = np.zeros(self.units, self.dtype)
 

@@ -147,6 +147,7 @@ def build_model(model_cfg, seed=0):
     rng = np.random.default_rng(seed)
     layers = []
     for layer, in_shape, _ in plan:
+        layer.init = _spec_get(model_cfg, "init", "he_uniform")
         layer.build(in_shape, rng, dtype)
         layers.append(layer)
     return Sequential(layers, _spec_get(model_cfg, "input_shape", (28, 28, 1)), dtype)

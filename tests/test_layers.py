@@ -95,3 +95,17 @@ def test_he_uniform_init_is_seeded_and_bounded():
     w = a.params["weight"].data
     assert np.abs(w).max() <= bound and np.abs(w).max() > 0.8 * bound
     assert not a.params["bias"].data.any()
+
+
+def test_pytorch_init_scheme_matches_torch_default_bounds():
+    from fastcnn.layers import Dense
+
+    conv, dense = Conv2D(16, 3), Dense(20)
+    conv.init = dense.init = "pytorch"
+    conv.build((6, 6, 8), np.random.default_rng(0), np.float32)
+    dense.build((50,), np.random.default_rng(0), np.float32)
+    for layer, fan_in in ((conv, 3 * 3 * 8), (dense, 50)):
+        bound = 1 / np.sqrt(fan_in)
+        for name in ("weight", "bias"):
+            values = layer.params[name].data
+            assert np.abs(values).max() <= bound and np.abs(values).max() > 0.7 * bound, name
