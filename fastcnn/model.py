@@ -40,8 +40,12 @@ def plan_shapes(model_cfg):
 class Sequential:
     """A stack of layers applied in order."""
 
-    def __init__(self, layers, input_shape, dtype="float32"):
+    def __init__(self, layers, input_shape, dtype="float32", fuse=True):
+        from .fusion import plan_blocks
+
         self.layers = list(layers)
+        # What forward/backward run: fused blocks (same results, fewer passes over memory) or the layers.
+        self.blocks = plan_blocks(self.layers) if fuse else list(self.layers)
         self.input_shape = tuple(input_shape)
         self.dtype = np.dtype(dtype)
 
@@ -55,8 +59,8 @@ class Sequential:
         if x.shape[0] < 1:
             raise ValueError("model input is an empty batch")
         x = np.ascontiguousarray(x, dtype=self.dtype)
-        for layer in self.layers:
-            x = layer.forward(x, training)
+        for block in self.blocks:
+            x = block.forward(x, training)
         return x.copy()
 
     def backward(self, dlogits, input_grad=True):
@@ -67,9 +71,8 @@ class Sequential:
         and None is returned.
         """
         dy = np.ascontiguousarray(dlogits, dtype=self.dtype)
-        last = len(self.layers) - 1
-        for i in range(last, -1, -1):
-            dy = self.layers[i].backward(dy, need_input_grad=input_grad or i > 0)
+        for i in range(len(self.blocks) - 1, -1, -1):
+            dy = self.blocks[i].backward(dy, need_input_grad=input_grad or i > 0)
         return dy.copy() if input_grad else None
 
     def predict(self, x, batch_size=256):
@@ -133,7 +136,7 @@ class Sequential:
         return "Sequential(\n" + "\n".join(lines) + "\n)"
 
 
-def build_model(model_cfg, seed=0):
+def build_model(model_cfg, seed=0, fuse=True):
     """A Sequential from a ``model`` config section, initialized from ``seed``.
 
     A plain dict is validated (and given defaults) first, as in a config file.
@@ -150,4 +153,4 @@ def build_model(model_cfg, seed=0):
         layer.init = _spec_get(model_cfg, "init", "he_uniform")
         layer.build(in_shape, rng, dtype)
         layers.append(layer)
-    return Sequential(layers, _spec_get(model_cfg, "input_shape", (28, 28, 1)), dtype)
+    return Sequential(layers, _spec_get(model_cfg, "input_shape", (28, 28, 1)), dtype, fuse=fuse)
