@@ -43,14 +43,16 @@ def cli():
               help="Override a config key, e.g. --set train.epochs=1 --set model.layers[0].filters=16. Repeatable.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None,
               help="Continue from a checkpoint (RUN_DIR/last.npz), mid-epoch too.")
+@click.option("--overwrite", is_flag=True, help="Replace the checkpoints of an earlier run in output.dir.")
 @click.option("--threads", type=int, default=None, help="Kernel threads (default: train.threads, else all cores).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (log lines only).")
-def train(config, overrides, resume, threads, no_progress):
+def train(config, overrides, resume, overwrite, threads, no_progress):
     """Train the network described in the YAML file CONFIG.
 
     Writes metrics.jsonl, last.npz, best.npz (best validation accuracy) and
     the resolved config.yaml to output.dir. Ctrl-C finishes the current step,
-    saves last.npz and prints the command that resumes.
+    saves last.npz and prints the command that resumes. A run never replaces
+    another run's checkpoints unless --overwrite (or --resume) says so.
     """
     from .config import load_config
     from .train import Trainer
@@ -58,7 +60,8 @@ def train(config, overrides, resume, threads, no_progress):
     if threads is not None:
         overrides = (*overrides, f"train.threads={threads}")
     cfg = load_config(config, overrides)
-    trainer = Trainer(cfg, resume=resume, progress=not no_progress, log=click.echo, started=_STARTED)
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=not no_progress, log=click.echo,
+                      started=_STARTED)
     result = trainer.run()
     if result["best_accuracy"] is not None:
         click.echo(f"Best validation accuracy {result['best_accuracy']:.4f}; "
@@ -131,8 +134,11 @@ def main(argv=None):
         _error("interrupted")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the last line of defence
-        from .train import Interrupted
+        from .train import Interrupted, TrainingDiverged
 
+        if isinstance(e, TrainingDiverged):
+            _error(str(e))
+            sys.exit(EXIT_INTERNAL)
         if isinstance(e, Interrupted):
             click.echo(f"\nInterrupted: saved {e.checkpoint}", err=True)
             click.echo(f"Resume with: fastcnn train {' '.join(_resume_args(e.checkpoint))}", err=True)

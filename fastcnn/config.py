@@ -177,6 +177,9 @@ SCHEDULE_SCHEMAS = {"none": {}}
 
 DATASETS = ("mnist", "fashion-mnist", "synthetic")
 
+# What the file-backed datasets hold, so a mismatching model is reported before any data is read.
+DATASET_SHAPES = {"mnist": ([28, 28, 1], 10), "fashion-mnist": ([28, 28, 1], 10)}
+
 SCHEMA = {
     "seed": (integer(0), 0),
     "model": {
@@ -199,6 +202,7 @@ SCHEMA = {
         "optimizer": (None, {"name": "adam", "lr": 0.001}),  # checked by _named_section
         "schedule": (None, {"name": "none"}),
         "threads": (threads_value, None),
+        "on_nan": (choice("stop", "skip"), "stop"),
     },
     "output": {
         "dir": (lambda v, p: _string(v, p), "runs/mnist"),
@@ -346,6 +350,15 @@ def validate(raw):
             raise ConfigError("data", f"expected a mapping, got {_type_name(raw['data'])}")
         raise ConfigError("data.dataset", f"required key is missing (one of {', '.join(DATASETS)})")
     cfg = _wrap(_check_section(raw, SCHEMA, "", _SPECIAL))
+    known = DATASET_SHAPES.get(cfg.data.dataset)
+    if known is not None:
+        shape, classes = known
+        if cfg.model.input_shape != shape:
+            raise ConfigError("model.input_shape", f"is {cfg.model.input_shape} but {cfg.data.dataset} images "
+                                                   f"are {shape}")
+        if cfg.model.num_classes != classes:
+            raise ConfigError("model.num_classes", f"is {cfg.model.num_classes} but {cfg.data.dataset} has "
+                                                   f"{classes} classes")
     from .model import plan_shapes  # local import: config stays importable without numba
 
     plan_shapes(cfg.model)

@@ -179,69 +179,127 @@ def load_data(cfg, progress=True):
     return x_tr, y_tr, x_val, y_val, ds
 
 
+class TrainingDiverged(Exception):
+    """A NaN or Inf in the loss or a gradient with ``train.on_nan: stop`` (exit code 1, one line)."""
+
+
+def _first_nonfinite_grad(model):
+    """The state-dict key of the first parameter whose gradient holds a NaN or Inf, else None."""
+    for key, p in model.named_parameters():
+        # A float64 sum is non-finite iff some element is (no float32 overflow), with no temporary array.
+        if not np.isfinite(np.sum(p.grad, dtype=np.float64)):
+            return key
+    return None
+
+
+def _describe_param(model, key):
+    _, index, name = key.split(".")
+    return f"{name} of layer {index} ({model.layers[int(index)].kind})"
+
+
+CHECKPOINT_FILES = ("last.npz", "best.npz")
+
+
 class Trainer:
     """Runs ``cfg.train.epochs`` epochs; writes metrics.jsonl, last.npz, best.npz and config.yaml."""
 
-    def __init__(self, cfg, resume=None, progress=True, log=print, started=None):
+    def __init__(self, cfg, resume=None, overwrite=False, progress=True, log=print, started=None):
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite
         self.progress = progress
         self.log = log
         self.started = started if started is not None else time.perf_counter()
 
-    def _save(self, name, epoch, batch_in_epoch, running, extra=None):
+    def _save(self, name, epoch, batch_in_epoch, running):
         from .checkpoint import save_checkpoint
 
         meta = {
             "config": to_dict(self.cfg), "epoch": epoch, "batch": batch_in_epoch, "step": self.opt.step_count,
             "running": running, "best_accuracy": self.best_accuracy, "history": self.history,
-            "fastcnn_version": __version__,
+            "skipped_steps": self.skipped_steps, "threads": self.threads, "fastcnn_version": __version__,
+            # The batch order is a pure function of (seed, epoch) and nothing else draws random numbers
+            # during training, so (epoch, batch) above is the whole RNG state.
+            "rng": {"loader_seed": self.cfg.seed},
         }
-        meta.update(extra or {})
         path = os.path.join(self.out_dir, name)
         save_checkpoint(path, self.model.state_dict(), self.opt.state_dict(), meta)
         return path
 
-    def run(self):
-        from tqdm import tqdm
+    def _check_output(self):
+        """Never silently replace another run's checkpoints."""
+        existing = [n for n in CHECKPOINT_FILES if os.path.exists(os.path.join(self.out_dir, n))]
+        if not existing or self.resume:
+            return
+        if not self.overwrite:
+            raise UserError(f"output.dir: {self.out_dir} already holds a run ({', '.join(existing)}); pass "
+                            f"--overwrite to replace it, --resume {os.path.join(self.out_dir, 'last.npz')} to "
+                            f"continue it, or --set output.dir=OTHER")
+        for name in (*CHECKPOINT_FILES, "metrics.jsonl"):
+            path = os.path.join(self.out_dir, name)
+            if os.path.exists(path):
+                os.unlink(path)
 
+    def _load(self):
+        """Data, model and optimizer; the checkpoint's state when resuming. Returns the loaded pieces."""
         from .checkpoint import load_checkpoint
-        from .data import BatchLoader
-        from .losses import softmax_cross_entropy
         from .model import build_model
         from .optim import build_optimizer
 
         cfg = self.cfg
-        threads = set_threads(cfg.train.threads)
-        self.out_dir = cfg.output.dir
-        prepare_output_dir(self.out_dir)
         checkpoint = load_checkpoint(self.resume) if self.resume else None
-
-        x_train, y_train, x_val, y_val, ds = load_data(cfg, self.progress)
+        # Model and checkpoint are checked before any data is read.
         self.model = build_model(cfg.model, seed=cfg.seed)
         self.opt = build_optimizer(cfg.train.optimizer, self.model.parameters())
-        start_epoch, start_batch, running = 0, 0, None
-        self.best_accuracy, self.history = None, []
+        self.position = (0, 0, None)  # epoch, batch in epoch, running sums of the epoch
+        self.best_accuracy, self.history, self.skipped_steps = None, [], 0
         if checkpoint is not None:
-            self.model.load_state_dict(checkpoint.model)
-            self.opt.load_state_dict(checkpoint.optim)
+            try:
+                self.model.load_state_dict(checkpoint.model)
+                self.opt.load_state_dict(checkpoint.optim)
+            except UserError as e:
+                raise UserError(f"--resume {self.resume}: does not match the config's model: {e}") from None
             meta = checkpoint.meta
-            start_epoch, start_batch = int(meta.get("epoch", 0)), int(meta.get("batch", 0))
-            running = meta.get("running")
+            self.position = (int(meta.get("epoch", 0)), int(meta.get("batch", 0)), meta.get("running"))
             self.best_accuracy = meta.get("best_accuracy")
             self.history = list(meta.get("history", []))
+            self.skipped_steps = int(meta.get("skipped_steps", 0))
+            saved_threads = meta.get("threads")
+            if saved_threads is not None and saved_threads != self.threads:
+                self.log(f"Note: the checkpoint was written with {saved_threads} thread(s), this run uses "
+                         f"{self.threads}")
+        return load_data(cfg, self.progress)
+
+    def run(self):
+        from tqdm import tqdm
+
+        from .data import BatchLoader
+        from .losses import softmax_cross_entropy
+
+        cfg = self.cfg
+        self.threads = set_threads(cfg.train.threads)
+        self.out_dir = cfg.output.dir
+        prepare_output_dir(self.out_dir)
+        self._check_output()
+        x_train, y_train, x_val, y_val, ds = self._load()
+        start_epoch, start_batch, running = self.position
+        if self.resume:
             self.log(f"Resuming from {self.resume}: epoch {start_epoch + 1}, batch {start_batch}")
 
         with open(os.path.join(self.out_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(to_yaml(cfg))
         self.log(f"Training on {len(x_train)} images ({ds.name}), validating on {len(x_val)}; "
-                 f"{self.model.num_parameters():,} parameters; {threads} thread(s); output {self.out_dir}")
+                 f"{self.model.num_parameters():,} parameters; {self.threads} thread(s); output {self.out_dir}")
         warm_up(cfg.model, log=self.log)
 
         loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed)
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
-        if checkpoint is None and os.path.exists(metrics_path):
+        if not self.resume and os.path.exists(metrics_path):
             os.unlink(metrics_path)
+        # Batch-norm running statistics are restored when a step is skipped (on_nan: skip).
+        buffers = [b for _, b in self.model.named_buffers()]
+        saved_buffers = [np.empty_like(b) for b in buffers]
+        skip_on_nan = cfg.train.on_nan == "skip"
         first_step_logged = False
         epochs = cfg.train.epochs
         with _StopFlag() as stop:
@@ -256,15 +314,34 @@ class Trainer:
                     if not first_step_logged:
                         self.log(f"First training step at {time.perf_counter() - self.started:.2f} s after start")
                         first_step_logged = True
+                    if skip_on_nan:
+                        for src, dst in zip(buffers, saved_buffers):
+                            np.copyto(dst, src)
                     logits = self.model.forward(xb, training=True)
                     loss, dlogits = softmax_cross_entropy(logits, yb)
-                    self.model.backward(dlogits, input_grad=False)
-                    self.opt.step()
-                    sums["loss"] += float(loss) * len(yb)
-                    sums["correct"] += int((logits.argmax(axis=1) == yb).sum())
-                    sums["seen"] += len(yb)
+                    fault = None if np.isfinite(loss) else f"the loss is {loss}"
+                    if fault is None:
+                        self.model.backward(dlogits, input_grad=False)
+                        bad = _first_nonfinite_grad(self.model)
+                        if bad is not None:
+                            fault = f"the gradient of {bad} ({_describe_param(self.model, bad)}) holds NaN or Inf"
+                    if fault is not None:
+                        where = f"step {self.opt.step_count + self.skipped_steps + 1} (epoch {epoch + 1}, batch {b + 1})"
+                        if not skip_on_nan:
+                            bar.close()
+                            raise TrainingDiverged(f"training diverged at {where}: {fault}; the last good "
+                                                   f"checkpoint is kept (train.on_nan: skip skips such steps)")
+                        for src, dst in zip(saved_buffers, buffers):
+                            np.copyto(dst, src)
+                        self.skipped_steps += 1
+                        bar.write(f"skipped {where}: {fault} ({self.skipped_steps} skipped so far)")
+                    else:
+                        self.opt.step()
+                        sums["loss"] += float(loss) * len(yb)
+                        sums["correct"] += int((logits.argmax(axis=1) == yb).sum())
+                        sums["seen"] += len(yb)
                     bar.update(1)
-                    if b % 20 == 0 or b == len(loader) - 1:
+                    if sums["seen"] and (b % 20 == 0 or b == len(loader) - 1):
                         elapsed = sums["seconds"] + time.perf_counter() - t_epoch
                         bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
                                         acc=f"{sums['correct'] / sums['seen']:.4f}",
@@ -272,32 +349,37 @@ class Trainer:
                     if stop.signum is not None:
                         bar.close()
                         sums["seconds"] += time.perf_counter() - t_epoch
-                        path = self._save("last.npz", epoch, b + 1, sums)
-                        raise Interrupted(stop.signum, path)
+                        raise Interrupted(stop.signum, self._save("last.npz", epoch, b + 1, sums))
                 bar.close()
                 sums["seconds"] += time.perf_counter() - t_epoch
-                val = evaluate(self.model, x_val, y_val)
-                record = {
-                    "epoch": epoch + 1, "step": self.opt.step_count,
-                    "train_loss": sums["loss"] / max(sums["seen"], 1),
-                    "train_accuracy": sums["correct"] / max(sums["seen"], 1),
-                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                    "images_per_sec": sums["seen"] / max(sums["seconds"], 1e-9),
-                    "epoch_seconds": sums["seconds"], "lr": self.opt.lr,
-                }
-                self.history.append(record)
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                improved = self.best_accuracy is None or val["accuracy"] > self.best_accuracy
-                if improved:
-                    self.best_accuracy = val["accuracy"]
-                self._save("last.npz", epoch + 1, 0, None)
-                if improved:
-                    self._save("best.npz", epoch + 1, 0, None)
-                self.log(f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} "
-                         f"acc {record['train_accuracy']:.4f} | val loss {val['loss']:.4f} "
-                         f"acc {val['accuracy']:.4f} | {record['images_per_sec']:.0f} img/s, "
-                         f"{sums['seconds']:.1f} s" + (" (best)" if improved else ""))
-            if epochs == start_epoch and checkpoint is None:
+                self._end_epoch(epoch, sums, x_val, y_val, metrics_path)
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, os.path.join(self.out_dir, "last.npz"))
+            if epochs == start_epoch and not self.resume:
                 self._save("last.npz", epochs, 0, None)
-        return {"history": self.history, "best_accuracy": self.best_accuracy, "output_dir": self.out_dir}
+        return {"history": self.history, "best_accuracy": self.best_accuracy, "output_dir": self.out_dir,
+                "skipped_steps": self.skipped_steps}
+
+    def _end_epoch(self, epoch, sums, x_val, y_val, metrics_path):
+        """Validate, log, append to metrics.jsonl, save last.npz (and best.npz if improved)."""
+        val = evaluate(self.model, x_val, y_val)
+        record = {
+            "epoch": epoch + 1, "step": self.opt.step_count,
+            "train_loss": sums["loss"] / max(sums["seen"], 1),
+            "train_accuracy": sums["correct"] / max(sums["seen"], 1),
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+            "images_per_sec": sums["seen"] / max(sums["seconds"], 1e-9),
+            "epoch_seconds": sums["seconds"], "lr": self.opt.lr, "skipped_steps": self.skipped_steps,
+        }
+        self.history.append(record)
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        improved = self.best_accuracy is None or val["accuracy"] > self.best_accuracy
+        if improved:
+            self.best_accuracy = val["accuracy"]
+        self._save("last.npz", epoch + 1, 0, None)
+        if improved:
+            self._save("best.npz", epoch + 1, 0, None)
+        self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs}: train loss {record['train_loss']:.4f} "
+                 f"acc {record['train_accuracy']:.4f} | val loss {val['loss']:.4f} acc {val['accuracy']:.4f} | "
+                 f"{record['images_per_sec']:.0f} img/s, {sums['seconds']:.1f} s" + (" (best)" if improved else ""))

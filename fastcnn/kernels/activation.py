@@ -7,7 +7,7 @@ constant is typed from the array's dtype so float32 math stays float32.
 from numba import njit, prange
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def relu_forward(x, y):
     """y = max(x, 0)."""
     zero = x.dtype.type(0)
@@ -16,7 +16,7 @@ def relu_forward(x, y):
         y[i] = v if v > zero else zero
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def relu_backward(x, dy, dx):
     """dx = dy where x > 0 else 0 (gradient 0 at exactly 0)."""
     zero = dy.dtype.type(0)
@@ -24,7 +24,7 @@ def relu_backward(x, dy, dx):
         dx[i] = dy[i] if x[i] > zero else zero
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def leaky_relu_forward(x, slope, y):
     """y = x where x > 0 else slope * x."""
     zero = x.dtype.type(0)
@@ -34,7 +34,7 @@ def leaky_relu_forward(x, slope, y):
         y[i] = v if v > zero else s * v
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def leaky_relu_backward(x, dy, slope, dx):
     """dx = dy where x > 0 else slope * dy (slope at exactly 0, as PyTorch)."""
     zero = x.dtype.type(0)

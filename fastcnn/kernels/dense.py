@@ -10,7 +10,7 @@ from numba import njit, prange
 ROWS = 4
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def dense_forward(x, w, b, y):
     """y (N,O) = x @ w + b."""
     N, I = x.shape
@@ -86,7 +86,7 @@ def dense_forward(x, w, b, y):
                         yr[o] += a * wr[o]
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def dense_backward_input(dy, w, dx):
     """dx (N,I) = dy @ w.T: dx[n,i] = sum_o dy[n,o] * w[i,o]."""
     N, O = dy.shape
@@ -128,7 +128,7 @@ def dense_backward_input(dy, w, dx):
                     dx[n, i] = s
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def dense_backward_weight(x, dy, dw, db):
     """dw (I,O) = x.T @ dy, db (O,) = dy.sum(0); both overwritten.
 

@@ -3,7 +3,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def softmax_cross_entropy_kernel(logits, labels, dlogits):
     """Mean softmax cross-entropy of logits (N,K) against int labels (N,).
 

@@ -14,7 +14,7 @@ from numba import njit, prange
 CHUNK = 256
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def _sum_chunks(part, out, scale):
     """out[c] = scale * sum_k part[k, c], summed in chunk order."""
     nchunks, C = part.shape
@@ -28,7 +28,7 @@ def _sum_chunks(part, out, scale):
         out[c] *= scale
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def batchnorm_forward_train(x, gamma, beta, eps, y, mean, var, invstd):
     """Training forward: batch statistics.
 
@@ -79,7 +79,7 @@ def batchnorm_forward_train(x, gamma, beta, eps, y, mean, var, invstd):
                 yr[c] = (xr[c] - mean[c]) * scale[c] + beta[c]
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, y):
     """Evaluation forward with the running statistics."""
     M, C = x.shape
@@ -98,7 +98,7 @@ def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, y):
                 yr[c] = (xr[c] - running_mean[c]) * scale[c] + beta[c]
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def batchnorm_backward(x, dy, gamma, mean, invstd, dx, dgamma, dbeta):
     """Training backward (batch statistics).
 

@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_step):
     """p -= lr * d, d from grad + weight decay, momentum buffer, optional Nesterov.
 
@@ -32,7 +32,7 @@ def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first
         p[i] -= lr * d
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def adam_update(p, g, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, bias_correction1,
                 bias_correction2_sqrt):
     """Adam (not AdamW): p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps). All arrays (n,)."""

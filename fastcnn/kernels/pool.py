@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def maxpool2d_forward(x, y, argmax, pool_h, pool_w, stride_h, stride_w, pad_top, pad_left):
     """x (N,H,W,C) -> y (N,OH,OW,C); argmax int32 (N,OH,OW,C) = flat input index ih*W+iw.
 
@@ -56,7 +56,7 @@ def maxpool2d_forward(x, y, argmax, pool_h, pool_w, stride_h, stride_w, pad_top,
                         ar[c] = idx if better else ar[c]
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def maxpool2d_backward(dy, argmax, dx):
     """dx (N,H,W,C) overwritten: zeroed, then each dy added at its argmax.
 
