@@ -292,7 +292,7 @@ class Trainer:
                  f"{self.model.num_parameters():,} parameters; {self.threads} thread(s); output {self.out_dir}")
         warm_up(cfg.model, log=self.log)
 
-        loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed)
+        loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, reuse=True)
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
         if not self.resume and os.path.exists(metrics_path):
             os.unlink(metrics_path)

@@ -142,3 +142,17 @@ def test_split_validation_rounding_and_minimum():
             split_validation(x, y, bad, 0)
     with pytest.raises(ValueError):
         split_validation(x, y, 0.99, 0)  # nothing left to train on
+
+
+def test_reuse_gives_the_same_batches_without_new_arrays():
+    x = np.arange(50 * 3, dtype=np.float32).reshape(50, 3, 1, 1)
+    y = np.arange(50)
+    fresh = BatchLoader(x, y, 16, seed=3)
+    reused = BatchLoader(x, y, 16, seed=3, reuse=True)
+    buffers = set()
+    for (xa, ya), (xb, yb) in zip(fresh.epoch_batches(2), reused.epoch_batches(2)):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+        assert xb.flags.c_contiguous
+        buffers.add(xb.__array_interface__["data"][0])
+    assert len(buffers) == 1  # every batch lives in the one buffer

@@ -44,10 +44,12 @@ class BatchLoader:
 
     ``xb`` is a fresh C-contiguous array (float32 unless ``dtype`` says
     otherwise) and ``yb`` a fresh int64 array for every batch: the consumer
-    may keep or modify them.
+    may keep or modify them. With ``reuse=True`` every batch is gathered into
+    the same two buffers instead (no allocation per step, as the trainer
+    wants): a batch is then valid only until the next one is requested.
     """
 
-    def __init__(self, x, y, batch_size, shuffle=True, seed=0, drop_last=False, dtype=np.float32):
+    def __init__(self, x, y, batch_size, shuffle=True, seed=0, drop_last=False, dtype=np.float32, reuse=False):
         x, y = _check_xy(x, y)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -57,6 +59,8 @@ class BatchLoader:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.reuse = bool(reuse)
+        self._x_buffer = self._y_buffer = None
 
     @property
     def num_samples(self):
@@ -82,9 +86,16 @@ class BatchLoader:
             raise ValueError(f"start must be between 0 and {nb} (batches per epoch), got {start}")
         order = self.order(epoch)
         b = self.batch_size
+        if self.reuse and self._x_buffer is None:
+            self._x_buffer = np.empty((b, *self.x.shape[1:]), self.x.dtype)
+            self._y_buffer = np.empty(b, np.int64)
         for i in range(start, nb):
             idx = order[i * b:(i + 1) * b]
-            if self.shuffle:
+            if self.reuse:
+                k = len(idx)
+                yield (np.take(self.x, idx, axis=0, out=self._x_buffer[:k]),
+                       np.take(self.y, idx, axis=0, out=self._y_buffer[:k]))
+            elif self.shuffle:
                 yield np.take(self.x, idx, axis=0), np.take(self.y, idx, axis=0)
             else:
                 yield self.x[i * b:(i + 1) * b].copy(), self.y[i * b:(i + 1) * b].copy()
