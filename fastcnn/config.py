@@ -157,12 +157,44 @@ SEED_LAYERS = [
     {"type": "dense", "units": 10},
 ]
 
+def _betas(value, path):
+    if not isinstance(value, list) or len(value) != 2:
+        raise ConfigError(path, f"expected a pair [beta1, beta2], got {value!r}")
+    return [number(0.0, 1.0, max_exclusive=True)(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+def _milestones(value, path):
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, f"expected a non-empty list of epochs, e.g. [30, 60], got {value!r}")
+    epochs = [integer(1)(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if epochs != sorted(set(epochs)):
+        raise ConfigError(path, f"must be strictly increasing, got {epochs}")
+    return epochs
+
+
+EARLY_STOPPING_SCHEMA = {
+    "monitor": (choice("val_loss", "val_accuracy"), "val_loss"),
+    "patience": (integer(1), 5),
+    "min_delta": (number(0.0), 0.0),
+}
+
+
+def _early_stopping(value, path):
+    return None if value is None else _check_section(value, EARLY_STOPPING_SCHEMA, path)
+
+
 OPTIMIZER_SCHEMAS = {
     "adam": {
         "lr": (number(0.0, min_exclusive=True), 0.001),
-        "betas": (None, [0.9, 0.999]),  # checked by _betas
+        "betas": (_betas, [0.9, 0.999]),
         "eps": (number(0.0, min_exclusive=True), 1e-8),
         "weight_decay": (number(0.0), 0.0),
+    },
+    "adamw": {
+        "lr": (number(0.0, min_exclusive=True), 0.001),
+        "betas": (_betas, [0.9, 0.999]),
+        "eps": (number(0.0, min_exclusive=True), 1e-8),
+        "weight_decay": (number(0.0), 0.01),
     },
     "sgd": {
         "lr": (number(0.0, min_exclusive=True), 0.01),
@@ -173,7 +205,28 @@ OPTIMIZER_SCHEMAS = {
     },
 }
 
-SCHEDULE_SCHEMAS = {"none": {}}
+SCHEDULE_SCHEMAS = {
+    "none": {},
+    "step": {
+        "step_size": (integer(1), REQUIRED),
+        "gamma": (number(0.0, min_exclusive=True), 0.1),
+    },
+    "multistep": {
+        "milestones": (_milestones, REQUIRED),
+        "gamma": (number(0.0, min_exclusive=True), 0.1),
+    },
+    "cosine": {
+        "warmup_epochs": (number(0.0), 0.0),
+        "min_lr": (number(0.0), 0.0),
+    },
+    "reduce_on_plateau": {
+        "monitor": (choice("val_loss", "val_accuracy"), "val_loss"),
+        "factor": (number(0.0, 1.0, min_exclusive=True, max_exclusive=True), 0.1),
+        "patience": (integer(0), 10),
+        "threshold": (number(0.0), 1e-4),
+        "min_lr": (number(0.0), 0.0),
+    },
+}
 
 DATASETS = ("mnist", "fashion-mnist", "synthetic")
 
@@ -203,6 +256,8 @@ SCHEMA = {
         "schedule": (None, {"name": "none"}),
         "threads": (threads_value, None),
         "on_nan": (choice("stop", "skip"), "stop"),
+        "clip_grad_norm": (optional(number(0.0, min_exclusive=True)), None),
+        "early_stopping": (None, None),  # checked by _early_stopping
     },
     "output": {
         "dir": (lambda v, p: _string(v, p), "runs/mnist"),
@@ -267,19 +322,13 @@ def _named_section(schemas, kind):
         if "name" not in value:
             raise ConfigError(_join(path, "name"), f"required key is missing (one of {', '.join(schemas)})")
         name = value["name"]
-        if name not in schemas:
+        if not isinstance(name, str) or name not in schemas:
             raise ConfigError(_join(path, "name"), f"unknown {kind} {name!r}{_did_you_mean(name, schemas)}; "
                               f"known: {', '.join(schemas)}")
         rest = {k: v for k, v in value.items() if k != "name"}
-        resolved = _check_section(rest, schemas[name], path, {"betas": _betas})
+        resolved = _check_section(rest, schemas[name], path)
         return {"name": name, **resolved}
     return check
-
-
-def _betas(value, path):
-    if not isinstance(value, list) or len(value) != 2:
-        raise ConfigError(path, f"expected a pair [beta1, beta2], got {value!r}")
-    return [number(0.0, 1.0, max_exclusive=True)(v, f"{path}[{i}]") for i, v in enumerate(value)]
 
 
 def _layers(value, path):
@@ -293,7 +342,7 @@ def _layers(value, path):
         if "type" not in layer:
             raise ConfigError(_join(lpath, "type"), "required key is missing")
         kind = layer["type"]
-        if kind not in LAYER_SCHEMAS:
+        if not isinstance(kind, str) or kind not in LAYER_SCHEMAS:
             raise ConfigError(_join(lpath, "type"), f"unknown layer type {kind!r}{_did_you_mean(kind, LAYER_SCHEMAS)}"
                               f"; known: {', '.join(LAYER_SCHEMAS)}")
         rest = {k: v for k, v in layer.items() if k != "type"}
@@ -305,6 +354,7 @@ _SPECIAL = {
     "layers": _layers,
     "optimizer": _named_section(OPTIMIZER_SCHEMAS, "optimizer"),
     "schedule": _named_section(SCHEDULE_SCHEMAS, "schedule"),
+    "early_stopping": _early_stopping,
 }
 
 
@@ -508,9 +558,9 @@ def _known_at(parts, node=None):
     keys = set(schema) if isinstance(schema, dict) else set()
     if isinstance(node, dict):
         keys |= set(node)
-        if "type" in node and node["type"] in LAYER_SCHEMAS:
+        if isinstance(node.get("type"), str) and node["type"] in LAYER_SCHEMAS:
             keys |= set(LAYER_SCHEMAS[node["type"]])
-        if "name" in node:
+        if isinstance(node.get("name"), str):
             for schemas in (OPTIMIZER_SCHEMAS, SCHEDULE_SCHEMAS):
                 keys |= set(schemas.get(node["name"], {}))
     return sorted(keys)
@@ -520,9 +570,9 @@ def _known_key(parts, node):
     if _schema_has(parts, None):
         return True
     last = parts[-1]
-    if "type" in node and node["type"] in LAYER_SCHEMAS:
+    if isinstance(node.get("type"), str) and node["type"] in LAYER_SCHEMAS:
         return last in LAYER_SCHEMAS[node["type"]]
-    if "name" in node:
+    if isinstance(node.get("name"), str):
         return any(last in s.get(node["name"], {}) for s in (OPTIMIZER_SCHEMAS, SCHEDULE_SCHEMAS))
     return False
 
