@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed
-	$(PIP) -e '.[dev]' '$(TORCH)'
+	$(PIP) -e '.[dev,images,plot]' '$(TORCH)'
 	touch $@
 
 install: $(VENV)/.installed

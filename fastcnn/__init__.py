@@ -25,6 +25,7 @@ _API = {
     "softmax_cross_entropy": "fastcnn.losses",
     "SGD": "fastcnn.optim",
     "Adam": "fastcnn.optim",
+    "AdamW": "fastcnn.optim",
 }
 
 

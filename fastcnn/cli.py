@@ -1,4 +1,4 @@
-"""The ``fastcnn`` command: train, eval, bench.
+"""The ``fastcnn`` command: train, eval, bench, summary, predict, plot.
 
 Nothing heavy is imported at module level: ``fastcnn --help`` answers at once
 and no kernel is compiled until a command needs it.
@@ -31,6 +31,9 @@ def cli():
       fastcnn train configs/mnist.yaml          # train; writes runs/mnist/
       fastcnn eval runs/mnist/best.npz          # score the best checkpoint
       fastcnn bench                             # time the CPU kernels
+      fastcnn summary configs/mnist.yaml        # layers, shapes, parameters, FLOPs
+      fastcnn predict runs/mnist/best.npz digit.png
+      fastcnn plot runs/mnist                   # loss/accuracy curves -> curves.png
 
     Data is read from data.root in the config, else $FASTCNN_DATA, else
     ~/.cache/fastcnn (downloaded there when missing and online).
@@ -74,12 +77,30 @@ def train(config, overrides, resume, overwrite, threads, no_progress):
               help="Folder holding the datasets (default: the checkpoint's data.root, $FASTCNN_DATA, the cache).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracy, loss, per_class_accuracy).")
-def eval_(checkpoint, data_root, batch_size, threads, as_json):
-    """Score a trained CHECKPOINT on its dataset's test split."""
-    from .evaluate import evaluate_checkpoint
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (accuracy, loss, per_class_accuracy, confusion_matrix).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the confusion matrix to this PNG (needs matplotlib: pip install 'fastcnn[plot]').")
+def eval_(checkpoint, data_root, batch_size, threads, as_json, plot_path):
+    """Score a trained CHECKPOINT on its dataset's test split.
 
+    Prints accuracy, loss, per-class accuracy and the confusion matrix
+    (rows: true class, columns: predicted class).
+    """
+    from .evaluate import evaluate_checkpoint, format_confusion
+
+    if plot_path is not None:
+        from .plots import check_writable, require_matplotlib
+
+        require_matplotlib()          # fail before the evaluation, not after it
+        check_writable(plot_path)
     result = evaluate_checkpoint(checkpoint, data_root=data_root, batch_size=batch_size, threads=threads)
+    if plot_path is not None:
+        from .plots import plot_confusion
+
+        plot_confusion(result["confusion_matrix"], result["class_names"], plot_path,
+                       title=f"{result['dataset']} test set: {result['count']:,} images, "
+                             f"accuracy {result['accuracy']:.2%}")
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -88,6 +109,10 @@ def eval_(checkpoint, data_root, batch_size, threads, as_json):
     click.echo("per-class accuracy:")
     for name, acc in zip(result["class_names"], result["per_class_accuracy"]):
         click.echo(f"  {name:>12}  {'-' if acc is None else f'{acc:.4f}'}")
+    click.echo("confusion matrix (rows: true class, columns: predicted; . = 0):")
+    click.echo(format_confusion(result["confusion_matrix"], result["class_names"]))
+    if plot_path is not None:
+        click.echo(f"Wrote {plot_path}")
 
 
 @cli.command()
@@ -111,6 +136,79 @@ def bench(config, batch_size, threads, repeats, compare, as_json):
         click.echo(json.dumps(report))
     else:
         print_report(report, click.echo)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key. Repeatable.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Batch for the per-batch totals (default: data.batch_size).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def summary(config, overrides, batch_size, as_json):
+    """Print the network of CONFIG layer by layer: output shapes, parameters, FLOPs.
+
+    Reads no data and compiles no kernel.
+    """
+    from .config import load_config
+    from .model import build_model
+    from .summary import format_summary, summarize
+
+    cfg = load_config(config, overrides)
+    model = build_model(cfg.model, seed=cfg.seed, fuse=False)
+    info = summarize(model, batch_size=batch_size if batch_size is not None else cfg.data.batch_size)
+    click.echo(json.dumps(info) if as_json else format_summary(info))
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per input.")
+@click.option("--resize", is_flag=True, help="Resize inputs to the model's input size instead of refusing them.")
+@click.option("--invert", is_flag=True, help="Invert pixel values (x -> 1 - x) first: dark-on-light drawings "
+                                             "for MNIST-style models.")
+@click.option("--no-normalize", is_flag=True,
+              help="No mean/std normalization: float inputs go to the model as they are (already "
+                   "normalized like the training data); integer pixels are still scaled by 1/255.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per input image.")
+def predict(checkpoint, inputs, top_k, resize, invert, no_normalize, batch_size, threads, as_json):
+    """Classify images with a trained CHECKPOINT.
+
+    \b
+    INPUT: PNG/JPEG files (needs Pillow: pip install 'fastcnn[images]') or
+    .npy arrays: (N, H, W, C), (N, H, W), one (H, W, C) or (H, W) image;
+    integer (uint8) pixels are scaled by 1/255, floats are taken as pixels
+    in [0, 1]. Then the training data's normalization: the checkpoint's
+    data_stats, else the MNIST / Fashion-MNIST / CIFAR-10 mean and std.
+    """
+    from .predict import format_predictions, predict_inputs
+    from .train import set_threads
+
+    set_threads(threads)
+    result = predict_inputs(checkpoint, inputs, top_k=top_k, batch_size=batch_size, resize=resize,
+                            invert=invert, normalize=not no_normalize)
+    for note in result["notes"]:
+        click.echo(f"Note: {note}", err=True)
+    if as_json:
+        click.echo(json.dumps(result["predictions"]))
+    else:
+        click.echo(format_predictions(result["predictions"]))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="PNG to write (default: RUN_DIR/curves.png).")
+def plot(run_dir, output):
+    """Draw the loss and accuracy curves of a training run (RUN_DIR/metrics.jsonl) to a PNG.
+
+    Needs matplotlib: pip install 'fastcnn[plot]'.
+    """
+    from .plots import draw_curves
+
+    path = draw_curves(run_dir, output)
+    click.echo(f"Wrote {path}")
 
 
 def main(argv=None):

@@ -228,10 +228,10 @@ SCHEDULE_SCHEMAS = {
     },
 }
 
-DATASETS = ("mnist", "fashion-mnist", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "synthetic", "cifar10", "folder", "npz")
 
 # What the file-backed datasets hold, so a mismatching model is reported before any data is read.
-DATASET_SHAPES = {"mnist": ([28, 28, 1], 10), "fashion-mnist": ([28, 28, 1], 10)}
+DATASET_SHAPES = {"mnist": ([28, 28, 1], 10), "fashion-mnist": ([28, 28, 1], 10), "cifar10": ([32, 32, 3], 10)}
 
 SCHEMA = {
     "seed": (integer(0), 0),
@@ -249,6 +249,12 @@ SCHEMA = {
         "validation": (validation_value, "test"),
         "num_train": (optional(integer(1)), None),
         "num_test": (optional(integer(1)), None),
+        "path": (optional(lambda v, p: _string(v, p)), None),
+        "resize": (boolean, False),
+        "augment": {
+            "crop_padding": (integer(0), 0),
+            "horizontal_flip": (boolean, False),
+        },
     },
     "train": {
         "epochs": (integer(0), 5),
@@ -400,6 +406,9 @@ def validate(raw):
             raise ConfigError("data", f"expected a mapping, got {_type_name(raw['data'])}")
         raise ConfigError("data.dataset", f"required key is missing (one of {', '.join(DATASETS)})")
     cfg = _wrap(_check_section(raw, SCHEMA, "", _SPECIAL))
+    if cfg.data.dataset in ("folder", "npz") and cfg.data.path is None:
+        raise ConfigError("data.path", f"required for dataset {cfg.data.dataset!r} (the "
+                                       f"{'folder of class sub-folders' if cfg.data.dataset == 'folder' else '.npz file'})")
     known = DATASET_SHAPES.get(cfg.data.dataset)
     if known is not None:
         shape, classes = known

@@ -1,4 +1,6 @@
-"""Score a checkpoint on its dataset's test split (``fastcnn eval``)."""
+"""Score a checkpoint on its dataset's test split (``fastcnn eval``): metrics and a confusion matrix."""
+import numpy as np
+
 from .checkpoint import load_checkpoint
 from .config import validate
 from .errors import CheckpointError, ConfigError
@@ -23,19 +25,78 @@ def model_from_checkpoint(checkpoint):
     return cfg, model
 
 
+def score(model, x, y, batch_size=500):
+    """Evaluation-mode metrics and the confusion matrix of ``model`` on ``(x, y)``.
+
+    Returns {'loss', 'accuracy', 'per_class_accuracy' (None for a class with no
+    sample), 'count', 'confusion_matrix'}: ``confusion_matrix[t][p]`` counts the
+    samples of true class t predicted as p (rows: true, columns: predicted).
+    Same batching and loss as the trainer's validation.
+    """
+    from .losses import softmax_cross_entropy
+
+    k = model.num_classes
+    confusion = np.zeros((k, k), np.int64)
+    total_loss = 0.0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], np.asarray(y[start:start + batch_size])
+        logits = model.forward(xb, training=False)
+        loss, _ = softmax_cross_entropy(logits, yb)
+        total_loss += float(loss) * len(yb)
+        np.add.at(confusion, (yb, logits.argmax(axis=1)), 1)
+    return metrics_from_confusion(confusion, total_loss)
+
+
+def metrics_from_confusion(confusion, total_loss=None):
+    """Accuracy, per-class accuracy (diagonal / row sums) and count from a confusion matrix."""
+    confusion = np.asarray(confusion, np.int64)
+    rows = confusion.sum(axis=1)
+    n = int(rows.sum())
+    diag = np.diag(confusion)
+    return {
+        "loss": None if total_loss is None else total_loss / max(n, 1),
+        "accuracy": float(diag.sum() / max(n, 1)),
+        "per_class_accuracy": [float(c / r) if r else None for c, r in zip(diag, rows)],
+        "count": n,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
 def evaluate_checkpoint(path, data_root=None, batch_size=500, threads=None):
-    """Test-set metrics of a checkpoint: accuracy, loss, per-class accuracy, count, dataset, class names."""
+    """Test-set metrics of a checkpoint: accuracy, loss, per-class accuracy, count, dataset, class names,
+    confusion_matrix (rows: true class, columns: predicted class)."""
     from .data import load_dataset
-    from .train import evaluate, set_threads
+    from .train import set_threads
 
     checkpoint = load_checkpoint(path)
     cfg, model = model_from_checkpoint(checkpoint)
     set_threads(threads)
     d = cfg.data
+    extra = {key: d[key] for key in ("path", "resize") if d.get(key) is not None}  # folder / npz datasets
     ds = load_dataset(d.dataset, data_root if data_root is not None else d.root,
                       input_shape=tuple(cfg.model.input_shape), num_classes=cfg.model.num_classes,
-                      num_train=d.num_train, num_test=d.num_test, seed=cfg.seed)
-    result = evaluate(model, ds.x_test, ds.y_test, batch_size=batch_size)
+                      num_train=d.num_train, num_test=d.num_test, seed=cfg.seed, **extra)
+    result = score(model, ds.x_test, ds.y_test, batch_size=batch_size)
     result.update({"dataset": ds.name, "checkpoint": str(path), "epoch": checkpoint.meta.get("epoch"),
                    "class_names": list(ds.class_names)})
     return result
+
+
+def format_confusion(matrix, class_names, max_name=7):
+    """The confusion matrix as a text table: rows true class, columns predicted, class names as headers.
+
+    Column headers are the class names cut to ``max_name`` characters (or the
+    width of the largest count, if wider); row labels are the full names.
+    """
+    matrix = np.asarray(matrix)
+    names = [str(n) for n in class_names]
+    count_width = max(len(str(int(matrix.max()))) if matrix.size else 1, 1)
+    width = max(count_width, min(max(len(n) for n in names), max_name))
+    heads = [n[:width] for n in names]
+    corner = "true \\ pred"
+    label_width = max(len(corner), *(len(n) for n in names))
+    lines = [corner.rjust(label_width) + "  " + " ".join(h.rjust(width) for h in heads)]
+    for name, row in zip(names, matrix):
+        cells = [str(int(v)).rjust(width) if v else ".".rjust(width) for v in row]
+        lines.append(f"{name.rjust(label_width)}  " + " ".join(cells))
+    return "\n".join(lines)

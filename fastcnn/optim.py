@@ -1,4 +1,4 @@
-"""Optimizers with PyTorch's update rules: SGD (momentum, Nesterov, weight decay) and Adam.
+"""Optimizers with PyTorch's update rules: SGD (momentum, Nesterov, weight decay), Adam, AdamW.
 
 An optimizer holds the Parameter objects it was given and updates ``p.data``
 in place from ``p.grad`` on ``step()``. Its state round-trips through
@@ -85,6 +85,8 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """torch.optim.Adam (L2 weight decay added to the gradient, not AdamW)."""
 
+    decoupled = False
+
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, lr)
         b1, b2 = betas
@@ -107,15 +109,38 @@ class Adam(Optimizer):
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             t = p.data.dtype.type
             kernels.adam_update(p.data.reshape(-1), p.grad.reshape(-1), m.reshape(-1), v.reshape(-1), t(self.lr),
-                                t(self.beta1), t(self.beta2), t(self.eps), t(self.weight_decay), t(bc1), t(bc2_sqrt))
+                                t(self.beta1), t(self.beta2), t(self.eps), t(self.weight_decay), self.decoupled,
+                                t(bc1), t(bc2_sqrt))
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: decoupled weight decay (p *= 1 - lr*wd), default weight_decay 0.01."""
+
+    decoupled = True
+
+    def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale all gradients so their global L2 norm is at most max_norm (torch.nn.utils.clip_grad_norm_).
+
+    Returns the norm before clipping. As PyTorch: coefficient max_norm / (norm + 1e-6), applied when < 1.
+    """
+    total = sum(kernels.sum_of_squares(p.grad.reshape(-1)) for p in params) ** 0.5
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            kernels.scale_inplace(p.grad.reshape(-1), p.grad.dtype.type(coef))
+    return total
 
 
 def build_optimizer(opt_cfg, params):
     """An optimizer from a validated ``train.optimizer`` section."""
     options = {k: v for k, v in opt_cfg.items() if k != "name"}
-    if opt_cfg["name"] == "adam":
+    if opt_cfg["name"] in ("adam", "adamw"):
         options["betas"] = tuple(options.get("betas", (0.9, 0.999)))
-        return Adam(params, **options)
+        return (Adam if opt_cfg["name"] == "adam" else AdamW)(params, **options)
     if opt_cfg["name"] == "sgd":
         return SGD(params, **options)
     raise ValueError(f"unknown optimizer {opt_cfg['name']!r}")

@@ -166,7 +166,7 @@ def load_data(cfg, progress=True):
     d = cfg.data
     ds = load_dataset(d.dataset, d.root, input_shape=tuple(cfg.model.input_shape),
                       num_classes=cfg.model.num_classes, num_train=d.num_train, num_test=d.num_test,
-                      seed=cfg.seed, progress=progress)
+                      seed=cfg.seed, progress=progress, path=d.path, resize=d.resize, augment=dict(d.augment))
     if tuple(ds.input_shape) != tuple(cfg.model.input_shape):
         raise ConfigError("model.input_shape", f"is {list(cfg.model.input_shape)} but dataset {d.dataset!r} has "
                                                f"images of shape {list(ds.input_shape)}")
@@ -218,9 +218,16 @@ class Trainer:
             "config": to_dict(self.cfg), "epoch": epoch, "batch": batch_in_epoch, "step": self.opt.step_count,
             "running": running, "best_accuracy": self.best_accuracy, "history": self.history,
             "skipped_steps": self.skipped_steps, "threads": self.threads, "fastcnn_version": __version__,
+            "schedule": self.schedule.state_dict(), "stopped_early": self.stopped_early,
+            "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None,
             # The batch order is a pure function of (seed, epoch) and nothing else draws random numbers
             # during training, so (epoch, batch) above is the whole RNG state.
             "rng": {"loader_seed": self.cfg.seed},
+            # What `fastcnn predict` needs to preprocess new images as the training data was.
+            "class_names": list(self.dataset.class_names),
+            "data_stats": ({"mean": [float(v) for v in np.ravel(self.dataset.mean)],
+                            "std": [float(v) for v in np.ravel(self.dataset.std)]}
+                           if getattr(self.dataset, "mean", None) is not None else None),
         }
         path = os.path.join(self.out_dir, name)
         save_checkpoint(path, self.model.state_dict(), self.opt.state_dict(), meta)
@@ -245,12 +252,17 @@ class Trainer:
         from .checkpoint import load_checkpoint
         from .model import build_model
         from .optim import build_optimizer
+        from .schedules import EarlyStopping, build_schedule
 
         cfg = self.cfg
         checkpoint = load_checkpoint(self.resume) if self.resume else None
         # Model and checkpoint are checked before any data is read.
         self.model = build_model(cfg.model, seed=cfg.seed)
         self.opt = build_optimizer(cfg.train.optimizer, self.model.parameters())
+        self.schedule = build_schedule(cfg.train.schedule, cfg.train.optimizer["lr"], cfg.train.epochs)
+        es = cfg.train.early_stopping
+        self.early_stopping = EarlyStopping(**es) if es else None
+        self.stopped_early = False
         self.position = (0, 0, None)  # epoch, batch in epoch, running sums of the epoch
         self.best_accuracy, self.history, self.skipped_steps = None, [], 0
         if checkpoint is not None:
@@ -264,6 +276,14 @@ class Trainer:
             self.best_accuracy = meta.get("best_accuracy")
             self.history = list(meta.get("history", []))
             self.skipped_steps = int(meta.get("skipped_steps", 0))
+            try:
+                self.schedule.load_state_dict(meta.get("schedule") or {})
+                if self.early_stopping and meta.get("early_stopping"):
+                    self.early_stopping.load_state_dict(meta["early_stopping"])
+            except (KeyError, TypeError) as e:
+                raise UserError(f"--resume {self.resume}: schedule state does not match train.schedule "
+                                f"({e})") from None
+            self.stopped_early = bool(meta.get("stopped_early", False))
             saved_threads = meta.get("threads")
             if saved_threads is not None and saved_threads != self.threads:
                 self.log(f"Note: the checkpoint was written with {saved_threads} thread(s), this run uses "
@@ -275,6 +295,7 @@ class Trainer:
 
         from .data import BatchLoader
         from .losses import softmax_cross_entropy
+        from .optim import clip_grad_norm
 
         cfg = self.cfg
         self.threads = set_threads(cfg.train.threads)
@@ -282,6 +303,7 @@ class Trainer:
         prepare_output_dir(self.out_dir)
         self._check_output()
         x_train, y_train, x_val, y_val, ds = self._load()
+        self.dataset = ds
         start_epoch, start_batch, running = self.position
         if self.resume:
             self.log(f"Resuming from {self.resume}: epoch {start_epoch + 1}, batch {start_batch}")
@@ -291,6 +313,7 @@ class Trainer:
         self.log(f"Training on {len(x_train)} images ({ds.name}), validating on {len(x_val)}; "
                  f"{self.model.num_parameters():,} parameters; {self.threads} thread(s); output {self.out_dir}")
         warm_up(cfg.model, log=self.log)
+        augmenter = ds.augmenter  # training batches only; None when data.augment enables nothing
 
         loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, reuse=True)
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
@@ -300,8 +323,13 @@ class Trainer:
         buffers = [b for _, b in self.model.named_buffers()]
         saved_buffers = [np.empty_like(b) for b in buffers]
         skip_on_nan = cfg.train.on_nan == "skip"
+        clip = cfg.train.clip_grad_norm
+        params = self.model.parameters()
         first_step_logged = False
         epochs = cfg.train.epochs
+        if self.stopped_early:
+            self.log("This run already stopped early; nothing to resume")
+            start_epoch = epochs
         with _StopFlag() as stop:
             for epoch in range(start_epoch, epochs):
                 sums = running or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
@@ -314,6 +342,9 @@ class Trainer:
                     if not first_step_logged:
                         self.log(f"First training step at {time.perf_counter() - self.started:.2f} s after start")
                         first_step_logged = True
+                    if augmenter is not None:
+                        xb = augmenter.apply(xb, epoch, b)  # a function of (seed, epoch, b): resume stays exact
+                    self.opt.lr = self.schedule.lr(epoch + b / len(loader))
                     if skip_on_nan:
                         for src, dst in zip(buffers, saved_buffers):
                             np.copyto(dst, src)
@@ -336,6 +367,8 @@ class Trainer:
                         self.skipped_steps += 1
                         bar.write(f"skipped {where}: {fault} ({self.skipped_steps} skipped so far)")
                     else:
+                        if clip is not None:
+                            clip_grad_norm(params, clip)
                         self.opt.step()
                         sums["loss"] += float(loss) * len(yb)
                         sums["correct"] += int((logits.argmax(axis=1) == yb).sum())
@@ -355,10 +388,28 @@ class Trainer:
                 self._end_epoch(epoch, sums, x_val, y_val, metrics_path)
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, os.path.join(self.out_dir, "last.npz"))
+                if self.stopped_early:
+                    es = self.early_stopping
+                    self.log(f"Early stopping: {es.monitor} has not improved for {es.patience} epoch(s) "
+                             f"(best {es.best:.4f})")
+                    break
             if epochs == start_epoch and not self.resume:
                 self._save("last.npz", epochs, 0, None)
+        self._plot_curves()
         return {"history": self.history, "best_accuracy": self.best_accuracy, "output_dir": self.out_dir,
                 "skipped_steps": self.skipped_steps}
+
+    def _plot_curves(self):
+        """curves.png beside metrics.jsonl when matplotlib is installed; a plotting failure only warns."""
+        from .plots import save_curves
+
+        try:
+            path = save_curves(self.out_dir)
+        except Exception as e:  # noqa: BLE001 - the checkpoints are saved; a plot must not fail the run
+            self.log(f"Warning: could not draw curves.png: {e}")
+            return
+        if path:
+            self.log(f"Curves: {path}")
 
     def _end_epoch(self, epoch, sums, x_val, y_val, metrics_path):
         """Validate, log, append to metrics.jsonl, save last.npz (and best.npz if improved)."""
@@ -377,6 +428,9 @@ class Trainer:
         improved = self.best_accuracy is None or val["accuracy"] > self.best_accuracy
         if improved:
             self.best_accuracy = val["accuracy"]
+        self.schedule.epoch_end(record)
+        if self.early_stopping is not None and self.early_stopping.should_stop(record):
+            self.stopped_early = True
         self._save("last.npz", epoch + 1, 0, None)
         if improved:
             self._save("best.npz", epoch + 1, 0, None)

@@ -1,6 +1,7 @@
 """The CLI end to end: train a small model on synthetic data, evaluate it, errors and exit codes."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -92,3 +93,84 @@ def test_eval_of_random_bytes(tmp_path, capsys):
     path.write_bytes(os.urandom(1000))
     code, _, err = run(["eval", str(path)], capsys)
     assert code == 2 and "not an .npz" in err
+
+
+# -- confusion matrix (fastcnn eval) ---------------------------------------------
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("run")
+    with pytest.raises(SystemExit) as info:
+        main(["train", SMALL, "--set", f"output.dir={out_dir}", "--set", "train.epochs=1", "--threads", "1",
+              "--no-progress"])
+    assert info.value.code == 0
+    return str(out_dir / "best.npz")
+
+
+def test_eval_confusion_matrix(small_checkpoint, capsys):
+    code, out, err = run(["eval", small_checkpoint, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    cm = np.array(result["confusion_matrix"])
+    assert cm.shape == (4, 4) and cm.sum() == result["count"] == 64
+    rows = cm.sum(axis=1)
+    np.testing.assert_allclose(np.diag(cm) / rows, result["per_class_accuracy"])
+    assert np.trace(cm) / cm.sum() == pytest.approx(result["accuracy"])
+
+    code, out, err = run(["eval", small_checkpoint], capsys)
+    assert code == 0, err
+    assert "confusion matrix" in out and "true \\ pred" in out
+    table = out[out.index("true \\ pred"):].splitlines()
+    assert table[0].split()[-4:] == ["class_0", "class_1", "class_2", "class_3"]
+    assert len(table) == 5 and table[1].split()[0] == "class_0"
+
+
+def test_eval_confusion_matrix_against_the_model(small_checkpoint):
+    """Rows: true class, columns: predicted class, as model.predict gives them."""
+    from fastcnn.checkpoint import load_checkpoint
+    from fastcnn.data import load_dataset
+    from fastcnn.evaluate import evaluate_checkpoint, model_from_checkpoint
+
+    cfg, model = model_from_checkpoint(load_checkpoint(small_checkpoint))
+    ds = load_dataset("synthetic", input_shape=tuple(cfg.model.input_shape), num_classes=4,
+                      num_train=cfg.data.num_train, num_test=cfg.data.num_test, seed=cfg.seed)
+    pred = model.predict(ds.x_test).argmax(axis=1)
+    expected = np.zeros((4, 4), np.int64)
+    for t, p in zip(ds.y_test, pred):
+        expected[t, p] += 1
+    result = evaluate_checkpoint(small_checkpoint, batch_size=7)
+    np.testing.assert_array_equal(result["confusion_matrix"], expected)
+
+
+def test_format_confusion_is_compact():
+    from fastcnn.evaluate import format_confusion
+
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+             "Ankle boot"]
+    cm = np.eye(10, dtype=np.int64) * 1000
+    cm[6, 0] = 123
+    lines = format_confusion(cm, names).splitlines()
+    assert len(lines) == 11 and max(len(line) for line in lines) <= 100
+    assert "T-shirt" in lines[0] and lines[7].lstrip().startswith("Shirt") and "123" in lines[7]
+
+
+def test_eval_plot(small_checkpoint, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "cm.png"
+    code, out, err = run(["eval", small_checkpoint, "--plot", str(path)], capsys)
+    assert code == 0, err
+    assert path.read_bytes().startswith(b"\x89PNG") and str(path) in out
+
+
+def test_eval_plot_errors(small_checkpoint, tmp_path, capsys, monkeypatch):
+    code, _, err = run(["eval", small_checkpoint, "--plot", str(tmp_path / "no" / "cm.png")], capsys)
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = run(["eval", small_checkpoint, "--plot", str(tmp_path / "cm.png")], capsys)
+    assert code == 2 and "pip install 'fastcnn[plot]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_new_commands_in_help(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and all(word in out for word in ("summary", "predict", "plot"))
+    code, out, _ = run(["predict", "--help"], capsys)
+    assert code == 0 and "--top-k" in out and "fastcnn[images]" in out

@@ -185,7 +185,7 @@ def test_label_out_of_range(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown dataset 'cifar'.*mnist, fashion-mnist, synthetic"):
         load_dataset("cifar")
-    assert DATASETS == ("mnist", "fashion-mnist", "synthetic")
+    assert DATASETS == ("mnist", "fashion-mnist", "synthetic", "cifar10", "folder", "npz")
 
 
 # ---------------------------------------------------------------- resolve_root

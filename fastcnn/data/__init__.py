@@ -1,4 +1,5 @@
-"""Datasets: MNIST, Fashion-MNIST (verified download), a synthetic set; batching.
+"""Datasets: MNIST, Fashion-MNIST, CIFAR-10 (verified download), image folders, .npz
+arrays, a synthetic set; batching; training-data augmentation.
 
 >>> ds = load_dataset("mnist")                    # files under resolve_root()/mnist
 >>> loader = BatchLoader(ds.x_train, ds.y_train, batch_size=64, seed=0)
@@ -13,13 +14,14 @@ import numpy as np
 
 from fastcnn.errors import DataError
 
+from .augment import AUGMENT_KEYS, Augmenter
 from .idx import read_idx, write_idx
 from .loader import BatchLoader, split_validation
 
 __all__ = ["DATASETS", "Dataset", "resolve_root", "load_dataset", "split_validation",
-           "BatchLoader", "read_idx", "write_idx"]
+           "BatchLoader", "Augmenter", "make_augmenter", "read_idx", "write_idx"]
 
-DATASETS = ("mnist", "fashion-mnist", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "synthetic", "cifar10", "folder", "npz")
 
 
 def resolve_root(root=None):
@@ -48,23 +50,71 @@ class Dataset:
     num_classes: int
     input_shape: tuple    # (H, W, C)
     class_names: list = field(default_factory=list)
+    mean: tuple = None    # per-channel statistics the images were standardized with (None: synthetic)
+    std: tuple = None
+    augmenter: object = None  # an Augmenter for the training batches when augment= was given, else None
+
+
+def make_augmenter(augment, seed=0):
+    """An :class:`Augmenter` from ``augment`` (None, a mapping with crop_padding /
+    horizontal_flip, or an Augmenter); None when it enables nothing."""
+    if augment is None:
+        return None
+    if isinstance(augment, Augmenter):
+        return augment if augment.enabled else None
+    if not isinstance(augment, dict):
+        raise DataError(f"augment must be a mapping ({', '.join(AUGMENT_KEYS)}), got {augment!r}")
+    unknown = [k for k in augment if k not in AUGMENT_KEYS]
+    if unknown:
+        raise DataError(f"augment: unknown key {unknown[0]!r} (known: {', '.join(AUGMENT_KEYS)})")
+    try:
+        aug = Augmenter(**augment, seed=seed)
+    except ValueError as e:
+        raise DataError(f"augment: {e}") from None
+    return aug if aug.enabled else None
+
+
+def _first_n(x, y, n, key, where):
+    if n is None:
+        return x, y
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise DataError(f"{key} must be a positive integer, got {n!r}")
+    if n > len(y):
+        raise DataError(f"{key}={n} but {where} holds only {len(y)} samples")
+    return np.ascontiguousarray(x[:n]), y[:n].copy()
 
 
 def load_dataset(name, root=None, *, input_shape=None, num_classes=None, num_train=None, num_test=None,
-                 seed=0, download=True, progress=True, mirrors=None, checksums=None, timeout=None):
+                 seed=0, download=True, progress=True, mirrors=None, checksums=None, timeout=None,
+                 path=None, resize=False, augment=None):
     """Load a dataset by name (see :data:`DATASETS`).
 
-    ``mnist`` / ``fashion-mnist``: the files under ``resolve_root(root)/<name>``,
-    downloaded when missing and ``download``; ``num_train``/``num_test`` keep
-    the first n samples. ``input_shape``/``num_classes``, when given, must match
-    the dataset's.
+    ``mnist`` / ``fashion-mnist`` / ``cifar10``: the files under
+    ``resolve_root(root)/<name>``, downloaded when missing and ``download``.
+    ``input_shape``/``num_classes``, when given, must match the dataset's.
+
+    ``folder``: images in ``path/<class>/*.png|jpg|jpeg`` (optionally
+    ``path/train/...`` and ``path/test/...``; see :mod:`fastcnn.data.folder`),
+    converted to ``input_shape`` (required), resized when ``resize``.
+
+    ``npz``: the arrays in the ``.npz`` file ``path`` (see :mod:`fastcnn.data.arrays`).
 
     ``synthetic``: ``input_shape`` and ``num_classes`` are required;
     ``num_train`` defaults to 512, ``num_test`` to 128; deterministic for ``seed``.
 
+    ``num_train``/``num_test`` keep the first n samples of each split.
     ``mirrors``, ``checksums``, ``timeout``: download overrides (tests,
     private mirrors); see :func:`fastcnn.data.mnist.load_mnist`.
+    ``augment``: ``{"crop_padding": p, "horizontal_flip": bool}`` (or an
+    :class:`Augmenter`): the returned ``Dataset.augmenter`` (seeded with
+    ``seed``) for the trainer to apply to training batches; None if it
+    enables nothing.
     """
+    from . import download as _dl
+
+    timeout = _dl.DEFAULT_TIMEOUT if timeout is None else timeout
+    augmenter = make_augmenter(augment, seed)
+    mean = std = None
     if name == "synthetic":
         from .synthetic import make_synthetic
 
@@ -74,23 +124,42 @@ def load_dataset(name, root=None, *, input_shape=None, num_classes=None, num_tra
             num_test=128 if num_test is None else num_test,
             seed=seed,
         )
-    elif name in ("mnist", "fashion-mnist"):
-        from . import download as _dl
-        from .mnist import load_mnist
-
+    elif name in ("mnist", "fashion-mnist", "cifar10"):
         folder = resolve_root(root) / name
-        x_tr, y_tr, x_te, y_te, class_names = load_mnist(
-            name, folder, num_train=num_train, num_test=num_test, download=download,
-            progress=progress, mirrors=mirrors, checksums=checksums,
-            timeout=_dl.DEFAULT_TIMEOUT if timeout is None else timeout,
-        )
-        shape = tuple(int(s) for s in x_tr.shape[1:])
-        if input_shape is not None and tuple(input_shape) != shape:
-            raise DataError(f"{name} has images of shape {list(shape)} (height, width, channels) "
-                            f"but the model's input_shape is {list(input_shape)}")
-        if num_classes is not None and num_classes != len(class_names):
-            raise DataError(f"{name} has {len(class_names)} classes but the model's num_classes "
-                            f"is {num_classes}")
+        if name == "cifar10":
+            from .cifar10 import MEAN, STD, load_cifar10
+
+            x_tr, y_tr, x_te, y_te, class_names = load_cifar10(
+                folder, num_train=num_train, num_test=num_test, download=download, progress=progress,
+                mirrors=mirrors, checksums=checksums, timeout=timeout)
+            mean, std = MEAN, STD
+        else:
+            from .mnist import SPECS, load_mnist
+
+            x_tr, y_tr, x_te, y_te, class_names = load_mnist(
+                name, folder, num_train=num_train, num_test=num_test, download=download,
+                progress=progress, mirrors=mirrors, checksums=checksums, timeout=timeout,
+            )
+            mean, std = (SPECS[name].mean,), (SPECS[name].std,)
+        _check_model(name, x_tr, class_names, input_shape, num_classes)
+    elif name in ("folder", "npz"):
+        if path is None or str(path) == "":
+            what = "a folder of class sub-folders" if name == "folder" else "a .npz file"
+            raise DataError(f"the {name} dataset needs data.path ({what})")
+        if name == "folder":
+            from .folder import load_image_folder
+
+            x_tr, y_tr, x_te, y_te, class_names, mean, std = load_image_folder(path, input_shape, resize=resize)
+            if num_classes is not None and num_classes != len(class_names):
+                raise DataError(f"{path} has {len(class_names)} class folders ({', '.join(class_names)}) but "
+                                f"the model's num_classes is {num_classes}")
+        else:
+            from .arrays import load_npz
+
+            x_tr, y_tr, x_te, y_te, class_names, mean, std = load_npz(
+                path, input_shape=input_shape, num_classes=num_classes)
+        x_tr, y_tr = _first_n(x_tr, y_tr, num_train, "num_train", f"the training split of {path}")
+        x_te, y_te = _first_n(x_te, y_te, num_test, "num_test", f"the test split of {path}")
     else:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     return Dataset(
@@ -102,4 +171,17 @@ def load_dataset(name, root=None, *, input_shape=None, num_classes=None, num_tra
         num_classes=len(class_names),
         input_shape=tuple(int(s) for s in x_tr.shape[1:]),
         class_names=list(class_names),
+        mean=None if mean is None else tuple(float(m) for m in mean),
+        std=None if std is None else tuple(float(s) for s in std),
+        augmenter=augmenter,
     )
+
+
+def _check_model(name, x, class_names, input_shape, num_classes):
+    shape = tuple(int(s) for s in x.shape[1:])
+    if input_shape is not None and tuple(input_shape) != shape:
+        raise DataError(f"{name} has images of shape {list(shape)} (height, width, channels) "
+                        f"but the model's input_shape is {list(input_shape)}")
+    if num_classes is not None and num_classes != len(class_names):
+        raise DataError(f"{name} has {len(class_names)} classes but the model's num_classes "
+                        f"is {num_classes}")

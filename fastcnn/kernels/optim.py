@@ -33,15 +33,48 @@ def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def adam_update(p, g, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, bias_correction1,
+def adam_update(p, g, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, bias_correction1,
                 bias_correction2_sqrt):
-    """Adam (not AdamW): p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps). All arrays (n,)."""
+    """Adam / AdamW: p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps). All arrays (n,).
+
+    decoupled=False (Adam): weight decay is added to the gradient.
+    decoupled=True (AdamW): p *= 1 - lr*weight_decay first, the gradient is used as is.
+    """
     one = p.dtype.type(1)
     step_size = lr / bias_correction1
+    shrink = one - lr * weight_decay
     for i in prange(p.size):
-        d = g[i] + weight_decay * p[i]
+        if decoupled:
+            p[i] *= shrink
+            d = g[i]
+        else:
+            d = g[i] + weight_decay * p[i]
         m = beta1 * exp_avg[i] + (one - beta1) * d
         v = beta2 * exp_avg_sq[i] + (one - beta2) * d * d
         exp_avg[i] = m
         exp_avg_sq[i] = v
         p[i] -= step_size * m / (np.sqrt(v) / bias_correction2_sqrt + eps)
+
+
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+def sum_of_squares(g):
+    """sum(g**2) of a 1-D array, accumulated in float64 in fixed chunks (deterministic)."""
+    chunk = 4096
+    nchunks = (g.size + chunk - 1) // chunk
+    partial = np.zeros(nchunks, np.float64)
+    for c in prange(nchunks):
+        acc = 0.0
+        for i in range(c * chunk, min(g.size, (c + 1) * chunk)):
+            acc += np.float64(g[i]) * np.float64(g[i])
+        partial[c] = acc
+    total = 0.0
+    for c in range(nchunks):
+        total += partial[c]
+    return total
+
+
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+def scale_inplace(g, factor):
+    """g *= factor (factor already in g's dtype)."""
+    for i in prange(g.size):
+        g[i] *= factor

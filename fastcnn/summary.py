@@ -1,0 +1,161 @@
+"""``fastcnn summary``: a per-layer table of a model (Keras ``model.summary()`` style).
+
+Reads shapes and parameter counts from a built model; needs no data and
+compiles no kernel.
+
+>>> info = summarize(build_model(cfg.model), batch_size=64)
+>>> print(format_summary(info))
+"""
+import textwrap
+
+import numpy as np
+
+FLOPS_NOTE = ("FLOPs: forward pass, 2 per multiply-add in conv2d and dense layers; "
+              "activations, pooling, batchnorm and flatten count as 0.")
+ACTIVATIONS_NOTE = ("Activations: the output of every layer for one image, roughly what a "
+                    "training step keeps for the backward pass (the input not included).")
+PARAMS_NOTE = "Non-trainable parameters: batch-norm running statistics (as in Keras)."
+
+
+def _hw(pair_value):
+    a, b = (int(v) for v in pair_value)
+    return f"{a}" if a == b else f"{a}x{b}"
+
+
+def _window(pair_value):
+    a, b = (int(v) for v in pair_value)
+    return f"{a}x{b}"
+
+
+def describe(layer):
+    """A short description of a layer: its type and key options, e.g. ``conv2d 32 3x3 s1 p0``."""
+    kind = getattr(layer, "kind", type(layer).__name__.lower())
+    if kind == "conv2d":
+        if layer.padding == "same":
+            pad = "same"
+        elif layer.padding == "valid":
+            pad = "p0"
+        else:
+            pad = f"p{_hw(layer.pads[0::2] if hasattr(layer, 'pads') else (layer.padding, layer.padding))}"
+        text = f"conv2d {layer.filters} {_window(layer.kernel)} s{_hw(layer.stride)} {pad}"
+        if tuple(layer.dilation) != (1, 1):
+            text += f" d{_hw(layer.dilation)}"
+        if not layer.use_bias:
+            text += " nobias"
+        return text
+    if kind in ("maxpool2d", "avgpool2d"):
+        pool = getattr(layer, "pool", None)
+        if pool is None:
+            return kind
+        text = f"{kind} {_window(pool)} s{_hw(layer.stride)}"
+        pad = getattr(layer, "pad", (0, 0))
+        if tuple(pad) != (0, 0):
+            text += f" p{_hw(pad)}"
+        return text
+    if kind == "dense":
+        return f"dense {layer.units}" + ("" if layer.use_bias else " nobias")
+    if kind == "leaky_relu":
+        return f"leaky_relu {layer.negative_slope:g}"
+    if kind == "dropout" and hasattr(layer, "rate"):
+        return f"dropout {layer.rate:g}"
+    return kind
+
+
+def summarize(model, batch_size=None):
+    """A dict describing ``model`` layer by layer (JSON-able).
+
+    Keys: ``input_shape``, ``dtype``, ``layers`` (each: ``index``, ``type``,
+    ``description``, ``output_shape`` per sample, ``params``, ``trainable_params``,
+    ``flops`` per image), ``total_params``, ``trainable_params``,
+    ``non_trainable_params``, ``param_bytes``, ``flops_per_image``,
+    ``activation_bytes_per_image`` (every layer's output, in the model's dtype),
+    ``batch_size`` with ``flops_per_batch`` and ``activation_bytes_per_batch``
+    (when ``batch_size`` is given), and ``notes``.
+    """
+    itemsize = np.dtype(model.dtype).itemsize
+    layers = []
+    for i, layer in enumerate(model.layers):
+        trainable = int(sum(p.data.size for p in layer.params.values()))
+        frozen = int(sum(b.size for b in layer.buffers.values()))
+        out_shape = [int(s) for s in layer.out_shape]
+        layers.append({
+            "index": i,
+            "type": getattr(layer, "kind", type(layer).__name__.lower()),
+            "description": describe(layer),
+            "output_shape": out_shape,
+            "params": trainable + frozen,
+            "trainable_params": trainable,
+            "flops": int(layer.flops(1)),
+            "activation_elements": int(np.prod(out_shape)),
+        })
+    trainable = sum(r["trainable_params"] for r in layers)
+    total = sum(r["params"] for r in layers)
+    flops = sum(r["flops"] for r in layers)
+    act_bytes = sum(r["activation_elements"] for r in layers) * itemsize
+    info = {
+        "input_shape": [int(s) for s in model.input_shape],
+        "num_classes": int(model.num_classes),
+        "dtype": str(np.dtype(model.dtype)),
+        "layers": layers,
+        "total_params": total,
+        "trainable_params": trainable,
+        "non_trainable_params": total - trainable,
+        "param_bytes": total * itemsize,
+        "flops_per_image": flops,
+        "activation_bytes_per_image": act_bytes,
+        "notes": [FLOPS_NOTE, ACTIVATIONS_NOTE],
+    }
+    if total != trainable:
+        info["notes"].append(PARAMS_NOTE)
+    if batch_size is not None:
+        info["batch_size"] = int(batch_size)
+        info["flops_per_batch"] = flops * int(batch_size)
+        info["activation_bytes_per_batch"] = act_bytes * int(batch_size)
+    return info
+
+
+def _bytes(n):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _flops(n):
+    for unit, size in (("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} FLOPs"
+
+
+def format_summary(info):
+    """The text table of a :func:`summarize` dict."""
+    header = ("#", "layer", "output shape", "params", "FLOPs/image")
+    rows = [(str(r["index"]), r["description"], str(tuple(r["output_shape"])), f"{r['params']:,}",
+             f"{r['flops']:,}" if r["flops"] else "0") for r in info["layers"]]
+    rows.insert(0, ("", "input", str(tuple(info["input_shape"])), "", ""))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    align = ("r", "l", "l", "r", "r")
+
+    def line(cells):
+        out = [c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, align)]
+        return "  ".join(out).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    dtype = info["dtype"]
+    lines = [line(header), rule, *(line(r) for r in rows), rule]
+    totals = [
+        ("Total params", f"{info['total_params']:,} ({_bytes(info['param_bytes'])} as {dtype})"),
+        ("Trainable params", f"{info['trainable_params']:,}"),
+        ("Non-trainable params", f"{info['non_trainable_params']:,}"),
+        ("Forward FLOPs/image", f"{info['flops_per_image']:,} ({_flops(info['flops_per_image'])})"),
+        ("Activations/image", f"{_bytes(info['activation_bytes_per_image'])} ({dtype}, every layer's output)"),
+    ]
+    if "batch_size" in info:
+        totals.append((f"Batch of {info['batch_size']}", f"{_flops(info['flops_per_batch'])} forward, "
+                                                         f"{_bytes(info['activation_bytes_per_batch'])} activations"))
+    label_width = max(len(k) for k, _ in totals) + 1
+    lines += [f"{(k + ':').ljust(label_width)} {v}" for k, v in totals]
+    for note in info["notes"]:
+        lines += textwrap.wrap(note, width=max(len(rule), 72))
+    return "\n".join(lines)

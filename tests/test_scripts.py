@@ -1,0 +1,166 @@
+"""Smoke tests of the benchmark scripts in scripts/ (short runs; no MNIST needed)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+SCRIPTS = os.path.join(REPO, "scripts")
+BENCH = os.path.join(SCRIPTS, "bench_vs_torch.py")
+PLOT = os.path.join(SCRIPTS, "plot_bench.py")
+EPOCH = os.path.join(SCRIPTS, "epoch_vs_torch.py")
+TORCH_TRAIN = os.path.join(SCRIPTS, "train_torch_mnist.py")
+MNIST = os.path.join("configs", "mnist.yaml")
+# The first run after a kernel change compiles (or recompiles) Numba kernels: allow for it.
+TIMEOUT = 300
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def _run(args, env=None):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT,
+                          env=env)
+
+
+def _load_script(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(stdout):
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def _check_result(res, framework, mode, batch, steps):
+    assert res["framework"] == framework and res["mode"] == mode and res["batch"] == batch
+    assert len(res["step_ms"]) == steps and all(t > 0 for t in res["step_ms"])
+    assert res["median_ms"] > 0 and res["images_per_sec"] > 0
+    assert res["images_per_sec"] == pytest.approx(batch / res["median_ms"] * 1e3)
+    assert res["threads"] == 1
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_bench_worker_fastcnn(mode):
+    proc = _run([BENCH, "--worker", "fastcnn", "--config", MNIST, "--batch", "2", "--steps", "2", "--warmup", "1",
+                 "--threads", "1", "--mode", mode])
+    assert proc.returncode == 0, proc.stderr
+    _check_result(_result(proc.stdout), "fastcnn", mode, 2, 2)
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed: PyTorch worker skipped")
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_bench_worker_torch(layout):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = _run([BENCH, "--worker", "torch", "--config", os.path.join("configs", "mnist_bn.yaml"), "--batch", "2",
+                 "--steps", "2", "--warmup", "1", "--threads", "1", "--layout", layout], env=env)
+    assert proc.returncode == 0, proc.stderr
+    res = _result(proc.stdout)
+    _check_result(res, "torch", "train", 2, 2)
+    assert res["layout"] == layout
+
+
+def test_bench_driver_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = [BENCH, "--config", MNIST, "--batch-sizes", "2", "--rounds", "1", "--steps", "1", "--warmup", "0",
+            "--threads", "1", "--infer-batch", "0", "--json", str(out), "--quiet"]
+    if not HAVE_TORCH:
+        args.append("--no-torch")
+    proc = _run(args)
+    assert proc.returncode == 0, proc.stderr
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| mnist |")]
+    assert len(table) == 1, proc.stdout
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert cells[1] == "2" and float(cells[2]) > 0
+    if HAVE_TORCH:
+        assert float(cells[3]) > 0 and cells[4].endswith("x")
+    report = json.loads(out.read_text())
+    cell = report["cells"][0]
+    assert cell["network"] == "mnist" and cell["batch"] == 2 and cell["mode"] == "train"
+    assert len(cell["runs"]["fastcnn"]) == 1 and cell["fastcnn"]["images_per_sec"] > 0
+
+
+def _synthetic_report(with_torch=True):
+    rng = np.random.default_rng(0)
+    kinds = ["conv2d", "relu", "maxpool2d", "flatten", "dense"]
+    layers = []
+    for i, kind in enumerate(kinds):
+        row = {"index": i, "layer": kind, "kind": kind, "output_shape": [4, 4, 8] if i < 3 else [128],
+               "forward_ms": float(rng.uniform(0.01, 5)), "backward_ms": float(rng.uniform(0.01, 5)),
+               "forward_gflops": None, "backward_gflops": None, "forward_peak_pct": None, "backward_peak_pct": None}
+        if with_torch:
+            row.update(torch_forward_ms=float(rng.uniform(0.01, 5)), torch_backward_ms=float(rng.uniform(0, 5)))
+        layers.append(row)
+    step = {"ms": 12.0, "images_per_sec": 5333.0}
+    infer = {"ms": 20.0, "images_per_sec": 12800.0}
+    if with_torch:
+        step.update(torch_ms=15.0, torch_images_per_sec=4266.0)
+        infer.update(torch_ms=25.0, torch_images_per_sec=10240.0)
+    return {"batch_size": 64, "threads": 2, "cpu": "test CPU", "cpu_count": 2, "matmul_peak_gflops": 100.0,
+            "matmul_peak_source": "test", "layers": layers, "step": step, "inference_b256": infer}
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason="matplotlib not installed (pip install 'fastcnn[plot]')")
+@pytest.mark.parametrize("with_torch", [True, False])
+def test_plot_bench_writes_png(tmp_path, with_torch):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(_synthetic_report(with_torch)))
+    png = tmp_path / "sub" / "chart.png"
+    proc = _run([PLOT, str(report), "--out", str(png), "--log"])
+    assert proc.returncode == 0, proc.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_plot_bench_without_matplotlib_names_the_extra(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(_synthetic_report()))
+    code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
+            f"sys.argv = ['plot_bench.py', {str(report)!r}, '--out', {str(tmp_path / 'x.png')!r}]; "
+            f"runpy.run_path({PLOT!r}, run_name='__main__')")
+    proc = _run(["-c", code])
+    assert proc.returncode == 2
+    assert "pip install 'fastcnn[plot]'" in proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_epoch_vs_torch_needs_data_for_mnist(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "FASTCNN_DATA"}
+    proc = _run([EPOCH, "--config", MNIST, "--rounds", "1"], env=env)
+    assert proc.returncode == 2
+    assert "FASTCNN_DATA" in proc.stderr
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+@pytest.mark.parametrize("config", ["mnist.yaml", "mnist_bn.yaml", "synthetic_small.yaml"])
+def test_train_torch_network_matches_reference_structure(config):
+    """The plain-PyTorch network of train_torch_mnist.py has the shapes of fastcnn's (torch_reference) one."""
+    import torch
+
+    from fastcnn.config import load_config
+    from fastcnn.model import build_model
+    from fastcnn.torch_reference import to_torch_input, torch_model
+
+    script = _load_script(TORCH_TRAIN, "train_torch_mnist")
+    cfg = load_config(os.path.join(REPO, "configs", config))
+    ours = script.build_torch_net(cfg.model, torch)
+    ref = torch_model(build_model(cfg.model, seed=0), torch, channels_last=False)
+    assert [tuple(p.shape) for p in ours.parameters()] == [tuple(p.shape) for p in ref.parameters()]
+    # With the reference's weights, the same logits.
+    ours.load_state_dict(ref.state_dict())
+    x = np.random.default_rng(0).normal(size=(3, *cfg.model.input_shape)).astype(np.float32)
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        a = ours(to_torch_input(x, torch))
+        b = ref(to_torch_input(x, torch))
+    assert a.shape == (3, cfg.model.num_classes)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)

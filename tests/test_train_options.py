@@ -1,0 +1,69 @@
+"""Trainer options end to end: schedules, clipping, early stopping, augmentation, AdamW; resume stays exact."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fastcnn.checkpoint import load_checkpoint
+from fastcnn.config import load_config
+from fastcnn.data import loader as loader_module
+from fastcnn.train import Interrupted, Trainer
+
+from conftest import REPO
+
+SMALL = os.path.join(REPO, "configs", "synthetic_small.yaml")
+OPTIONS = ["train.optimizer={name: adamw, lr: 0.01, weight_decay: 0.05}",
+           "train.schedule={name: cosine, warmup_epochs: 0.5, min_lr: 0.0001}",
+           "train.clip_grad_norm=0.5",
+           "data.augment={crop_padding: 2, horizontal_flip: true}"]
+
+
+def _run(out_dir, *extra, **kw):
+    cfg = load_config(SMALL, [f"output.dir={out_dir}", "train.epochs=3", "data.batch_size=16", *OPTIONS, *extra])
+    return Trainer(cfg, progress=False, log=lambda *a: None, **kw).run()
+
+
+def _records(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_options_train_and_schedule_the_lr(tmp_path):
+    result = _run(tmp_path / "a")
+    records = _records(tmp_path / "a")
+    assert len(records) == 3 and result["best_accuracy"] > 0.5
+    lrs = [r["lr"] for r in records]  # the rate of each epoch's last step: cosine decreasing
+    assert lrs[0] > lrs[1] > lrs[2] >= 0.0001
+
+
+def test_resume_is_bit_exact_with_every_option(tmp_path, monkeypatch):
+    import signal
+
+    _run(tmp_path / "ref", "train.schedule={name: reduce_on_plateau, patience: 0, factor: 0.5}")
+    original = loader_module.BatchLoader.epoch_batches
+
+    def interrupting(self, e, start=0):
+        for i, item in enumerate(original(self, e, start=start), start=start):
+            if (e, i) == (1, 6):
+                signal.raise_signal(signal.SIGTERM)
+            yield item
+
+    monkeypatch.setattr(loader_module.BatchLoader, "epoch_batches", interrupting)
+    with pytest.raises(Interrupted):
+        _run(tmp_path / "run", "train.schedule={name: reduce_on_plateau, patience: 0, factor: 0.5}")
+    monkeypatch.setattr(loader_module.BatchLoader, "epoch_batches", original)
+    _run(tmp_path / "run", "train.schedule={name: reduce_on_plateau, patience: 0, factor: 0.5}",
+         resume=str(tmp_path / "run" / "last.npz"))
+    ref, got = load_checkpoint(tmp_path / "ref" / "last.npz"), load_checkpoint(tmp_path / "run" / "last.npz")
+    for key in ref.model:
+        np.testing.assert_array_equal(ref.model[key], got.model[key], err_msg=key)
+    assert ref.meta["schedule"] == got.meta["schedule"]
+    assert [r["lr"] for r in _records(tmp_path / "ref")] == [r["lr"] for r in _records(tmp_path / "run")]
+
+
+def test_early_stopping_stops(tmp_path):
+    _run(tmp_path / "es", "train.epochs=30", "train.early_stopping={monitor: val_accuracy, patience: 1}",
+         "train.optimizer={name: sgd, lr: 0.0000001}")
+    records = _records(tmp_path / "es")
+    assert 2 <= len(records) < 30
+    assert load_checkpoint(tmp_path / "es" / "last.npz").meta["stopped_early"] is True
