@@ -55,27 +55,26 @@ def compile_stats():
     return compiled, loaded
 
 
-def warm_up(model_cfg, dtype_batch=2, log=print):
+def warm_up(model_cfg, batch=2, log=print):
     """Compile (or load from cache) every kernel the model uses, on a throwaway copy of it.
 
     The real model's state (batch-norm running statistics) is untouched.
     Returns seconds spent.
     """
-    from .losses import softmax_cross_entropy
-    from .model import build_model
-    from .optim import Adam, SGD
+    import threading
 
     start = time.perf_counter()
     before = compile_stats()
-    scratch = build_model(model_cfg, seed=0)
-    x = np.zeros((dtype_batch, *scratch.input_shape), scratch.dtype)
-    labels = np.zeros(dtype_batch, np.int64)
-    logits = scratch.forward(x, training=True)
-    _, dlogits = softmax_cross_entropy(logits, labels)
-    scratch.backward(dlogits, input_grad=False)
-    scratch.forward(x, training=False)
-    Adam(scratch.parameters()).step()
-    SGD(scratch.parameters(), momentum=0.9).step()
+    # Loading cached kernels takes well under a second; if we are still here after one, Numba is compiling:
+    # say so while it happens rather than after a silent pause.
+    notice = threading.Timer(1.0, lambda: log("Compiling kernels (first run after an install or upgrade; "
+                                              "cached for the next runs)..."))
+    notice.daemon = True
+    notice.start()
+    try:
+        _warm_up_step(model_cfg, batch)
+    finally:
+        notice.cancel()
     seconds = time.perf_counter() - start
     compiled, loaded = (a - b for a, b in zip(compile_stats(), before))
     if compiled:
@@ -83,6 +82,24 @@ def warm_up(model_cfg, dtype_batch=2, log=print):
     else:
         log(f"Kernels loaded from cache in {seconds:.2f} s")
     return seconds
+
+
+def _warm_up_step(model_cfg, batch):
+    """One training step of every kind (both optimizers, clipping, evaluation) on a throwaway model."""
+    from .losses import softmax_cross_entropy
+    from .model import build_model
+    from .optim import SGD, Adam, clip_grad_norm
+
+    scratch = build_model(model_cfg, seed=0)
+    x = np.zeros((batch, *scratch.input_shape), scratch.dtype)
+    labels = np.zeros(batch, np.int64)
+    logits = scratch.forward(x, training=True)
+    _, dlogits = softmax_cross_entropy(logits, labels)
+    scratch.backward(dlogits, input_grad=False)
+    scratch.forward(x, training=False)
+    clip_grad_norm(scratch.parameters(), 1.0)
+    Adam(scratch.parameters()).step()
+    SGD(scratch.parameters(), momentum=0.9).step()
 
 
 def evaluate(model, x, y, batch_size=500):
