@@ -4,22 +4,14 @@ import pytest
 from fastcnn.kernels import activation as K
 from fastcnn.kernels import reference as R
 
+from conftest import numerical_grad as central_differences
+
 DTYPES = [np.float32, np.float64]
 
 
 def numerical_grad(f, x, eps=1e-6):
-    """Central differences of the scalar f at x (float64)."""
-    g = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        fp = f(x)
-        flat[i] = old - eps
-        fm = f(x)
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * eps)
-    return g
+    """Central differences of the scalar f(x) at x (float64)."""
+    return central_differences(lambda: f(x), x, eps)
 
 
 def _x(rng, shape, dtype):

@@ -4,23 +4,16 @@ import pytest
 from fastcnn.kernels import dense as K
 from fastcnn.kernels import reference as R
 
+from conftest import numerical_grad as central_differences
+
 DTYPES = [np.float32, np.float64]
 # (N, I, O): batch sizes around the row block (4), 1, the seed net's dense2
 SHAPES = [(1, 3, 2), (4, 5, 7), (5, 9, 3), (7, 16, 33), (64, 128, 10), (3, 1, 1)]
 
 
 def numerical_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        fp = f(x)
-        flat[i] = old - eps
-        fm = f(x)
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * eps)
-    return g
+    """Central differences of the scalar f(x) at x (float64)."""
+    return central_differences(lambda: f(x), x, eps)
 
 
 def forward(x, w, b):

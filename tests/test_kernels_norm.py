@@ -5,6 +5,8 @@ import pytest
 from fastcnn.kernels import norm as K
 from fastcnn.kernels import reference as R
 
+from conftest import numerical_grad as central_differences
+
 DTYPES = [np.float32, np.float64]
 EPS = 1e-5
 # (M, C): as (N*H*W, C) after a conv (several chunks, a partial last chunk)
@@ -13,17 +15,8 @@ SHAPES = [(2 * 5 * 7, 3), (3 * 13 * 11, 8), (K.CHUNK * 3, 4), (K.CHUNK + 1, 2), 
 
 
 def numerical_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        fp = f(x)
-        flat[i] = old - eps
-        fm = f(x)
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * eps)
-    return g
+    """Central differences of the scalar f(x) at x (float64)."""
+    return central_differences(lambda: f(x), x, eps)
 
 
 def params(rng, C, dtype):
