@@ -131,6 +131,11 @@ LAYER_SCHEMAS = {
         "stride": (optional(int_or_pair(1)), None),
         "padding": (int_or_pair(0), 0),
     },
+    "avgpool2d": {
+        "pool_size": (int_or_pair(1), 2),
+        "stride": (optional(int_or_pair(1)), None),
+    },
+    "global_avgpool": {},
     "relu": {},
     "leaky_relu": {"negative_slope": (number(0.0), 0.01)},
     "batchnorm": {
@@ -142,6 +147,7 @@ LAYER_SCHEMAS = {
         "units": (integer(1), REQUIRED),
         "bias": (boolean, True),
     },
+    "dropout": {"rate": (number(0.0, 1.0, max_exclusive=True), 0.5)},
 }
 
 SEED_LAYERS = [

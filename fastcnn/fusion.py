@@ -5,11 +5,220 @@ A block runs one or more consecutive layers in fewer passes over memory
 they use the layers' Parameter objects and buffers, so state-dict keys,
 gradients and results equal those of the unfused layers.
 
-For now every layer is its own block.
+Fused runs, first match wins at each position:
+
+* ``batchnorm -> relu -> maxpool2d``  -> BatchNormReLU (with pool)
+* ``batchnorm -> relu``               -> BatchNormReLU
+* ``relu -> maxpool2d``               -> ActivationMaxPool2D
+* ``leaky_relu -> maxpool2d`` whose windows do not overlap -> ActivationMaxPool2D
+
+Every other layer is its own block. Results equal the unfused layers exactly,
+except the batch-norm gradients (gamma, beta and the input gradient), whose
+reductions add the same terms in another order (see fastcnn/kernels/fused.py).
 """
+import numpy as np
+
+from .kernels import fused
+from .layers import BatchNorm, LeakyReLU, MaxPool2D, ReLU
+
+
+class Block:
+    """Base of fused blocks: the layers it runs and reusable scratch arrays."""
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)
+        self.kind = "+".join(layer.kind for layer in self.layers)
+        self._scratch = {}
+
+    def _buffer(self, name, shape, dtype):
+        """A scratch array reused across calls while its shape and dtype stay the same."""
+        dtype = np.dtype(dtype)
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+            buf = np.empty(shape, dtype=dtype)
+            self._scratch[name] = buf
+        return buf
+
+    def flops(self, batch):
+        return sum(layer.flops(batch) for layer in self.layers)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(repr(layer) for layer in self.layers)})"
+
+
+def invstd_and_scale(gamma, var, eps, invstd, scale):
+    """invstd = 1 / sqrt(var + eps), scale = gamma * invstd, in place, correctly rounded.
+
+    In NumPy on purpose, not in a fastmath kernel: there LLVM may turn a float32
+    1/sqrt into an estimate plus a Newton step, different in the last bit from one
+    compiled kernel to another (see fastcnn/kernels/fused.py, batchnorm_stats).
+    """
+    np.add(var, eps, out=invstd)
+    np.sqrt(invstd, out=invstd)
+    np.divide(invstd.dtype.type(1), invstd, out=invstd)
+    np.multiply(gamma, invstd, out=scale)
+
+
+def _pool_args(pool):
+    return (pool.pool[0], pool.pool[1], pool.stride[0], pool.stride[1], pool.pad[0], pool.pad[1])
+
+
+def _overlaps_vertically(pool):
+    return pool.stride[0] < pool.pool[0]
+
+
+class ActivationMaxPool2D(Block):
+    """ReLU (or leaky ReLU) then max-pool: one pass forward, one pass backward."""
+
+    def __init__(self, act, pool):
+        super().__init__((act, pool))
+        self.act = act
+        self.pool = pool
+        self.slope = act.negative_slope if isinstance(act, LeakyReLU) else None
+
+    def forward(self, x, training):
+        x = np.ascontiguousarray(x)
+        self.x_shape = x.shape
+        y = self._buffer("y", (x.shape[0], *self.pool.out_shape), x.dtype)
+        self.argmax = self._buffer("argmax", y.shape, np.int32)
+        if self.slope is None:
+            fused.relu_maxpool2d_forward(x, y, self.argmax, *_pool_args(self.pool))
+        else:
+            fused.leaky_relu_maxpool2d_forward(x, x.dtype.type(self.slope), y, self.argmax, *_pool_args(self.pool))
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        dy = np.ascontiguousarray(dy)
+        dx = self._buffer("dx", self.x_shape, dy.dtype)
+        slope = dy.dtype.type(0 if self.slope is None else self.slope)
+        fused.maxpool2d_route_backward(dy, self.argmax, slope, dx, self.pool.stride[0], self.pool.pad[0],
+                                       _overlaps_vertically(self.pool))
+        return dx
+
+
+class BatchNormReLU(Block):
+    """Batch norm then ReLU, optionally then max-pool.
+
+    Forward: statistics (two reads of x, as the BatchNorm layer), then one
+    normalize + ReLU (+ pool) pass. Backward: one pass for both reductions
+    (over the pooled tensor when pooling) and one pass writing dx. Running
+    statistics, gamma.grad and beta.grad of the BatchNorm layer are updated
+    exactly as the layer does.
+    """
+
+    def __init__(self, bn, relu, pool=None):
+        super().__init__((bn, relu) if pool is None else (bn, relu, pool))
+        self.bn = bn
+        self.relu = relu
+        self.pool = pool
+
+    def forward(self, x, training):
+        bn = self.bn
+        x = np.ascontiguousarray(x)
+        dt = x.dtype
+        c = x.shape[-1]
+        x2 = x.reshape(-1, c)
+        eps = dt.type(bn.eps)
+        gamma, beta = bn.params["gamma"].data, bn.params["beta"].data
+        if training:
+            m = x2.shape[0]
+            if m < 2:
+                raise ValueError(f"batchnorm in training needs more than 1 value per channel, "
+                                 f"got input shape {x.shape}")
+            self.x = x
+            self.mean = self._buffer("mean", (c,), dt)
+            self.var = self._buffer("var", (c,), dt)
+            self.invstd = self._buffer("invstd", (c,), dt)
+            self.scale = self._buffer("scale", (c,), dt)
+            self.beta = self._buffer("beta", (c,), dt)
+            self.beta[...] = beta  # the backward recomputes z with the forward's beta
+            fused.batchnorm_stats(x2, self.mean, self.var)
+            invstd_and_scale(gamma, self.var, eps, self.invstd, self.scale)
+            # Running statistics exactly as BatchNorm.forward (the unbiased batch variance).
+            mom = bn.momentum
+            rm, rv = bn.buffers["running_mean"], bn.buffers["running_var"]
+            rm *= 1 - mom
+            rm += mom * self.mean
+            rv *= 1 - mom
+            rv += (mom * m / (m - 1)) * self.var
+            mean, scale = self.mean, self.scale
+        else:
+            mean = bn.buffers["running_mean"]
+            scale = self._buffer("eval_scale", (c,), dt)
+            invstd_and_scale(gamma, bn.buffers["running_var"], eps, self._buffer("eval_invstd", (c,), dt), scale)
+        if self.pool is None:
+            y = self._buffer("y", x.shape, dt)
+            fused.batchnorm_relu_forward(x2, mean, scale, beta, y.reshape(-1, c))
+            return y
+        y = self._buffer("y", (x.shape[0], *self.pool.out_shape), dt)
+        if training:
+            self.argmax = self._buffer("argmax", y.shape, np.int32)
+            self.xsel = self._buffer("xsel", y.shape, dt)
+            argmax, xsel = self.argmax, self.xsel
+        else:  # not written in evaluation: the training forward's stay for its backward
+            argmax = self._buffer("eval_argmax", (1, 1, 1, 1), np.int32)
+            xsel = self._buffer("eval_xsel", (1, 1, 1, 1), dt)
+        fused.batchnorm_relu_maxpool2d_forward(x, mean, scale, beta, y, argmax, xsel, training,
+                                               *_pool_args(self.pool))
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        bn = self.bn
+        gamma = bn.params["gamma"]
+        beta = bn.params["beta"]
+        dy = np.ascontiguousarray(dy)
+        x = self.x
+        c = x.shape[-1]
+        dx = self._buffer("dx", x.shape, x.dtype) if need_input_grad else None
+        if self.pool is None:
+            dx2 = dx.reshape(-1, c) if need_input_grad else x.reshape(-1, c)  # unused placeholder
+            fused.batchnorm_relu_backward(x.reshape(-1, c), dy.reshape(-1, c), gamma.data, self.mean, self.scale,
+                                          self.beta, self.invstd, dx2, gamma.grad, beta.grad, need_input_grad)
+            return dx
+        fused.pooled_batchnorm_reduce(dy.reshape(-1, c), self.argmax.reshape(-1, c), self.xsel.reshape(-1, c),
+                                      self.invstd, gamma.grad, beta.grad)
+        if not need_input_grad:
+            return None
+        fused.batchnorm_relu_maxpool2d_backward_dx(x, dy, self.argmax, gamma.data, self.mean, self.invstd,
+                                                   gamma.grad, beta.grad, dx, self.pool.stride[0],
+                                                   self.pool.pad[0], _overlaps_vertically(self.pool))
+        return dx
+
+
+def _leaky_pool_fusable(pool):
+    # Overlapping windows would add slope*dy1 + slope*dy2 where the layers compute
+    # slope*(dy1 + dy2): not bit-identical, so those stay unfused.
+    return pool.stride[0] >= pool.pool[0] and pool.stride[1] >= pool.pool[1]
 
 
 def plan_blocks(layers):
     """[block, ...] covering ``layers`` in order; a block has forward(x, training) and
     backward(dy, need_input_grad)."""
-    return list(layers)
+    layers = list(layers)
+    blocks = []
+    i = 0
+    n = len(layers)
+
+    def at(j, cls):
+        return j < n and type(layers[j]) is cls
+
+    while i < n:
+        if at(i, BatchNorm) and at(i + 1, ReLU):
+            if at(i + 2, MaxPool2D):  # a max-pool input is (N, H, W, C): per-channel batch norm
+                blocks.append(BatchNormReLU(layers[i], layers[i + 1], layers[i + 2]))
+                i += 3
+            else:
+                blocks.append(BatchNormReLU(layers[i], layers[i + 1]))
+                i += 2
+        elif at(i, ReLU) and at(i + 1, MaxPool2D):
+            blocks.append(ActivationMaxPool2D(layers[i], layers[i + 1]))
+            i += 2
+        elif at(i, LeakyReLU) and at(i + 1, MaxPool2D) and _leaky_pool_fusable(layers[i + 1]):
+            blocks.append(ActivationMaxPool2D(layers[i], layers[i + 1]))
+            i += 2
+        else:
+            blocks.append(layers[i])
+            i += 1
+    return blocks

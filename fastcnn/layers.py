@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .kernels import activation, conv, dense, norm, pool
+from .kernels import dropout as dropout_kernels
 from .shapes import pair, same_padding, window_output_size
 
 
@@ -227,6 +228,138 @@ class MaxPool2D(Layer):
         return f"MaxPool2D(pool_size={list(self.pool)}, stride={list(self.stride)}, padding={list(self.pad)})"
 
 
+class AvgPool2D(Layer):
+    """Average pooling, no padding (PyTorch's AvgPool2d): each output is the mean of its
+    pool_h x pool_w window; output size floor((H - pool) / stride) + 1."""
+
+    kind = "avgpool2d"
+
+    def __init__(self, pool_size=2, stride=None):
+        super().__init__()
+        self.pool = pair(pool_size)
+        self.stride = pair(stride) if stride is not None else self.pool
+
+    def output_shape(self, in_shape, path="avgpool2d"):
+        _require_rank(in_shape, 3, path, "avgpool2d")
+        h, w, c = in_shape
+        oh = window_output_size(h, self.pool[0], self.stride[0], 0, 0)
+        ow = window_output_size(w, self.pool[1], self.stride[1], 0, 0)
+        if oh < 1 or ow < 1:
+            raise ConfigError(path, f"avgpool2d with pool {list(self.pool)}, stride {list(self.stride)} turns "
+                                    f"input {tuple(in_shape)} into an output of size {oh}x{ow} (below 1)")
+        return (oh, ow, c)
+
+    def _geometry(self):
+        return (self.pool[0], self.pool[1], self.stride[0], self.stride[1])
+
+    def forward(self, x, training):
+        x = np.ascontiguousarray(x)
+        self.x_shape = x.shape
+        y = self._buffer("y", (x.shape[0], *self.out_shape))
+        pool.avgpool2d_forward(x, y, *self._geometry())
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", self.x_shape)
+        pool.avgpool2d_backward(np.ascontiguousarray(dy), dx, *self._geometry())
+        return dx
+
+    def __repr__(self):
+        return f"AvgPool2D(pool_size={list(self.pool)}, stride={list(self.stride)})"
+
+
+class GlobalAvgPool(Layer):
+    """(H, W, C) -> (C,): the mean over height and width. The output is flat: a dense layer
+    can follow directly."""
+
+    kind = "global_avgpool"
+
+    def output_shape(self, in_shape, path="global_avgpool"):
+        _require_rank(in_shape, 3, path, "global_avgpool")
+        return (in_shape[2],)
+
+    def forward(self, x, training):
+        x = np.ascontiguousarray(x)
+        self.x_shape = x.shape
+        y = self._buffer("y", (x.shape[0], x.shape[3]))
+        pool.global_avgpool_forward(x, y)
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", self.x_shape)
+        pool.global_avgpool_backward(np.ascontiguousarray(dy), dx)
+        return dx
+
+
+def _rows(a):
+    """A contiguous activation as (batch x rows, W, C): (N*H, W, C) for NHWC, (N, 1, F) for flat."""
+    if a.ndim == 4:
+        n, h, w, c = a.shape
+        return a.reshape(n * h, w, c)
+    return a.reshape(a.shape[0], 1, -1)
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training each element is kept with probability 1 - rate and scaled
+    by 1 / (1 - rate), else set to 0; identity in evaluation mode and for rate 0.
+
+    The mask is a pure function of (seed, index, step, element index), computed in the kernel
+    by a counter-based hash (splitmix64; the exact definition is in fastcnn/kernels/dropout.py):
+    no random state, the same with any thread count, and a resumed run draws the same masks.
+    ``seed`` is the model seed and ``index`` the layer's position in ``model.layers`` (both set
+    by build_model; Sequential fills in ``index`` when it is None); ``step`` is set by
+    Sequential.forward from ``model.step`` before each training forward. Used on its own, the
+    layer keeps ``step`` as it is (0 unless set): the same mask on every call.
+    """
+
+    kind = "dropout"
+    uses_step = True  # Sequential sets .step before each training forward
+
+    def __init__(self, rate=0.5, seed=0, index=None):
+        super().__init__()
+        self.rate = float(rate)
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        self.seed = 0 if seed is None else int(seed)
+        self.index = index
+        self.step = 0
+        self._threshold = dropout_kernels.dropout_threshold(self.rate)
+        self._active = False
+
+    def mask_key(self, step=None):
+        """The np.uint64 key of the mask at ``step`` (default: the current step)."""
+        return dropout_kernels.dropout_key(self.seed, self.index or 0, self.step if step is None else step)
+
+    def forward(self, x, training):
+        self._active = bool(training) and self.rate > 0.0
+        if not self._active:
+            return x
+        x = np.ascontiguousarray(x)
+        y = self._buffer("y", x.shape)
+        self.mask = self._buffer("mask", x.shape, np.uint8)
+        self._scale = x.dtype.type(1.0 / (1.0 - self.rate))
+        dropout_kernels.dropout_forward(_rows(x), self.mask_key(), self._threshold, self._scale, _rows(y),
+                                        _rows(self.mask))
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        if not self._active:
+            return dy
+        dy = np.ascontiguousarray(dy)
+        dx = self._buffer("dx", dy.shape)
+        dropout_kernels.dropout_backward(_rows(dy), _rows(self.mask), dy.dtype.type(self._scale), _rows(dx))
+        return dx
+
+    def __repr__(self):
+        return f"Dropout(rate={self.rate})"
+
+
 class ReLU(Layer):
     kind = "relu"
 
@@ -396,11 +529,14 @@ class Dense(Layer):
 LAYER_TYPES = {
     "conv2d": Conv2D,
     "maxpool2d": MaxPool2D,
+    "avgpool2d": AvgPool2D,
+    "global_avgpool": GlobalAvgPool,
     "relu": ReLU,
     "leaky_relu": LeakyReLU,
     "batchnorm": BatchNorm,
     "flatten": Flatten,
     "dense": Dense,
+    "dropout": Dropout,
 }
 
 

@@ -48,10 +48,22 @@ class Sequential:
         self.blocks = plan_blocks(self.layers) if fuse else list(self.layers)
         self.input_shape = tuple(input_shape)
         self.dtype = np.dtype(dtype)
+        # Training-step counter read by layers with ``uses_step`` (dropout: its mask is a function of
+        # (seed, layer index, step)). The trainer sets ``model.step = <global step>`` before each training
+        # forward; left alone, forward(training=True) increments it after each call.
+        self.step = 0
+        self._stepped = [layer for layer in self.layers if getattr(layer, "uses_step", False)]
+        for i, layer in enumerate(self.layers):
+            if getattr(layer, "uses_step", False) and getattr(layer, "index", 0) is None:
+                layer.index = i
 
     # -- the training step -------------------------------------------------
     def forward(self, x, training=True):
-        """x: (N, H, W, C) NHWC -> logits (N, num_classes), a fresh array."""
+        """x: (N, H, W, C) NHWC -> logits (N, num_classes), a fresh array.
+
+        In training, dropout layers draw their mask for step ``self.step``; then ``self.step`` is
+        incremented (the trainer may set it to the global step before each call instead).
+        """
         x = np.asarray(x)
         if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"model input must have shape (batch, {', '.join(map(str, self.input_shape))}), "
@@ -59,8 +71,13 @@ class Sequential:
         if x.shape[0] < 1:
             raise ValueError("model input is an empty batch")
         x = np.ascontiguousarray(x, dtype=self.dtype)
+        if training:
+            for layer in self._stepped:
+                layer.step = int(self.step)
         for block in self.blocks:
             x = block.forward(x, training)
+        if training:
+            self.step = int(self.step) + 1
         return x.copy()
 
     def backward(self, dlogits, input_grad=True):
@@ -149,8 +166,10 @@ def build_model(model_cfg, seed=0, fuse=True):
     dtype = np.dtype(_spec_get(model_cfg, "dtype", "float32"))
     rng = np.random.default_rng(seed)
     layers = []
-    for layer, in_shape, _ in plan:
+    for i, (layer, in_shape, _) in enumerate(plan):
         layer.init = _spec_get(model_cfg, "init", "he_uniform")
+        if getattr(layer, "uses_step", False):  # dropout: mask keyed by (seed, layer index, step)
+            layer.seed, layer.index = (0 if seed is None else int(seed)), i
         layer.build(in_shape, rng, dtype)
         layers.append(layer)
     return Sequential(layers, _spec_get(model_cfg, "input_shape", (28, 28, 1)), dtype, fuse=fuse)

@@ -27,6 +27,16 @@ def _nhwc_flatten(torch):
     return NHWCFlatten()
 
 
+def _global_avgpool(torch):
+    class GlobalAvgPool(torch.nn.Module):
+        """fastcnn's global_avgpool: mean over H and W -> (N, C); no NHWC flatten issue."""
+
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    return GlobalAvgPool()
+
+
 def torch_layer(layer, torch):
     """The torch.nn module equivalent to one built fastcnn layer (weights copied)."""
     from . import layers as L
@@ -48,6 +58,14 @@ def torch_layer(layer, torch):
         return nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), mod)
     if isinstance(layer, L.MaxPool2D):
         return nn.MaxPool2d(layer.pool, stride=layer.stride, padding=layer.pad)
+    if isinstance(layer, L.AvgPool2D):
+        return nn.AvgPool2d(layer.pool, stride=layer.stride, padding=0, ceil_mode=False)
+    if isinstance(layer, L.GlobalAvgPool):
+        return _global_avgpool(torch)
+    if isinstance(layer, L.Dropout):
+        # For timing only: torch draws its own masks, so training-mode outputs differ from fastcnn's
+        # (evaluation mode, and rate 0, are the identity in both).
+        return nn.Dropout(layer.rate)
     if isinstance(layer, L.ReLU):
         return nn.ReLU()
     if isinstance(layer, L.LeakyReLU):

@@ -365,6 +365,7 @@ class Trainer:
                     if skip_on_nan:
                         for src, dst in zip(buffers, saved_buffers):
                             np.copyto(dst, src)
+                    self.model.step = epoch * len(loader) + b  # dropout masks: a function of the position
                     logits = self.model.forward(xb, training=True)
                     loss, dlogits = softmax_cross_entropy(logits, yb)
                     fault = None if np.isfinite(loss) else f"the loss is {loss}"

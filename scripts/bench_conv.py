@@ -1,6 +1,9 @@
 """Time the conv kernels on the seed network's shapes.
 
-Usage: python scripts/bench_conv.py [--threads 2] [--repeat 20] [--dtype float32] [--torch]
+Usage: python scripts/bench_conv.py [--threads 2] [--repeat 20] [--dtype float32] [--batch 64]
+                                    [--only conv2] [--torch]
+
+fastcnn is imported before numba, so FASTCNN_CPU_TUNING=1 takes effect.
 
 Prints the median (and best) time and GFLOP/s (2*N*OH*OW*KH*KW*Cin*Cout per kernel) of
 forward, backward-input and backward-weight for conv1 and conv2 of the seed
@@ -37,10 +40,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=None, help="override the batch size of every shape")
+    ap.add_argument("--only", default=None, help="comma-separated shape names (conv1,conv2)")
     ap.add_argument("--torch", action="store_true", help="also time torch's conv2d (NCHW) for comparison")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
+    import fastcnn  # noqa: F401  (before numba: applies FASTCNN_CPU_TUNING)
     import numba
 
     from fastcnn.kernels import conv
@@ -49,7 +55,13 @@ def main():
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(0)
     first = True
+    print(f"threads {args.threads}, dtype {dtype}, NUMBA_CPU_FEATURES "
+          f"{'set' if os.environ.get('NUMBA_CPU_FEATURES') else 'unset'}")
     for name, (N, H, W, Cin, Cout, K) in SHAPES.items():
+        if args.only and name not in args.only.split(","):
+            continue
+        if args.batch:
+            N = args.batch
         x = rng.standard_normal((N, H, W, Cin)).astype(dtype)
         w = rng.standard_normal((K, K, Cin, Cout)).astype(dtype)
         b = rng.standard_normal(Cout).astype(dtype)

@@ -32,7 +32,8 @@ def test_defaults_are_the_design_values():
     assert cfg.train.threads is None and cfg.output.dir == "runs/mnist"
 
 
-@pytest.mark.parametrize("name", ["mnist.yaml", "mnist_bn.yaml", "synthetic_small.yaml"])
+@pytest.mark.parametrize("name", ["mnist.yaml", "mnist_bn.yaml", "synthetic_small.yaml", "fashion_mnist.yaml",
+                                  "cifar10.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(f"{REPO}/configs/{name}")
     model = fastcnn.build_model(cfg.model, seed=0)

@@ -33,6 +33,17 @@ CASES = {
     "kernel_covers_input": (2, 4, 5, 3, 8, (4, 5), (1, 1), (0, 0, 0, 0), (1, 1)),
     "stride_larger_than_kernel": (2, 11, 12, 3, 8, (2, 2), (3, 4), (1, 1, 2, 2), (1, 1)),
     "big_channels": (2, 6, 6, 20, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    # KW*Cin >= 32: the forward reads x in place (no im2col row); Cout and Cin
+    # multiples of the vector length (outputs written in place) or not
+    # (padded scratch columns); column counts past one microkernel tile.
+    "direct_valid": (2, 7, 8, 16, 32, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1)),
+    "direct_pad_stride_dil": (2, 12, 11, 16, 20, (3, 2), (2, 3), (2, 1, 1, 2), (2, 2)),
+    "direct_stride2_pad": (3, 9, 10, 32, 64, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    "direct_wide_cout": (1, 5, 14, 11, 70, (2, 3), (1, 1), (0, 0, 1, 1), (1, 1)),
+    "direct_cout_over_tile": (2, 6, 9, 32, 136, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1)),
+    # weight gradient straight from x and dy (no im2col): kernel rows clipped
+    # by top/bottom padding, row stride and dilation.
+    "direct_rows_dil_pad_top": (2, 11, 10, 3, 16, (3, 3), (2, 1), (1, 2, 0, 0), (2, 1)),
 }
 
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -296,6 +307,28 @@ def test_weight_gradient_deterministic_across_thread_counts():
     for dw, db in results[1:]:
         np.testing.assert_array_equal(dw, results[0][0])
         np.testing.assert_array_equal(db, results[0][1])
+
+
+@pytest.mark.parametrize("name", ["direct_valid", "direct_pad_stride_dil", "same_odd_5x5"])
+def test_forward_and_input_gradient_deterministic_across_thread_counts(name):
+    import numba
+
+    x, w, b, dy, stride, padding, dilation = _make(CASES[name], np.float32)
+    x = np.repeat(x, 4, axis=0)
+    dy = np.repeat(dy, 4, axis=0)
+    results = []
+    old = numba.get_num_threads()
+    try:
+        for threads in sorted({1, old}):
+            numba.set_num_threads(threads)
+            for _ in range(2):
+                results.append((_forward(x, w, b, dy.shape, stride, padding, dilation),
+                                _backward_input(dy, w, x.shape, stride, padding, dilation)))
+    finally:
+        numba.set_num_threads(old)
+    for y, dx in results[1:]:
+        np.testing.assert_array_equal(y, results[0][0])
+        np.testing.assert_array_equal(dx, results[0][1])
 
 
 # ---------------------------------------------------------------------------

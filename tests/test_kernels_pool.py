@@ -5,6 +5,8 @@ from fastcnn.kernels import pool as K
 from fastcnn.kernels import reference as R
 from fastcnn.shapes import window_output_size
 
+from conftest import numerical_grad as central_differences
+
 DTYPES = [np.float32, np.float64]
 
 # (N, H, W, C, pool, stride, (pad_top, pad_bottom, pad_left, pad_right))
@@ -20,17 +22,8 @@ CASES = [
 
 
 def numerical_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        fp = f(x)
-        flat[i] = old - eps
-        fm = f(x)
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * eps)
-    return g
+    """Central differences of the scalar f(x) at x (float64)."""
+    return central_differences(lambda: f(x), x, eps)
 
 
 def run_forward(x, pool, stride, pads):
@@ -128,3 +121,108 @@ def test_against_torch(case, ties):
     np.testing.assert_array_equal(y, yt.detach().numpy().transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(am, it.numpy().transpose(0, 2, 3, 1))
     np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------ average pooling
+# (N, H, W, C, pool, stride): no padding
+AVG_CASES = [
+    (2, 6, 6, 3, (2, 2), (2, 2)),   # plain
+    (2, 7, 9, 2, (3, 3), (2, 2)),   # overlapping, odd sizes, left-over pixels
+    (1, 7, 7, 4, (3, 3), (1, 1)),   # heavily overlapping, batch 1
+    (3, 7, 8, 1, (2, 2), (3, 3)),   # stride > pool: pixels in no window get 0
+    (2, 5, 8, 3, (2, 3), (1, 2)),   # rectangular, stride != pool
+    (1, 9, 5, 2, (4, 2), (3, 1)),   # rectangular overlapping
+    (1, 1, 1, 3, (1, 1), (1, 1)),   # 1x1
+    (1, 4, 5, 2, (4, 5), (4, 5)),   # window = whole image
+]
+
+
+def run_avg_forward(x, pool, stride):
+    N, H, W, C = x.shape
+    OH = window_output_size(H, pool[0], stride[0], 0, 0)
+    OW = window_output_size(W, pool[1], stride[1], 0, 0)
+    y = np.full((N, OH, OW, C), 123.0, dtype=x.dtype)  # garbage: must be overwritten
+    K.avgpool2d_forward(x, y, pool[0], pool[1], stride[0], stride[1])
+    return y
+
+
+def run_avg_backward(dy, shape, pool, stride):
+    dx = np.full(shape, 123.0, dtype=dy.dtype)
+    K.avgpool2d_backward(dy, dx, pool[0], pool[1], stride[0], stride[1])
+    return dx
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", AVG_CASES)
+def test_avgpool_matches_reference(dtype, case):
+    N, H, W, C, pool, stride = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, H, W, C)).astype(dtype)
+    y = run_avg_forward(x, pool, stride)
+    assert y.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(y, R.avgpool2d_forward(x, *pool, *stride), **tol)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = run_avg_backward(dy, x.shape, pool, stride)
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(dx, R.avgpool2d_backward(dy, x.shape, *pool, *stride), **tol)
+
+
+@pytest.mark.parametrize("case", [AVG_CASES[1], AVG_CASES[3], AVG_CASES[4], AVG_CASES[5]])
+def test_avgpool_gradient_check(case):
+    N, H, W, C, pool, stride = case
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((N, H, W, C))
+    G = rng.standard_normal(run_avg_forward(x, pool, stride).shape)
+    dx = run_avg_backward(G, x.shape, pool, stride)
+    num = numerical_grad(lambda x: float(np.sum(run_avg_forward(x, pool, stride) * G)), x)
+    np.testing.assert_allclose(dx, num, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 1, 1, 4), (3, 4, 4, 1)])
+def test_global_avgpool_matches_reference(dtype, shape):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(dtype)
+    y = np.full((shape[0], shape[3]), 123.0, dtype)
+    K.global_avgpool_forward(x, y)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, R.global_avgpool_forward(x), **tol)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = np.full(shape, 123.0, dtype)
+    K.global_avgpool_backward(dy, dx)
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(dx, R.global_avgpool_backward(dy, shape), **tol)
+
+
+def test_global_avgpool_gradient_check():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 4, 3))
+    G = rng.standard_normal((2, 3))
+
+    def f(x):
+        y = np.empty((2, 3))
+        K.global_avgpool_forward(x, y)
+        return float(np.sum(y * G))
+
+    dx = np.empty_like(x)
+    K.global_avgpool_backward(G, dx)
+    np.testing.assert_allclose(dx, numerical_grad(f, x), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("case", AVG_CASES)
+def test_avgpool_against_torch(case):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    N, H, W, C, pool, stride = case
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((N, H, W, C)).astype(np.float32)
+    y = run_avg_forward(x, pool, stride)
+    G = rng.standard_normal(y.shape).astype(np.float32)
+    dx = run_avg_backward(G, x.shape, pool, stride)
+    xt = torch.tensor(x.transpose(0, 3, 1, 2).copy(), requires_grad=True)
+    yt = F.avg_pool2d(xt, pool, stride)
+    (yt * torch.tensor(G.transpose(0, 3, 1, 2).copy())).sum().backward()
+    np.testing.assert_allclose(y, yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)

@@ -2,7 +2,10 @@
 import numpy as np
 import pytest
 
-from fastcnn.layers import BatchNorm, Conv2D, Dense, Flatten, LeakyReLU, MaxPool2D, ReLU
+from fastcnn.config import validate
+from fastcnn.errors import ConfigError
+from fastcnn.layers import (AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool, LeakyReLU,
+                            MaxPool2D, ReLU)
 
 from conftest import numerical_grad, sample_indices
 
@@ -22,6 +25,13 @@ LAYERS = [
     ("flatten", lambda: Flatten(), (3, 4, 2)),
     ("dense", lambda: Dense(5), (7,)),
     ("dense no bias", lambda: Dense(3, bias=False), (4,)),
+    ("avgpool 2", lambda: AvgPool2D(2), (6, 7, 3)),
+    ("avgpool 3 stride 2 (overlap)", lambda: AvgPool2D(3, stride=2), (7, 7, 2)),
+    ("avgpool (2,3) stride (1,2)", lambda: AvgPool2D((2, 3), stride=(1, 2)), (5, 8, 2)),
+    ("global avgpool", lambda: GlobalAvgPool(), (5, 4, 3)),
+    # step stays 0 outside a model: the same mask on every forward of the check
+    ("dropout conv", lambda: Dropout(0.4, seed=3, index=2), (4, 5, 3)),
+    ("dropout dense", lambda: Dropout(0.5, seed=1, index=7), (9,)),
 ]
 
 
@@ -109,3 +119,56 @@ def test_pytorch_init_scheme_matches_torch_default_bounds():
         for name in ("weight", "bias"):
             values = layer.params[name].data
             assert np.abs(values).max() <= bound and np.abs(values).max() > 0.7 * bound, name
+
+
+def test_new_layers_kind_shapes_and_flops():
+    a, g, d = AvgPool2D(3, stride=2), GlobalAvgPool(), Dropout(0.2)
+    assert (a.kind, g.kind, d.kind) == ("avgpool2d", "global_avgpool", "dropout")
+    assert a.output_shape((7, 9, 4)) == (3, 4, 4)       # floor((7-3)/2)+1, floor((9-3)/2)+1
+    assert AvgPool2D(2).output_shape((5, 5, 1)) == (2, 2, 1)  # left-over pixels dropped
+    assert g.output_shape((5, 4, 3)) == (3,)
+    assert d.output_shape((5, 4, 3)) == (5, 4, 3) and d.output_shape((7,)) == (7,)
+    for layer, shape in ((a, (7, 9, 4)), (g, (5, 4, 3)), (d, (7,))):
+        layer.build(shape, np.random.default_rng(0), np.float32)
+        assert layer.flops(8) == 0 and not layer.params and not layer.buffers
+
+
+def _cfg(layers, input_shape=(8, 8, 2), num_classes=3):
+    return {"model": {"input_shape": list(input_shape), "num_classes": num_classes, "layers": layers},
+            "data": {"dataset": "synthetic"}}
+
+
+def test_new_layers_config_defaults():
+    cfg = validate(_cfg([{"type": "avgpool2d"}, {"type": "dropout"}, {"type": "global_avgpool"},
+                         {"type": "dense", "units": 3}]))
+    assert cfg.model.layers[0] == {"type": "avgpool2d", "pool_size": 2, "stride": None}
+    assert cfg.model.layers[1] == {"type": "dropout", "rate": 0.5}
+    assert cfg.model.layers[2] == {"type": "global_avgpool"}
+
+
+@pytest.mark.parametrize("layers, path, words", [
+    ([{"type": "dropout", "rate": 1.0}], "model.layers[0].rate", "< 1"),
+    ([{"type": "dropout", "rate": -0.1}], "model.layers[0].rate", ">= 0"),
+    ([{"type": "dropout", "rate": "half"}], "model.layers[0].rate", "expected a number"),
+    ([{"type": "dropout", "p": 0.5}], "model.layers[0].p", "unknown key"),
+    ([{"type": "avgpool2d", "pool_size": 0}], "model.layers[0].pool_size", ">= 1"),
+    ([{"type": "avgpool2d", "pool_size": [2, 2, 2]}], "model.layers[0].pool_size", "pair"),
+    ([{"type": "avgpool2d", "stride": 0}], "model.layers[0].stride", ">= 1"),
+    ([{"type": "avgpool2d", "padding": 1}], "model.layers[0].padding", "unknown key"),
+    ([{"type": "global_avgpool", "keepdims": True}], "model.layers[0].keepdims", "unknown key"),
+    # window bigger than the input
+    ([{"type": "avgpool2d", "pool_size": 9}, {"type": "flatten"}, {"type": "dense", "units": 3}],
+     "model.layers[0]", "below 1"),
+    # global pool on a flat input
+    ([{"type": "flatten"}, {"type": "global_avgpool"}, {"type": "dense", "units": 3}],
+     "model.layers[1]", "global_avgpool expects a (height, width, channels) input"),
+    # global pool output is flat: a pooling layer cannot follow
+    ([{"type": "global_avgpool"}, {"type": "avgpool2d"}, {"type": "dense", "units": 3}],
+     "model.layers[1]", "avgpool2d expects"),
+])
+def test_new_layers_config_errors(layers, path, words):
+    with pytest.raises(ConfigError) as info:
+        validate(_cfg(layers))
+    message = str(info.value)
+    assert message.startswith(f"{path}:"), message
+    assert words in message, message

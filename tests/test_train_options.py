@@ -16,7 +16,10 @@ SMALL = os.path.join(REPO, "configs", "synthetic_small.yaml")
 OPTIONS = ["train.optimizer={name: adamw, lr: 0.01, weight_decay: 0.05}",
            "train.schedule={name: cosine, warmup_epochs: 0.5, min_lr: 0.0001}",
            "train.clip_grad_norm=0.5",
-           "data.augment={crop_padding: 2, horizontal_flip: true}"]
+           "data.augment={crop_padding: 2, horizontal_flip: true}",
+           "model.layers=[{type: conv2d, filters: 8, kernel_size: 3, padding: same}, {type: batchnorm}, "
+           "{type: relu}, {type: avgpool2d}, {type: dropout, rate: 0.2}, {type: conv2d, filters: 8, kernel_size: 3}, "
+           "{type: relu}, {type: global_avgpool}, {type: dense, units: 4}]"]
 
 
 def _run(out_dir, *extra, **kw):
@@ -31,7 +34,8 @@ def _records(out_dir):
 def test_options_train_and_schedule_the_lr(tmp_path):
     result = _run(tmp_path / "a")
     records = _records(tmp_path / "a")
-    assert len(records) == 3 and result["best_accuracy"] > 0.5
+    assert len(records) == 3 and result["best_accuracy"] > 0.3  # 4 classes: chance is 0.25
+    assert records[0]["train_loss"] > records[1]["train_loss"] > records[2]["train_loss"]
     lrs = [r["lr"] for r in records]  # the rate of each epoch's last step: cosine decreasing
     assert lrs[0] > lrs[1] > lrs[2] >= 0.0001
 

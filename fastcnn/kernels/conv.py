@@ -10,283 +10,267 @@ Padding is given as ``pad_top``/``pad_left`` only: the output size comes from
 the output array's shape, the bottom/right padding is implied, and input
 positions outside ``[0, H) x [0, W)`` count as zeros.
 
-How they work: each kernel turns a block of pixels into a small matrix product.
+Every kernel is a sequence of small matrix products done by one register-
+blocked microkernel, ``_mk`` (written in LLVM IR through ``numba.extending.
+intrinsic``, because Numba's loop vectorizer will not keep a tile of
+accumulators in registers across a reduction): ``C[i, :] += sum_k A[i, k] *
+B[k, :]`` for up to 6 rows i and up to 4 SIMD vectors of columns (6 x 64
+float32 with AVX-512: 24 accumulator registers), each loaded B vector reused
+by the 6 rows, each A element broadcast. A and B are addressed with strides
+(``a_off + i*lda + k*ldk``, ``b_off + k*ldb``), so the products read the
+activations where they lie, with no im2col copy where the layout allows.
 
-* forward, per output row (n, oh) (the prange): gather the im2col rows
-  ``col (OW, KH*KW*Cin)`` (zero-padded to a multiple of 16 columns), then
-  ``y[n, oh] = b + col @ w.reshape(KH*KW*Cin, Cout)``.
-* backward input, per input row (n, ih): a gather, never a scatter, so rows
-  are independent and there are no races. For each kernel row kh whose output
-  row ``oh = (ih + pad_top - kh*dil_h) / stride_h`` exists (divisible, in
-  range), gather ``dy[n, oh]`` into ``col (W, KW*Cout)`` (zeros where no output
-  pixel reads the input pixel), then ``dx[n, ih] += col @ w[kh]`` with
-  ``w[kh]`` seen as ``(KW*Cout, Cin)``; consecutive valid kh make one product.
-* backward weight: the N*OH*OW output pixels are cut into blocks of
-  _PIXEL_BLOCK; the blocks are dealt in order to a fixed number of chunks;
-  each chunk sums ``dy_block.T @ col_block`` into its own ``(Cout, KH*KW*Cin)``
-  partial, and the partials are added in chunk order. The chunking does not
-  depend on the thread count, so dw is bit-identical run to run and whatever
-  the number of threads.
+* forward, per output row (n, oh) (rows dealt to _ROW_CHUNKS chunks, the
+  prange), ``y[n, oh] = b + sum`` over the kernel taps. When dil_w == 1 and
+  every kernel column is inside the image (no left/right padding needed), one
+  product covers all the taps: for each kernel row kh inside the image (a
+  segment of the microkernel's reduction), ``A[ow, kw*Cin + ci] = x[n, ih,
+  ow*sw + kw, ci]`` (row stride sw*Cin) times ``w[kh]`` seen as (KW*Cin, Cout);
+  x is read in place, no im2col. Otherwise, when KW*Cin >= _MIN_DIRECT, one
+  product per kernel column kw over the output pixels whose input column is
+  inside the image; else (few, small taps) an im2col row ``(OW, KH*KW*Cin)``
+  is gathered and done as one product.
+* backward input, per input row (n, ih): the transpose of the forward:
+  for each (kh, kw) whose output row exists, ``dx[n, ih, iw] += dy[n, oh, ow]
+  @ w[kh, kw].T`` over the range of ``ow`` that lands inside the row, C rows
+  at stride sw*Cin. Each dx row is written by one thread: no races, fixed order.
+* backward weight: work is dealt in order to a fixed number of chunks, each
+  with its own ``(KH*KW*Cin, Cout)`` partial, and the partials are added in
+  chunk order; the chunking does not depend on the thread count, so dw is
+  bit-identical run to run and whatever the number of threads. Direct path
+  (no kernel column outside the image, Cout a multiple of the vector length):
+  chunks of images; per image and kernel row kh one product
+  ``dw[kh] += A @ dy[n]`` with ``A[kw*Cin + ci, (oh, ow)] = x[n, ih, ow*sw +
+  kw, ci]``, reducing over all the image's output pixels (output rows are the
+  segments) in registers. Otherwise the N*OH*OW pixels are cut into blocks of
+  _PIXEL_BLOCK, dealt to the chunks, and each block's im2col rows are gathered
+  and ``col_block.T @ dy_block`` added.
 
-The matrix products are ``_gemm_dot`` (4 x 4 dot products over the contiguous
-reduction axis, whose partial sums LLVM keeps in vector registers) when the
-reduction is long enough, else ``_gemm_outer`` (outer products, 4 rows x 4
-reduction steps per pass over the contiguous vector axis; for Cin = 1 and
-similar short reductions).
+Columns (Cout for forward and weight gradient, Cin for input gradient) are
+padded to a multiple of the vector length in packed weights/scratch rows when
+they are not one already.
 """
+import os
+
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
 
 from fastcnn.shapes import pair, same_padding, window_output_size
 
-# Below this many columns the vector axis of _gemm_outer is too short for
-# SIMD; use dot products over the reduction axis instead.
-_MIN_VECTOR = 8
+
+def _vector_bytes():
+    """SIMD width the microkernel is written for: 64 (AVX-512) or 32 bytes."""
+    features = os.environ.get("NUMBA_CPU_FEATURES")
+    if not features:
+        try:
+            import llvmlite.binding as llvm
+
+            features = llvm.get_host_cpu_features().flatten()
+        except Exception:  # noqa: BLE001
+            features = ""
+    return 64 if "+avx512f" in features.split(",") else 32
+
+
+_VBYTES = _vector_bytes()
+# Column vectors per microkernel tile (4 x 16 float32 with AVX-512: 24 of the
+# 32 vector registers hold accumulators; with 16 registers, 2).
+_NV = 4 if _VBYTES == 64 else 2
+# Rows per microkernel tile.
+_MR = 6
 # Number of partial buffers of the weight gradient: fixed (never the thread
 # count), so dw is bit-identical whatever the number of threads; fewer when
 # the partials would hold more than _PARTIAL_BUDGET elements.
 _WEIGHT_CHUNKS = 16
 _PARTIAL_BUDGET = 1 << 23
-# Dot products need a reduction this long to pay off (else outer products).
-_MIN_DOT_K = 32
-# The reduction axis of the forward dot products is zero-padded to a multiple
-# of this (one AVX-512 vector of float32), so LLVM's vector loop has no tail.
-_PAD = 16
-# Output pixels per block of the weight gradient (a multiple of _PAD).
+# Forward and input gradient: rows are dealt to this many chunks (scratch is
+# allocated once per chunk; rows are independent, so the split never changes
+# a result). A constant: numba.get_num_threads() inside a kernel defeats caching.
+_ROW_CHUNKS = 64
+# Output pixels per block of the weight gradient.
 _PIXEL_BLOCK = 256
+# Forward: below this many contiguous inputs per kernel row (KW*Cin), gather
+# an im2col row and do one product (K = KH*KW*Cin) instead of one per tap.
+_MIN_DIRECT = 32
 
 
 # --------------------------------------------------------------------------
-# Small matrix products on 2-D views (serial; called inside prange bodies).
+# Microkernel
 # --------------------------------------------------------------------------
 
-@njit(cache=True, fastmath=True)
-def _gemm_outer(C, A, B):
-    """C (M, Nn) += A (M, K) @ B (K, Nn). Rows of B and C contiguous; A read by scalar."""
-    M, Nn = C.shape
-    K = A.shape[1]
-    i = 0
-    while i + 4 <= M:
-        c0 = C[i]
-        c1 = C[i + 1]
-        c2 = C[i + 2]
-        c3 = C[i + 3]
-        k = 0
-        while k + 4 <= K:
-            b0 = B[k]
-            b1 = B[k + 1]
-            b2 = B[k + 2]
-            b3 = B[k + 3]
-            a00 = A[i, k]
-            a01 = A[i, k + 1]
-            a02 = A[i, k + 2]
-            a03 = A[i, k + 3]
-            a10 = A[i + 1, k]
-            a11 = A[i + 1, k + 1]
-            a12 = A[i + 1, k + 2]
-            a13 = A[i + 1, k + 3]
-            a20 = A[i + 2, k]
-            a21 = A[i + 2, k + 1]
-            a22 = A[i + 2, k + 2]
-            a23 = A[i + 2, k + 3]
-            a30 = A[i + 3, k]
-            a31 = A[i + 3, k + 1]
-            a32 = A[i + 3, k + 2]
-            a33 = A[i + 3, k + 3]
-            for n in range(Nn):
-                v0 = b0[n]
-                v1 = b1[n]
-                v2 = b2[n]
-                v3 = b3[n]
-                c0[n] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
-                c1[n] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
-                c2[n] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
-                c3[n] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
-            k += 4
-        while k < K:
-            b0 = B[k]
-            a0 = A[i, k]
-            a1 = A[i + 1, k]
-            a2 = A[i + 2, k]
-            a3 = A[i + 3, k]
-            for n in range(Nn):
-                v0 = b0[n]
-                c0[n] += a0 * v0
-                c1[n] += a1 * v0
-                c2[n] += a2 * v0
-                c3[n] += a3 * v0
-            k += 1
-        i += 4
-    while i < M:
-        c0 = C[i]
-        k = 0
-        while k + 4 <= K:
-            b0 = B[k]
-            b1 = B[k + 1]
-            b2 = B[k + 2]
-            b3 = B[k + 3]
-            a0 = A[i, k]
-            a1 = A[i, k + 1]
-            a2 = A[i, k + 2]
-            a3 = A[i, k + 3]
-            for n in range(Nn):
-                c0[n] += a0 * b0[n] + a1 * b1[n] + a2 * b2[n] + a3 * b3[n]
-            k += 4
-        while k < K:
-            b0 = B[k]
-            a0 = A[i, k]
-            for n in range(Nn):
-                c0[n] += a0 * b0[n]
-            k += 1
-        i += 1
+@intrinsic
+def _mk(typingctx, C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, MR, NV):
+    """C[c_off + i*ldc + j] += sum_{s<S, k<K} A[a_off + s*sa + i*lda + k*ldk] * B[b_off + s*sb + k*ldb + j]
 
-
-@njit(cache=True, fastmath=True)
-def _gemm_dot(C, A, BT, k0, k1):
-    """C (M, Nn) += A[:, k0:k1] @ BT[:, k0:k1].T, BT (Nn, K). Rows of A and BT contiguous.
-
-    Dot products over the contiguous K axis, 4 x 4 of them at a time: LLVM
-    keeps the 16 partial sums in vector registers (fastmath reassociation),
-    so each pass loads 8 vectors for 16 FMAs. The rows are sliced to
-    [k0, k1) first and indexed from 0: an index k0 + k that Numba cannot
-    prove non-negative gets a wraparound check that stops vectorization.
+    for i < MR, j < NV * VL (VL = vector length of the dtype): S segments of
+    K steps each (e.g. kernel rows, or output rows), all accumulated in
+    registers. MR and NV are
+    compile-time literals. C, A, B: arrays of one float dtype (any shape,
+    contiguous; offsets count elements from their first element). No bounds
+    checks: the caller guarantees every index is inside its array.
     """
-    M, Nn = C.shape
-    K = k1 - k0
-    zero = C.dtype.type(0)
-    M4 = M - M % 4
-    N4 = Nn - Nn % 4
-    for i in range(0, M4, 4):
-        a0 = A[i, k0:k1]
-        a1 = A[i + 1, k0:k1]
-        a2 = A[i + 2, k0:k1]
-        a3 = A[i + 3, k0:k1]
-        c0 = C[i]
-        c1 = C[i + 1]
-        c2 = C[i + 2]
-        c3 = C[i + 3]
-        for j in range(0, N4, 4):
-            b0 = BT[j, k0:k1]
-            b1 = BT[j + 1, k0:k1]
-            b2 = BT[j + 2, k0:k1]
-            b3 = BT[j + 3, k0:k1]
-            s00 = zero
-            s01 = zero
-            s02 = zero
-            s03 = zero
-            s10 = zero
-            s11 = zero
-            s12 = zero
-            s13 = zero
-            s20 = zero
-            s21 = zero
-            s22 = zero
-            s23 = zero
-            s30 = zero
-            s31 = zero
-            s32 = zero
-            s33 = zero
-            for k in range(K):
-                x0 = a0[k]
-                x1 = a1[k]
-                x2 = a2[k]
-                x3 = a3[k]
-                y0 = b0[k]
-                y1 = b1[k]
-                y2 = b2[k]
-                y3 = b3[k]
-                s00 += x0 * y0
-                s01 += x0 * y1
-                s02 += x0 * y2
-                s03 += x0 * y3
-                s10 += x1 * y0
-                s11 += x1 * y1
-                s12 += x1 * y2
-                s13 += x1 * y3
-                s20 += x2 * y0
-                s21 += x2 * y1
-                s22 += x2 * y2
-                s23 += x2 * y3
-                s30 += x3 * y0
-                s31 += x3 * y1
-                s32 += x3 * y2
-                s33 += x3 * y3
-            c0[j] += s00
-            c0[j + 1] += s01
-            c0[j + 2] += s02
-            c0[j + 3] += s03
-            c1[j] += s10
-            c1[j + 1] += s11
-            c1[j + 2] += s12
-            c1[j + 3] += s13
-            c2[j] += s20
-            c2[j + 1] += s21
-            c2[j + 2] += s22
-            c2[j + 3] += s23
-            c3[j] += s30
-            c3[j + 1] += s31
-            c3[j + 2] += s32
-            c3[j + 3] += s33
-        for j in range(N4, Nn):
-            b0 = BT[j, k0:k1]
-            s0 = zero
-            s1 = zero
-            s2 = zero
-            s3 = zero
-            for k in range(K):
-                y0 = b0[k]
-                s0 += a0[k] * y0
-                s1 += a1[k] * y0
-                s2 += a2[k] * y0
-                s3 += a3[k] * y0
-            c0[j] += s0
-            c1[j] += s1
-            c2[j] += s2
-            c3[j] += s3
-    for i in range(M4, M):
-        a0 = A[i, k0:k1]
-        c0 = C[i]
-        for j in range(0, N4, 4):
-            b0 = BT[j, k0:k1]
-            b1 = BT[j + 1, k0:k1]
-            b2 = BT[j + 2, k0:k1]
-            b3 = BT[j + 3, k0:k1]
-            s0 = zero
-            s1 = zero
-            s2 = zero
-            s3 = zero
-            for k in range(K):
-                x0 = a0[k]
-                s0 += x0 * b0[k]
-                s1 += x0 * b1[k]
-                s2 += x0 * b2[k]
-                s3 += x0 * b3[k]
-            c0[j] += s0
-            c0[j + 1] += s1
-            c0[j + 2] += s2
-            c0[j + 3] += s3
-        for j in range(N4, Nn):
-            b0 = BT[j, k0:k1]
-            s0 = zero
-            for k in range(K):
-                s0 += a0[k] * b0[k]
-            c0[j] += s0
+    if not isinstance(MR, types.IntegerLiteral) or not isinstance(NV, types.IntegerLiteral):
+        return None
+    mr = MR.literal_value
+    nv = NV.literal_value
+    dt = C.dtype
+    vl = _VBYTES * 8 // dt.bitwidth
+    sig = types.void(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, MR, NV)
+
+    def codegen(context, builder, signature, args):
+        argtys = signature.args
+        i64 = ir.IntType(64)
+
+        def as64(i):
+            return context.cast(builder, args[i], argtys[i], types.int64)
+
+        def data(i):
+            return context.make_array(argtys[i])(context, builder, args[i]).data
+
+        cp, ap, bp = data(0), data(3), data(7)
+        coff, ldc_, aoff, lda_, ldk_, boff, ldb_, kk, ss, sa_, sb_ = (
+            as64(i) for i in (1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 13))
+        fty = context.get_value_type(dt)
+        vty = ir.VectorType(fty, vl)
+        vpty = vty.as_pointer()
+        ebytes = dt.bitwidth // 8
+        zero_mask = ir.Constant(ir.VectorType(ir.IntType(32), vl), [0] * vl)
+        undef = ir.Constant(vty, ir.Undefined)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+            "llvm.fma.v%d%s" % (vl, "f32" if dt.bitwidth == 32 else "f64"))
+
+        def vptr(ptr, idx):
+            return builder.bitcast(builder.gep(ptr, [idx], inbounds=True), vpty)
+
+        def cidx(r, j):
+            return builder.add(coff, builder.add(builder.mul(ir.Constant(i64, r), ldc_), ir.Constant(i64, j * vl)))
+
+        # Accumulators in allocas: LLVM's mem2reg turns them into registers.
+        accs = []
+        for r in range(mr):
+            row = []
+            for j in range(nv):
+                slot = cgutils.alloca_once(builder, vty)
+                builder.store(builder.load(vptr(cp, cidx(r, j)), align=ebytes, typ=vty), slot)
+                row.append(slot)
+            accs.append(row)
+        with cgutils.for_range(builder, ss, intp=i64) as seg:
+            aseg = builder.add(aoff, builder.mul(seg.index, sa_))
+            bseg = builder.add(boff, builder.mul(seg.index, sb_))
+            with cgutils.for_range(builder, kk, intp=i64) as loop:
+                k = loop.index
+                bbase = builder.add(bseg, builder.mul(k, ldb_))
+                bv = [builder.load(vptr(bp, builder.add(bbase, ir.Constant(i64, j * vl))), align=ebytes, typ=vty)
+                      for j in range(nv)]
+                abase = builder.add(aseg, builder.mul(k, ldk_))
+                for r in range(mr):
+                    aidx = builder.add(abase, builder.mul(ir.Constant(i64, r), lda_))
+                    s = builder.load(builder.gep(ap, [aidx], inbounds=True), typ=fty)
+                    sv = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i64, 0)), undef,
+                                                zero_mask)
+                    for j in range(nv):
+                        acc = builder.load(accs[r][j], typ=vty)
+                        builder.store(builder.call(fma, [sv, bv[j], acc]), accs[r][j])
+        for r in range(mr):
+            for j in range(nv):
+                builder.store(builder.load(accs[r][j], typ=vty), vptr(cp, cidx(r, j)), align=ebytes)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(error_model="numpy", cache=True, inline="always")
+def _tile(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, m, nv):
+    """_mk with runtime m (1.._MR) and nv (1, 2 or _NV) dispatched to literal instances."""
+    if nv == _NV:
+        if m == 6:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 6, _NV)
+        elif m == 5:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 5, _NV)
+        elif m == 4:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 4, _NV)
+        elif m == 3:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 3, _NV)
+        elif m == 2:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 2, _NV)
+        else:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 1, _NV)
+    elif nv == 2:
+        if m == 6:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 6, 2)
+        elif m == 5:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 5, 2)
+        elif m == 4:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 4, 2)
+        elif m == 3:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 3, 2)
+        elif m == 2:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 2, 2)
+        else:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 1, 2)
+    else:
+        if m == 6:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 6, 1)
+        elif m == 5:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 5, 1)
+        elif m == 4:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 4, 1)
+        elif m == 3:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 3, 1)
+        elif m == 2:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 2, 1)
+        else:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 1, 1)
+
+
+@njit(error_model="numpy", cache=True)
+def _gemm(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, M, NV):
+    """C[c_off + i*ldc + j] += sum_{s<S, k<K} A[a_off + s*sa + i*lda + k*ldk] * B[b_off + s*sb + k*ldb + j]
+
+    for i < M, j < NV*VL: tiles of _MR rows x (up to) _NV vectors; columns
+    outermost so a block of B stays in cache across the row tiles.
+    """
+    if K <= 0 or M <= 0 or S <= 0:
+        return
+    VL = _VBYTES // C.itemsize
+    j = 0
+    while j < NV:
+        nv = NV - j
+        if nv >= _NV:
+            nv = _NV
+        elif nv >= 2:
+            nv = 2
+        cj = c_off + j * VL
+        bj = b_off + j * VL
+        i = 0
+        while i < M:
+            m = min(_MR, M - i)
+            _tile(C, cj + i * ldc, ldc, A, a_off + i * lda, lda, ldk, B, bj, ldb, K, S, sa, sb, m, nv)
+            i += _MR
+        j += nv
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+@njit(error_model="numpy", cache=True, fastmath=True, inline="always")
 def _copy(dst, src):
     """dst[:] = src[:] for 1-D views indexed from 0 (so the loop vectorizes)."""
     for t in range(dst.shape[0]):
         dst[t] = src[t]
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(error_model="numpy", cache=True, fastmath=True, inline="always")
 def _fill(dst, value):
     for t in range(dst.shape[0]):
         dst[t] = value
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(error_model="numpy", cache=True, fastmath=True, inline="always")
 def _im2col_pixel(x3, crow, n, oh, ow, H, W, Cin, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
     """crow[(kh*KW + kw)*Cin + ci] = x[n, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw, ci] (0 outside).
 
@@ -315,133 +299,176 @@ def _im2col_pixel(x3, crow, n, oh, ow, H, W, Cin, KH, KW, stride_h, stride_w, pa
                 _copy(crow[off:off + Cin], xrow[iw * Cin:iw * Cin + Cin])
 
 
+@njit(error_model="numpy", cache=True, inline="always")
+def _ceil_div(a, b):
+    """ceil(a / b) for b > 0 and any integer a."""
+    return -((-a) // b)
+
+
+@njit(error_model="numpy", cache=True)
+def _pack_columns(m, cols_padded):
+    """(R, Cc) -> (R, cols_padded) C-contiguous, zeros in the extra columns."""
+    R, Cc = m.shape
+    out = np.zeros((R, cols_padded), dtype=m.dtype)
+    for r in range(R):
+        for c in range(Cc):
+            out[r, c] = m[r, c]
+    return out
+
+
 # --------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(error_model="numpy", parallel=True, cache=True)
 def conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
     """y (N, OH, OW, Cout) = conv(x (N, H, W, Cin), w (KH, KW, Cin, Cout)) + b; y overwritten."""
-    N = x.shape[0]
-    KH, KW, Cin, Cout = w.shape
+    N, H, W, Cin = x.shape
+    KH, KW, _, Cout = w.shape
     OH = y.shape[1]
     OW = y.shape[2]
     K = KH * KW * Cin
-    H = x.shape[1]
-    W = x.shape[2]
+    VL = _VBYTES // y.itemsize
+    NVt = (Cout + VL - 1) // VL
+    Np = NVt * VL
+    # Weights as (K, Np): row (kh*KW + kw)*Cin + ci, zero columns past Cout.
+    wp = _pack_columns(np.ascontiguousarray(w).reshape(K, Cout), Np)
+    wflat = wp.reshape(-1)
+    bp = np.zeros(Np, dtype=y.dtype)
+    for co in range(Cout):
+        bp[co] = b[co]
     x3 = x.reshape(N, H, W * Cin)
-    wmat = np.ascontiguousarray(w).reshape(K, Cout)
-    # Long reductions: dot products over K (padded to a multiple of the vector
-    # width with zeros). Short ones (e.g. Cin = 1): outer products over Cout.
-    use_dot = K >= _MIN_DOT_K or Cout < _MIN_VECTOR
-    Kp = (K + _PAD - 1) // _PAD * _PAD if use_dot else K
-    wt = np.zeros((Cout, Kp), dtype=y.dtype)
-    if use_dot:
-        for k in range(K):
-            for co in range(Cout):
-                wt[co, k] = wmat[k, co]
-    for r in prange(N * OH):
-        n = r // OH
-        oh = r - n * OH
-        col = np.empty((OW, Kp), dtype=y.dtype)
-        for ow in range(OW):
-            crow = col[ow]
-            _im2col_pixel(x3, crow, n, oh, ow, H, W, Cin, KH, KW, stride_h, stride_w, pad_top, pad_left,
-                          dil_h, dil_w)
-            _fill(crow[K:Kp], y.dtype.type(0))
-        yrow = y[n, oh]
-        for ow in range(OW):
-            _copy(yrow[ow], b)
-        if use_dot:
-            _gemm_dot(yrow, col, wt, 0, Kp)
-        else:
-            _gemm_outer(yrow, col, wmat)
+    direct = KW * Cin >= _MIN_DIRECT
+    # Output columns whose every kernel column is inside the image.
+    full_w = dil_w == 1 and pad_left == 0 and (OW - 1) * stride_w + KW <= W
+    # Without padded columns the products accumulate straight into y.
+    in_place = Np == Cout
+    R = N * OH
+    nchunks = min(R, _ROW_CHUNKS)
+    for c in prange(nchunks):
+        # Scratch once per chunk of rows (rows are independent: any split
+        # gives the same result).
+        acc = np.empty((OW, Np), dtype=y.dtype)
+        col = np.empty((OW, 0 if direct else K), dtype=y.dtype)
+        colf = col.reshape(-1)
+        for r in range((c * R) // nchunks, ((c + 1) * R) // nchunks):
+            n = r // OH
+            oh = r - n * OH
+            if in_place:
+                af = y[n, oh].reshape(-1)
+                out = y[n, oh]
+            else:
+                af = acc.reshape(-1)
+                out = acc
+            for ow in range(OW):
+                _copy(out[ow], bp)
+            # Kernel rows inside the image: kh0 <= kh < kh1.
+            t = pad_top - oh * stride_h
+            kh0 = max(0, _ceil_div(t, dil_h))
+            kh1 = min(KH, _ceil_div(H + t, dil_h))
+            if full_w:
+                # All taps of all valid kernel rows in one product: for kernel
+                # row kh, A[ow, kw*Cin + ci] = x3[n, ih, ow*sw*Cin + kw*Cin + ci].
+                if kh1 > kh0:
+                    _gemm(af, 0, Np, x3[n].reshape(-1), (kh0 * dil_h - t) * W * Cin, stride_w * Cin, 1,
+                          wflat, kh0 * KW * Cin * Np, Np, KW * Cin, kh1 - kh0, dil_h * W * Cin, KW * Cin * Np,
+                          OW, NVt)
+            elif direct:
+                for kw in range(KW):
+                    # ow with 0 <= ow*sw - pl + kw*dw < W
+                    u = pad_left - kw * dil_w
+                    ow0 = max(0, _ceil_div(u, stride_w))
+                    ow1 = min(OW, _ceil_div(W + u, stride_w))
+                    if ow1 <= ow0 or kh1 <= kh0:
+                        continue
+                    _gemm(af, ow0 * Np, Np, x3[n].reshape(-1),
+                          (kh0 * dil_h - t) * W * Cin + (ow0 * stride_w - u) * Cin, stride_w * Cin, 1,
+                          wflat, (kh0 * KW + kw) * Cin * Np, Np, Cin, kh1 - kh0, dil_h * W * Cin, KW * Cin * Np,
+                          ow1 - ow0, NVt)
+            else:
+                for ow in range(OW):
+                    _im2col_pixel(x3, col[ow], n, oh, ow, H, W, Cin, KH, KW, stride_h, stride_w, pad_top,
+                                  pad_left, dil_h, dil_w)
+                _gemm(af, 0, Np, colf, 0, K, 1, wflat, 0, Np, K, 1, 0, 0, OW, NVt)
+            if not in_place:
+                yrow = y[n, oh]
+                for ow in range(OW):
+                    _copy(yrow[ow], acc[ow, :Cout])
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(error_model="numpy", parallel=True, cache=True)
 def conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
-    """dx (N, H, W, Cin) = dL/dx given dy (N, OH, OW, Cout); dx fully overwritten."""
+    """dx (N, H, W, Cin) = dL/dx given dy (N, OH, OW, Cout); dx fully overwritten.
+
+    Per input row (n, ih), for each tap (kh, kw) whose output row
+    oh = (ih + pt - kh*dh) / sh exists: dx[n, ih, iw] += dy[n, oh, ow] @
+    w[kh, kw].T for the ow with iw = ow*sw - pl + kw*dw inside the row.
+    """
     N, H, W, Cin = dx.shape
     KH, KW, _, Cout = w.shape
     OH = dy.shape[1]
     OW = dy.shape[2]
-    KC = KW * Cout
-    K = KH * KC
-    use_dot = KC >= _MIN_DOT_K or Cin < _MIN_VECTOR
-    # Weights with the reduction axis (kh, kw, co) flattened:
-    # dot path: w2t (Cin, K); outer path: w2 (K, Cin).
-    if use_dot:
-        w2t = np.empty((Cin, K), dtype=dx.dtype)
-        w2 = np.empty((0, Cin), dtype=dx.dtype)
-        for kh in range(KH):
-            for kw in range(KW):
-                for ci in range(Cin):
-                    for co in range(Cout):
-                        w2t[ci, kh * KC + kw * Cout + co] = w[kh, kw, ci, co]
-    else:
-        w2t = np.empty((Cin, 0), dtype=dx.dtype)
-        w2 = np.empty((K, Cin), dtype=dx.dtype)
-        for kh in range(KH):
-            for kw in range(KW):
-                for ci in range(Cin):
-                    for co in range(Cout):
-                        w2[kh * KC + kw * Cout + co, ci] = w[kh, kw, ci, co]
+    VL = _VBYTES // dx.itemsize
+    NVt = (Cin + VL - 1) // VL
+    Cp = NVt * VL
+    # wt[(kh*KW + kw)*Cout + co, ci] = w[kh, kw, ci, co], zero columns past Cin.
+    wt = np.zeros((KH * KW * Cout, Cp), dtype=dx.dtype)
+    for kh in range(KH):
+        for kw in range(KW):
+            base = (kh * KW + kw) * Cout
+            for ci in range(Cin):
+                for co in range(Cout):
+                    wt[base + co, ci] = w[kh, kw, ci, co]
+    wflat = wt.reshape(-1)
+    dy3 = dy.reshape(N, OH, OW * Cout)
     zero = dx.dtype.type(0)
-    for r in prange(N * H):
-        n = r // H
-        ih = r - n * H
-        dxrow = dx[n, ih]
-        for iw in range(W):
-            _fill(dxrow[iw], zero)
-        col = np.empty((W, K), dtype=dx.dtype)
-        # Gather dy for every kernel row kh that maps input row ih onto an
-        # output row; consecutive valid kh form one run = one matrix product.
-        run_start = -1
-        for kh in range(KH + 1):
-            valid = False
-            oh = -1
-            if kh < KH:
+    in_place = Cp == Cin
+    R = N * H
+    nchunks = min(R, _ROW_CHUNKS)
+    for c in prange(nchunks):
+        acc = np.empty((W, Cp), dtype=dx.dtype)
+        for r in range((c * R) // nchunks, ((c + 1) * R) // nchunks):
+            n = r // H
+            ih = r - n * H
+            out = dx[n, ih] if in_place else acc
+            for iw in range(W):
+                _fill(out[iw], zero)
+            af = out.reshape(-1)
+            for kh in range(KH):
                 t = ih + pad_top - kh * dil_h
-                oh = t // stride_h if t >= 0 else -1
-                valid = t >= 0 and oh * stride_h == t and oh < OH
-            if valid:
-                dyrow = dy[n, oh]
-                base = kh * KC
+                if t < 0:
+                    continue
+                oh = t // stride_h
+                if oh * stride_h != t or oh >= OH:
+                    continue
+                dyrow = dy3[n, oh]
+                for kw in range(KW):
+                    # iw = ow*sw + s with s = kw*dw - pl; 0 <= iw < W, 0 <= ow < OW
+                    s = kw * dil_w - pad_left
+                    ow0 = max(0, _ceil_div(-s, stride_w))
+                    ow1 = min(OW, _ceil_div(W - s, stride_w))
+                    if ow1 <= ow0:
+                        continue
+                    _gemm(af, (ow0 * stride_w + s) * Cp, stride_w * Cp, dyrow, ow0 * Cout, Cout, 1,
+                          wflat, (kh * KW + kw) * Cout * Cp, Cp, Cout, 1, 0, 0, ow1 - ow0, NVt)
+            if not in_place:
+                dxrow = dx[n, ih]
                 for iw in range(W):
-                    crow = col[iw]
-                    for kw in range(KW):
-                        u = iw + pad_left - kw * dil_w
-                        off = base + kw * Cout
-                        ow = -1
-                        if u >= 0:
-                            ow = u // stride_w
-                            if ow * stride_w != u or ow >= OW:
-                                ow = -1
-                        if ow < 0:
-                            _fill(crow[off:off + Cout], zero)
-                        else:
-                            _copy(crow[off:off + Cout], dyrow[ow])
-                if run_start < 0:
-                    run_start = kh
-            elif run_start >= 0:
-                k0 = run_start * KC
-                k1 = kh * KC
-                if use_dot:
-                    _gemm_dot(dxrow, col, w2t, k0, k1)
-                else:
-                    _gemm_outer(dxrow, col[:, k0:k1], w2[k0:k1])
-                run_start = -1
+                    _copy(dxrow[iw], acc[iw, :Cin])
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(error_model="numpy", parallel=True, cache=True)
 def conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
     """dw (KH, KW, Cin, Cout) and db (Cout,) = dL/dw, dL/db; both overwritten (not accumulated).
 
-    The N*OH*OW output pixels are cut into blocks of _PIXEL_BLOCK; blocks are
-    dealt to (at most) _WEIGHT_CHUNKS chunks in order, each chunk sums
-    dy_block.T @ col_block into its own (Cout, K) partial (dot products over
-    the pixels), and the partials are added in chunk order: the result does
-    not depend on scheduling.
+    Direct path (no kernel column outside the image, Cout a multiple of the
+    vector length): the images are dealt to (at most) _WEIGHT_CHUNKS chunks in
+    order; per image and kernel row, one product reduces over all the image's
+    output pixels straight from x and dy. Otherwise the N*OH*OW output pixels
+    are cut into blocks of _PIXEL_BLOCK, dealt to the chunks in order, and each
+    chunk adds col_block.T @ dy_block (im2col) into its partial. Each chunk has
+    its own (K, Cout) partial and the partials are added in chunk order: the
+    result does not depend on scheduling or the thread count.
     """
     N = x.shape[0]
     KH, KW, Cin, Cout = dw.shape
@@ -449,58 +476,86 @@ def conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left,
     OW = dy.shape[2]
     K = KH * KW * Cin
     P = N * OH * OW
-    PB = _PIXEL_BLOCK
-    nblocks = (P + PB - 1) // PB
-    nchunks = min(nblocks, _WEIGHT_CHUNKS, max(1, _PARTIAL_BUDGET // max(1, K * Cout)))
-    dy2 = dy.reshape(P, Cout)
-    partial = np.zeros((nchunks, Cout, K), dtype=dw.dtype)
-    partial_b = np.zeros((nchunks, Cout), dtype=dw.dtype)
+    VL = _VBYTES // dw.itemsize
+    NVt = (Cout + VL - 1) // VL
+    Np = NVt * VL
     OHW = OH * OW
     H = x.shape[1]
     W = x.shape[2]
     x3 = x.reshape(N, H, W * Cin)
-    for c in prange(nchunks):
-        blk0 = (c * nblocks) // nchunks
-        blk1 = ((c + 1) * nblocks) // nchunks
-        col = np.empty((PB, K), dtype=dw.dtype)
-        colT = np.empty((K, PB), dtype=dw.dtype)
-        dyT = np.empty((Cout, PB), dtype=dw.dtype)
-        pc = partial[c]
-        pb = partial_b[c]
-        for blk in range(blk0, blk1):
-            p0 = blk * PB
-            cnt = min(PB, P - p0)
-            for t in range(cnt):
-                p = p0 + t
-                n = p // OHW
-                rem = p - n * OHW
-                oh = rem // OW
-                ow = rem - oh * OW
-                _im2col_pixel(x3, col[t], n, oh, ow, H, W, Cin, KH, KW, stride_h, stride_w, pad_top, pad_left,
-                              dil_h, dil_w)
-            # Transpose in tiles of 16 pixels (one cache line of colT per k).
-            for t0 in range(0, cnt, 16):
-                t1 = min(t0 + 16, cnt)
-                for k in range(K):
-                    ct = colT[k]
-                    for t in range(t0, t1):
-                        ct[t] = col[t, k]
-                for co in range(Cout):
-                    dt = dyT[co]
-                    for t in range(t0, t1):
-                        dt[t] = dy2[p0 + t, co]
-            _gemm_dot(pc, dyT, colT, 0, cnt)
-            for t in range(cnt):
-                dp = dy2[p0 + t]
-                for co in range(Cout):
-                    pb[co] += dp[co]
+    dy2 = dy.reshape(P, Cout)
+    budget = max(1, _PARTIAL_BUDGET // max(1, K * Np))
+    # Direct (no im2col): every kernel column inside the image and no padded
+    # columns; per image and kernel row kh, one product reduces over all the
+    # output pixels of the image: A[kw*Cin + ci, (oh, ow)] = x[n, ih, ow*sw + kw, ci].
+    direct = dil_w == 1 and pad_left == 0 and (OW - 1) * stride_w + KW <= W and Np == Cout
+    PB = _PIXEL_BLOCK
+    nblocks = (P + PB - 1) // PB
+    if direct:
+        nchunks = min(N, _WEIGHT_CHUNKS, budget)
+    else:
+        nchunks = min(nblocks, _WEIGHT_CHUNKS, budget)
+    partial = np.zeros((nchunks, K * Np), dtype=dw.dtype)
+    partial_b = np.zeros((nchunks, Cout), dtype=dw.dtype)
+    if direct:
+        L = KW * Cin
+        for c in prange(nchunks):
+            pc = partial[c]
+            pb = partial_b[c]
+            for n in range((c * N) // nchunks, ((c + 1) * N) // nchunks):
+                xf = x3[n].reshape(-1)
+                dyf = dy[n].reshape(-1)
+                for kh in range(KH):
+                    # oh with 0 <= ih = oh*sh - u < H
+                    u = pad_top - kh * dil_h
+                    oh0 = max(0, _ceil_div(u, stride_h))
+                    oh1 = min(OH, _ceil_div(H + u, stride_h))
+                    if oh1 <= oh0:
+                        continue
+                    _gemm(pc, kh * L * Np, Np, xf, (oh0 * stride_h - u) * W * Cin, 1, stride_w * Cin,
+                          dyf, oh0 * OW * Cout, Cout, OW, oh1 - oh0, stride_h * W * Cin, OW * Cout, L, NVt)
+                for t in range(OHW):
+                    dp = dy2[n * OHW + t]
+                    for co in range(Cout):
+                        pb[co] += dp[co]
+    else:
+        for c in prange(nchunks):
+            blk0 = (c * nblocks) // nchunks
+            blk1 = ((c + 1) * nblocks) // nchunks
+            col = np.empty((PB, K), dtype=dw.dtype)
+            colf = col.reshape(-1)
+            dyp = np.zeros((PB, Np), dtype=dw.dtype)
+            dypf = dyp.reshape(-1)
+            pc = partial[c]
+            pb = partial_b[c]
+            for blk in range(blk0, blk1):
+                p0 = blk * PB
+                cnt = min(PB, P - p0)
+                for t in range(cnt):
+                    p = p0 + t
+                    n = p // OHW
+                    rem = p - n * OHW
+                    oh = rem // OW
+                    ow = rem - oh * OW
+                    _im2col_pixel(x3, col[t], n, oh, ow, H, W, Cin, KH, KW, stride_h, stride_w, pad_top,
+                                  pad_left, dil_h, dil_w)
+                if Np != Cout:
+                    for t in range(cnt):
+                        _copy(dyp[t, :Cout], dy2[p0 + t])
+                    _gemm(pc, 0, Np, colf, 0, 1, K, dypf, 0, Np, cnt, 1, 0, 0, K, NVt)
+                else:
+                    _gemm(pc, 0, Np, colf, 0, 1, K, dy2[p0:p0 + cnt].reshape(-1), 0, Np, cnt, 1, 0, 0, K, NVt)
+                for t in range(cnt):
+                    dp = dy2[p0 + t]
+                    for co in range(Cout):
+                        pb[co] += dp[co]
     # Fixed-order reduction of the partials.
     dwm = dw.reshape(K, Cout)
     for k in prange(K):
         for co in range(Cout):
-            s = partial[0, co, k]
+            s = partial[0, k * Np + co]
             for c in range(1, nchunks):
-                s += partial[c, co, k]
+                s += partial[c, k * Np + co]
             dwm[k, co] = s
     for co in range(Cout):
         s = partial_b[0, co]

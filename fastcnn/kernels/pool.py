@@ -1,6 +1,7 @@
-"""2-D max pooling on NHWC tensors, forward and backward.
+"""2-D max and average pooling and global average pooling on NHWC tensors,
+forward and backward.
 
-Semantics (PyTorch's): padding counts as -inf, so only real pixels can win;
+Max pooling semantics (PyTorch's): padding counts as -inf, so only real pixels can win;
 ties go to the FIRST maximum in row-major window order; the backward pass
 scatters each output gradient to its winner, overlapping windows accumulate.
 """
@@ -81,3 +82,102 @@ def maxpool2d_backward(dy, argmax, dx):
                     idx = ar[c]
                     if idx >= 0:
                         dxn[idx, c] += dyr[c]
+
+
+# ------------------------------------------------------------ average pooling
+# PyTorch's AvgPool2d without padding (so count_include_pad does not matter):
+# y = sum of the pool_h x pool_w window / (pool_h * pool_w); output size
+# floor((H - pool) / stride) + 1, left-over pixels at the bottom/right dropped.
+
+
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
+def avgpool2d_forward(x, y, pool_h, pool_w, stride_h, stride_w):
+    """x (N,H,W,C) -> y (N,OH,OW,C), the mean of each window. Output size from y.shape."""
+    N, H, W, C = x.shape
+    OH = y.shape[1]
+    OW = y.shape[2]
+    zero = x.dtype.type(0)
+    inv = x.dtype.type(1.0 / (pool_h * pool_w))
+    for t in prange(N * OH):
+        n = t // OH
+        oh = t - n * OH
+        h0 = oh * stride_h
+        for ow in range(OW):
+            w0 = ow * stride_w
+            yr = y[n, oh, ow]
+            for c in range(C):
+                yr[c] = zero
+            for ih in range(h0, h0 + pool_h):
+                for iw in range(w0, w0 + pool_w):
+                    xr = x[n, ih, iw]
+                    for c in range(C):
+                        yr[c] += xr[c]
+            for c in range(C):
+                yr[c] *= inv
+
+
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
+def avgpool2d_backward(dy, dx, pool_h, pool_w, stride_h, stride_w):
+    """dx (N,H,W,C) overwritten: each input pixel gets the sum of dy over the windows holding it,
+    divided by the window area (overlapping windows accumulate; pixels in no window get 0).
+
+    A gather, not a scatter: parallel over batch x input rows, each dx row written by one thread.
+    """
+    N, H, W, C = dx.shape
+    OH = dy.shape[1]
+    OW = dy.shape[2]
+    zero = dx.dtype.type(0)
+    inv = dx.dtype.type(1.0 / (pool_h * pool_w))
+    for t in prange(N * H):
+        n = t // H
+        ih = t - n * H
+        # Windows oh with oh*stride_h <= ih < oh*stride_h + pool_h.
+        oh_lo = max((ih - pool_h) // stride_h + 1, 0)
+        oh_hi = min(ih // stride_h, OH - 1)
+        for iw in range(W):
+            ow_lo = max((iw - pool_w) // stride_w + 1, 0)
+            ow_hi = min(iw // stride_w, OW - 1)
+            dxr = dx[n, ih, iw]
+            for c in range(C):
+                dxr[c] = zero
+            for oh in range(oh_lo, oh_hi + 1):
+                for ow in range(ow_lo, ow_hi + 1):
+                    dyr = dy[n, oh, ow]
+                    for c in range(C):
+                        dxr[c] += dyr[c]
+            for c in range(C):
+                dxr[c] *= inv
+
+
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
+def global_avgpool_forward(x, y):
+    """x (N,H,W,C) -> y (N,C): the mean over H and W."""
+    N, H, W, C = x.shape
+    zero = x.dtype.type(0)
+    inv = x.dtype.type(1.0 / (H * W))
+    for n in prange(N):
+        yr = y[n]
+        for c in range(C):
+            yr[c] = zero
+        for h in range(H):
+            for w in range(W):
+                xr = x[n, h, w]
+                for c in range(C):
+                    yr[c] += xr[c]
+        for c in range(C):
+            yr[c] *= inv
+
+
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
+def global_avgpool_backward(dy, dx):
+    """dy (N,C) -> dx (N,H,W,C) overwritten with dy / (H*W) at every pixel."""
+    N, H, W, C = dx.shape
+    inv = dx.dtype.type(1.0 / (H * W))
+    for t in prange(N * H):
+        n = t // H
+        h = t - n * H
+        dyr = dy[n]
+        for w in range(W):
+            dxr = dx[n, h, w]
+            for c in range(C):
+                dxr[c] = dyr[c] * inv

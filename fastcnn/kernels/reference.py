@@ -1,5 +1,5 @@
-"""Plain NumPy references of the activation, pooling, batch-norm, dense and
-loss kernels: slow, readable, obviously right. Used by the tests and the
+"""Plain NumPy references of the activation, pooling, dropout, batch-norm,
+dense and loss kernels: slow, readable, obviously right. Used by the tests and the
 benchmarks. Unlike the kernels they allocate and return their outputs.
 
 Layout NHWC; dense weights (in, out).
@@ -70,6 +70,78 @@ def maxpool2d_backward(dy, argmax, input_shape):
                     if idx >= 0:
                         dx[n, idx // W, idx % W, c] += dy[n, oh, ow, c]
     return dx
+
+
+def avgpool2d_forward(x, pool_h, pool_w, stride_h, stride_w):
+    """Mean of each window, no padding; output size as PyTorch (left-over pixels dropped)."""
+    N, H, W, C = x.shape
+    OH = window_output_size(H, pool_h, stride_h, 0, 0)
+    OW = window_output_size(W, pool_w, stride_w, 0, 0)
+    y = np.zeros((N, OH, OW, C), dtype=x.dtype)
+    for oh in range(OH):
+        for ow in range(OW):
+            window = x[:, oh * stride_h:oh * stride_h + pool_h, ow * stride_w:ow * stride_w + pool_w, :]
+            y[:, oh, ow, :] = window.sum(axis=(1, 2)) / (pool_h * pool_w)
+    return y
+
+
+def avgpool2d_backward(dy, input_shape, pool_h, pool_w, stride_h, stride_w):
+    """Spread dy / area over each window; overlapping windows accumulate."""
+    dx = np.zeros(input_shape, dtype=dy.dtype)
+    _, OH, OW, _ = dy.shape
+    for oh in range(OH):
+        for ow in range(OW):
+            dx[:, oh * stride_h:oh * stride_h + pool_h, ow * stride_w:ow * stride_w + pool_w, :] += \
+                (dy[:, oh, ow, :] / (pool_h * pool_w))[:, None, None, :]
+    return dx
+
+
+def global_avgpool_forward(x):
+    """(N, H, W, C) -> (N, C): mean over H and W."""
+    return x.mean(axis=(1, 2)).astype(x.dtype)
+
+
+def global_avgpool_backward(dy, input_shape):
+    N, H, W, C = input_shape
+    return np.broadcast_to((dy / (H * W))[:, None, None, :], input_shape).astype(dy.dtype)
+
+
+# -------------------------------------------------------------------- dropout
+def _splitmix64_finalize(z):
+    """The splitmix64 finalizer on a uint64 array (wrapping arithmetic)."""
+    z = z ^ (z >> np.uint64(30))
+    z = z * np.uint64(0xBF58476D1CE4E5B9)
+    z = z ^ (z >> np.uint64(27))
+    z = z * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def dropout_mask(shape, seed, index, step, rate):
+    """bool keep-mask of the given shape (see fastcnn/kernels/dropout.py for the definition).
+
+    key = mix(mix(mix(seed) + index) + step); h_e = mix(key + (e + 1) * G);
+    keep_e = (h_e >> 40) / 2**24 >= rate, e the row-major flat element index.
+    """
+    with np.errstate(over="ignore"):
+        one = lambda v: _splitmix64_finalize(np.array([v], dtype=np.uint64))[0]  # noqa: E731
+        key = one(np.uint64(int(seed) % 2**64))
+        key = one(key + np.uint64(index))
+        key = one(key + np.uint64(step))
+        e = np.arange(1, int(np.prod(shape)) + 1, dtype=np.uint64)
+        h = _splitmix64_finalize(key + e * np.uint64(0x9E3779B97F4A7C15))
+    u = (h >> np.uint64(40)).astype(np.float64) / 2.0 ** 24
+    return (u >= rate).reshape(shape)
+
+
+def dropout_forward(x, keep, rate):
+    """Inverted dropout with a given keep-mask: kept values times 1/(1-rate) (in x's dtype)."""
+    scale = x.dtype.type(1.0 / (1.0 - rate))
+    return np.where(keep, x * scale, np.zeros_like(x))
+
+
+def dropout_backward(dy, keep, rate):
+    scale = dy.dtype.type(1.0 / (1.0 - rate))
+    return np.where(keep, dy * scale, np.zeros_like(dy))
 
 
 # ----------------------------------------------------------------- batch norm

@@ -1,0 +1,255 @@
+"""The fusion planner and fused models against the same models run layer by layer.
+
+ReLU/leaky ReLU + max-pool blocks do the unfused arithmetic exactly, so models
+without batch norm must agree bit for bit. Batch-norm blocks differ in two
+places only, both rounding: invstd is computed correctly rounded (the layer's
+fastmath 1/sqrt may differ in the last bit in float32) and, after a pool, the
+gamma/beta reductions add the winners' terms in pooled order. Those models are
+compared with tight tolerances (float64 1e-12, float32 1e-5 relative).
+"""
+import os
+
+import numpy as np
+import pytest
+
+import fastcnn
+from fastcnn import fusion
+from fastcnn.layers import BatchNorm, Dense, LeakyReLU, MaxPool2D, ReLU
+
+from conftest import REPO
+
+# float64, every fused pattern plus near-misses, odd sizes.
+BN_NET = {
+    "input_shape": [16, 15, 3],
+    "num_classes": 4,
+    "dtype": "float64",
+    "layers": [
+        {"type": "conv2d", "filters": 6, "kernel_size": 3, "padding": "same"},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "maxpool2d", "pool_size": 3, "stride": 2, "padding": 1},   # bn+relu+pool, overlap, padding
+        {"type": "conv2d", "filters": 5, "kernel_size": 3},
+        {"type": "batchnorm"},
+        {"type": "relu"},                                                  # bn+relu, no pool
+        {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
+        {"type": "relu"},
+        {"type": "maxpool2d", "pool_size": 3, "stride": 2, "padding": 1},  # relu+pool, overlap, padding
+        {"type": "conv2d", "filters": 4, "kernel_size": 1},
+        {"type": "leaky_relu", "negative_slope": 0.1},
+        {"type": "maxpool2d", "pool_size": 2},                             # leaky+pool, a row/col left over
+        {"type": "flatten"},
+        {"type": "dense", "units": 8},
+        {"type": "batchnorm"},
+        {"type": "relu"},                                                  # bn+relu after dense
+        {"type": "dense", "units": 4},
+    ],
+}
+
+# No batch norm: must be bit-identical, float32 and float64.
+POOL_NET = {
+    "input_shape": [13, 12, 2],
+    "num_classes": 3,
+    "layers": [
+        {"type": "conv2d", "filters": 8, "kernel_size": 3, "padding": 1},
+        {"type": "relu"},
+        {"type": "maxpool2d", "pool_size": 3, "stride": 2, "padding": 1},  # overlap + padding
+        {"type": "conv2d", "filters": 6, "kernel_size": 2},
+        {"type": "leaky_relu", "negative_slope": 0.2},
+        {"type": "maxpool2d", "pool_size": 2, "stride": 3, "padding": 1},  # gaps + padding
+        {"type": "conv2d", "filters": 5, "kernel_size": 1},
+        {"type": "leaky_relu"},
+        {"type": "maxpool2d", "pool_size": 2, "stride": 1},                # overlapping: stays unfused
+        {"type": "flatten"},
+        {"type": "dense", "units": 7},
+        {"type": "relu"},                                                  # relu -> dense: unfused
+        {"type": "dense", "units": 3},
+    ],
+}
+
+
+def config_model(name):
+    return fastcnn.load_config(os.path.join(REPO, "configs", name)).model
+
+
+def with_dtype(net, dtype):
+    return {**net, "dtype": dtype}
+
+
+def kinds(blocks):
+    return [type(b).__name__ for b in blocks]
+
+
+# ---------------------------------------------------------------------------
+# The planner
+# ---------------------------------------------------------------------------
+
+def test_planner_fuses_the_seed_networks():
+    model = fastcnn.build_model(config_model("mnist.yaml"), seed=0)
+    assert kinds(model.blocks) == ["Conv2D", "ActivationMaxPool2D", "Conv2D", "ActivationMaxPool2D", "Flatten",
+                                   "Dense", "ReLU", "Dense"]
+    assert model.blocks[1].layers == (model.layers[1], model.layers[2])
+    bn = fastcnn.build_model(config_model("mnist_bn.yaml"), seed=0)
+    assert kinds(bn.blocks) == ["Conv2D", "BatchNormReLU", "Conv2D", "BatchNormReLU", "Flatten", "Dense", "ReLU",
+                                "Dense"]
+    assert bn.blocks[1].layers == tuple(bn.layers[1:4])
+    # The unfused model runs the layers themselves.
+    plain = fastcnn.build_model(config_model("mnist.yaml"), seed=0, fuse=False)
+    assert all(b is layer for b, layer in zip(plain.blocks, plain.layers))
+
+
+def test_planner_patterns_and_near_misses():
+    model = fastcnn.build_model(BN_NET, seed=0)
+    blocks = model.blocks
+    assert kinds(blocks) == ["Conv2D", "BatchNormReLU", "Conv2D", "BatchNormReLU", "Conv2D", "ActivationMaxPool2D",
+                             "Conv2D", "ActivationMaxPool2D", "Flatten", "Dense", "BatchNormReLU", "Dense"]
+    assert blocks[1].pool is model.layers[3] and blocks[3].pool is None and blocks[10].pool is None
+    assert isinstance(blocks[7].act, LeakyReLU)
+    # Every layer appears exactly once, in order.
+    flat = [layer for b in blocks for layer in getattr(b, "layers", (b,))]
+    assert flat == model.layers
+
+    pool_model = fastcnn.build_model(POOL_NET, seed=0)
+    assert kinds(pool_model.blocks) == ["Conv2D", "ActivationMaxPool2D", "Conv2D", "ActivationMaxPool2D", "Conv2D",
+                                        "LeakyReLU", "MaxPool2D", "Flatten", "Dense", "ReLU", "Dense"]
+
+
+def test_planner_on_bare_layer_lists():
+    relu, pool, bn, dense, leaky = ReLU(), MaxPool2D(2), BatchNorm(), Dense(3), LeakyReLU()
+    assert fusion.plan_blocks([]) == []
+    assert fusion.plan_blocks([relu, dense]) == [relu, dense]            # relu -> dense: nothing to fuse
+    assert fusion.plan_blocks([pool, relu]) == [pool, relu]              # wrong order
+    assert fusion.plan_blocks([bn, leaky]) == [bn, leaky]                # batchnorm -> leaky ReLU: not fused
+    assert fusion.plan_blocks([bn]) == [bn]
+    blocks = fusion.plan_blocks([relu, pool, relu])
+    assert kinds(blocks) == ["ActivationMaxPool2D", "ReLU"] and blocks[1] is relu
+    blocks = fusion.plan_blocks([bn, relu, pool, relu, pool])
+    assert kinds(blocks) == ["BatchNormReLU", "ActivationMaxPool2D"]
+    assert kinds(fusion.plan_blocks([leaky, MaxPool2D(3, stride=2)])) == ["LeakyReLU", "MaxPool2D"]
+    assert kinds(fusion.plan_blocks([leaky, MaxPool2D(2, stride=3)])) == ["ActivationMaxPool2D"]
+
+
+def test_blocks_hold_no_parameters_of_their_own():
+    fused = fastcnn.build_model(config_model("mnist_bn.yaml"), seed=0)
+    plain = fastcnn.build_model(config_model("mnist_bn.yaml"), seed=0, fuse=False)
+    assert [k for k, _ in fused.named_parameters()] == [k for k, _ in plain.named_parameters()]
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    block = fused.blocks[1]
+    assert block.bn is fused.layers[1]
+    assert not hasattr(block, "params") and not hasattr(block, "buffers")
+
+
+# ---------------------------------------------------------------------------
+# Fused model == unfused model
+# ---------------------------------------------------------------------------
+
+def training_step(model, x, labels, input_grad=True):
+    logits = model.forward(x, training=True)
+    loss, dlogits = fastcnn.softmax_cross_entropy(logits, labels)
+    dx = model.backward(dlogits, input_grad=input_grad)
+    grads = {k: p.grad.copy() for k, p in model.named_parameters()}
+    return {"logits": logits, "loss": np.asarray(loss), "dx": dx, "grads": grads,
+            "buffers": {k: b.copy() for k, b in model.named_buffers()},
+            "eval": model.forward(x, training=False)}
+
+
+def compare(a, b, exact, dtype, what):
+    if a is None or b is None:
+        assert a is None and b is None, what
+        return
+    assert a.dtype == b.dtype, what
+    if exact:
+        assert np.array_equal(a, b), what
+    else:
+        r = 1e-5 if np.dtype(dtype) == np.float32 else 1e-12
+        np.testing.assert_allclose(a, b, rtol=r, atol=r * max(float(np.max(np.abs(b))), 1e-30), err_msg=what)
+
+
+def compare_runs(model_cfg, exact, batches, seed=0, input_grad=True):
+    fused = fastcnn.build_model(model_cfg, seed=seed, fuse=True)
+    plain = fastcnn.build_model(model_cfg, seed=seed, fuse=False)
+    assert len(fused.blocks) < len(fused.layers)  # something is fused
+    dtype = fused.dtype
+    rng = np.random.default_rng(seed)
+    opts = [fastcnn.Adam(m.parameters(), lr=1e-2) for m in (fused, plain)]
+    for step, batch in enumerate(batches):
+        x = rng.normal(size=(batch, *fused.input_shape)).astype(dtype)
+        labels = rng.integers(0, fused.num_classes, size=batch)
+        a = training_step(fused, x, labels, input_grad)
+        b = training_step(plain, x, labels, input_grad)
+        assert a["logits"].dtype == dtype
+        for key in ("logits", "loss", "dx", "eval"):
+            compare(a[key], b[key], exact, dtype, f"step {step}: {key}")
+        # Gradients: with batch norm the conv bias before it has a true gradient of 0,
+        # so rounding is judged against the scale of all gradients.
+        scale = max(float(np.max(np.abs(g))) for g in b["grads"].values())
+        for k in b["grads"]:
+            if exact:
+                assert np.array_equal(a["grads"][k], b["grads"][k]), f"step {step}: grad {k}"
+            else:
+                r = 1e-5 if dtype == np.float32 else 1e-12
+                np.testing.assert_allclose(a["grads"][k], b["grads"][k], rtol=r, atol=r * scale,
+                                           err_msg=f"step {step}: grad {k}")
+        for k in b["buffers"]:
+            compare(a["buffers"][k], b["buffers"][k], exact, dtype, f"step {step}: buffer {k}")
+        for opt in opts:
+            opt.step()
+        if not exact:  # keep rounding from compounding through the optimizer
+            plain.load_state_dict(fused.state_dict())
+
+
+def test_seed_network_fused_equals_unfused_exactly():
+    compare_runs(config_model("mnist.yaml"), exact=True, batches=[64, 64, 7])
+
+
+def test_seed_network_without_input_gradient():
+    compare_runs(config_model("mnist.yaml"), exact=True, batches=[16], input_grad=False)
+
+
+def test_batchnorm_seed_network_fused_equals_unfused():
+    # float32 tolerances: correctly rounded invstd, pooled-order reductions (module docstring).
+    compare_runs(config_model("mnist_bn.yaml"), exact=False, batches=[64, 64, 5])
+
+
+def test_batchnorm_seed_network_without_input_gradient():
+    compare_runs(config_model("mnist_bn.yaml"), exact=False, batches=[8], input_grad=False)
+
+
+def test_first_layer_block_without_input_gradient(rng):
+    net = {"input_shape": [6, 6, 3], "num_classes": 2, "dtype": "float64",
+           "layers": [{"type": "batchnorm"}, {"type": "relu"}, {"type": "maxpool2d", "pool_size": 2},
+                      {"type": "relu"}, {"type": "maxpool2d", "pool_size": 3},
+                      {"type": "flatten"}, {"type": "dense", "units": 2}]}
+    compare_runs(net, exact=False, batches=[4, 3], input_grad=False)
+    compare_runs(net, exact=False, batches=[4], input_grad=True)
+
+
+def test_float64_network_with_every_pattern():
+    compare_runs(BN_NET, exact=False, batches=[5, 5, 2])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_pool_network_fused_equals_unfused_exactly(dtype):
+    compare_runs(with_dtype(POOL_NET, dtype), exact=True, batches=[6, 6, 1])
+
+
+def test_batchnorm_block_rejects_a_single_value_per_channel():
+    net = {"input_shape": [1, 1, 4], "num_classes": 2,
+           "layers": [{"type": "batchnorm"}, {"type": "relu"}, {"type": "flatten"}, {"type": "dense", "units": 2}]}
+    model = fastcnn.build_model(net, seed=0)
+    assert kinds(model.blocks)[0] == "BatchNormReLU"
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model.forward(np.ones((1, 1, 1, 4), np.float32), training=True)
+    assert model.forward(np.ones((1, 1, 1, 4), np.float32), training=False).shape == (1, 2)
+
+
+def test_fused_block_outputs_keep_the_dtype_and_reuse_buffers():
+    model = fastcnn.build_model(config_model("mnist_bn.yaml"), seed=0)
+    x = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
+    block = model.blocks[1]
+    h = model.blocks[0].forward(x, True)
+    y1 = block.forward(h, True)
+    y2 = block.forward(h, True)
+    assert y1 is y2 and y1.dtype == np.float32 and y1.shape == (4, 13, 13, 32)
+    dx = block.backward(np.ones_like(y1), True)
+    assert dx.dtype == np.float32 and dx.shape == h.shape
+    assert block.backward(np.ones_like(y1), False) is None
