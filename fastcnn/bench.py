@@ -34,22 +34,31 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def matmul_peak_gflops(threads, torch=None, size=1024, repeats=5):
-    """The machine's float32 matmul rate with ``threads`` threads, measured now.
+def matmul_peak_gflops(threads, torch=None, size=2048, repeats=5):
+    """The machine's float32 matmul rate with ``threads`` threads, measured now: (GFLOP/s, source).
 
-    With torch: torch.mm on ``threads`` threads. Without: NumPy's BLAS on one
-    thread (fastcnn keeps BLAS single-threaded) times ``threads``.
+    The best of: torch.mm on ``threads`` threads (when torch is installed);
+    NumPy's BLAS on one thread (fastcnn keeps BLAS single-threaded) times
+    ``threads``; and fastcnn's own GEMM microkernel, run as a 1x1 convolution
+    of (16, 16, 16, 512) by (512, 512), which is a plain matrix product.
     """
+    from .kernels.conv import conv2d_forward
+
     rng = np.random.default_rng(0)
     a = rng.normal(size=(size, size)).astype(np.float32)
     b = rng.normal(size=(size, size)).astype(np.float32)
     flops = 2 * size ** 3
+    rates = {f"numpy matmul, 1 thread x {threads}": flops / _median_ms(lambda: a @ b, repeats) / 1e6 * threads}
     if torch is not None:
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        ms = _median_ms(lambda: torch.mm(ta, tb), repeats)
-        return flops / ms / 1e6, f"torch.mm, {threads} thread(s)"
-    ms = _median_ms(lambda: a @ b, repeats)
-    return flops / ms / 1e6 * threads, f"numpy matmul on 1 thread x {threads}"
+        rates[f"torch.mm, {threads} thread(s)"] = flops / _median_ms(lambda: torch.mm(ta, tb), repeats) / 1e6
+    x = rng.normal(size=(16, 16, 16, 512)).astype(np.float32)
+    w = rng.normal(size=(1, 1, 512, 512)).astype(np.float32)
+    bias, y = np.zeros(512, np.float32), np.empty((16, 16, 16, 512), np.float32)
+    ms = _median_ms(lambda: conv2d_forward(x, w, bias, y, 1, 1, 0, 0, 1, 1), repeats * 4)
+    rates[f"fastcnn GEMM kernel, {threads} thread(s)"] = 2 * 16 * 16 * 16 * 512 * 512 / ms / 1e6
+    source = max(rates, key=rates.get)
+    return rates[source], source
 
 
 def _gflops(flops, ms):
@@ -83,25 +92,31 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
     labels = rng.integers(0, model.num_classes, size=batch_size)
     peak, peak_source = matmul_peak_gflops(n_threads, torch)
 
+    # Time what a training step runs: the fused blocks (e.g. relu+maxpool2d) as one row each.
     rows = []
     act = x
-    for i, layer in enumerate(model.layers):
+    index = 0
+    for layer in model.blocks:
+        i, index = index, index + len(getattr(layer, "layers", (layer,)))
         inp = act.copy()
         out = layer.forward(inp, True)
         fwd_ms = _median_ms(lambda: layer.forward(inp, True), repeats)
         act = layer.forward(inp, True).copy()
         dy = rng.normal(size=out.shape).astype(model.dtype)
         layer.forward(inp, True)
-        bwd_ms = _median_ms(lambda: layer.backward(dy, True), repeats)
+        # As in training, the first layer computes no input gradient (nothing upstream needs it).
+        input_grad = i > 0
+        bwd_ms = _median_ms(lambda: layer.backward(dy, input_grad), repeats)
         f = layer.flops(batch_size)
         row = {"index": i, "layer": repr(layer), "kind": layer.kind, "output_shape": list(out.shape[1:]),
                "forward_ms": fwd_ms, "backward_ms": bwd_ms,
-               "forward_gflops": _gflops(f, fwd_ms), "backward_gflops": _gflops(2 * f, bwd_ms)}
+               "forward_gflops": _gflops(f, fwd_ms), "backward_gflops": _gflops((2 if input_grad else 1) * f, bwd_ms),
+               "backward_input_grad": input_grad}
         for key in ("forward", "backward"):
             g = row[f"{key}_gflops"]
             row[f"{key}_peak_pct"] = 100 * g / peak if g else None
         if torch is not None:
-            row.update(_torch_layer_times(layer, inp, dy, torch, repeats, to_torch_input, torch_layer))
+            row.update(_torch_layer_times(layer, inp, dy, torch, repeats, to_torch_input, torch_layer, input_grad))
         rows.append(row)
 
     opt = build_optimizer(cfg.train.optimizer, model.parameters())
@@ -127,11 +142,12 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
     return report
 
 
-def _torch_layer_times(layer, inp, dy, torch, repeats, to_torch_input, torch_layer):
-    mod = torch_layer(layer, torch)
+def _torch_layer_times(layer, inp, dy, torch, repeats, to_torch_input, torch_layer, input_grad=True):
+    parts = getattr(layer, "layers", (layer,))  # a fused block: its layers in sequence, as PyTorch runs them
+    mod = torch.nn.Sequential(*[torch_layer(part, torch) for part in parts])
     four_d = inp.ndim == 4
     t_in = to_torch_input(inp, torch) if four_d else torch.from_numpy(inp.copy())
-    t_in = t_in.detach().requires_grad_(True)
+    t_in = t_in.detach().requires_grad_(input_grad)
     if four_d:
         mod = mod.to(memory_format=torch.channels_last)
     mod.train()
@@ -150,6 +166,8 @@ def _torch_layer_times(layer, inp, dy, torch, repeats, to_torch_input, torch_lay
         o.backward(t_dy)
 
     fwd_ms = _median_ms(fwd, repeats)
+    if not out.requires_grad:  # a first block without parameters: no backward pass in training
+        return {"torch_forward_ms": fwd_ms, "torch_backward_ms": 0.0}
     both_ms = _median_ms(fwd_bwd, repeats)
     return {"torch_forward_ms": fwd_ms, "torch_backward_ms": max(both_ms - fwd_ms, 0.0)}
 
@@ -202,17 +220,19 @@ def print_report(report, echo=print):
     has_torch = "torch_ms" in report["step"]
     echo(f"\nbatch {report['batch_size']}, {report['threads']} thread(s), {report['cpu']}; "
          f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s ({report['matmul_peak_source']})")
-    head = f"{'#':>2} {'layer':<10} {'fwd ms':>8} {'GFLOP/s':>8} {'%peak':>6} {'bwd ms':>8} {'GFLOP/s':>8} {'%peak':>6}"
+    head = f"{'#':>2} {'layer':<24} {'fwd ms':>8} {'GFLOP/s':>8} {'%peak':>6} {'bwd ms':>8} {'GFLOP/s':>8} {'%peak':>6}"
     if has_torch:
         head += f" {'torch fwd':>10} {'torch bwd':>10}"
     echo(head)
     for r in report["layers"]:
-        line = (f"{r['index']:>2} {r['kind']:<10} {r['forward_ms']:>8.3f} {_fmt(r['forward_gflops'], '8.1f'):>8} "
+        line = (f"{r['index']:>2} {r['kind']:<24} {r['forward_ms']:>8.3f} {_fmt(r['forward_gflops'], '8.1f'):>8} "
                 f"{_fmt(r['forward_peak_pct'], '5.0f'):>6} {r['backward_ms']:>8.3f} "
                 f"{_fmt(r['backward_gflops'], '8.1f'):>8} {_fmt(r['backward_peak_pct'], '5.0f'):>6}")
         if has_torch:
             line += f" {r['torch_forward_ms']:>10.3f} {r['torch_backward_ms']:>10.3f}"
         echo(line)
+    if report["layers"] and not report["layers"][0]["backward_input_grad"]:
+        echo("(row 0's backward is its weight gradient only: training never needs the input's gradient)")
     s, inf = report["step"], report["inference_b256"]
     line = f"training step (fwd + loss + bwd + optimizer): {s['ms']:.2f} ms, {s['images_per_sec']:.0f} images/s"
     if has_torch:
