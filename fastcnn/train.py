@@ -55,8 +55,11 @@ def compile_stats():
     return compiled, loaded
 
 
-def warm_up(model_cfg, batch=2, log=print):
-    """Compile (or load from cache) every kernel the model uses, on a throwaway copy of it.
+def warm_up(model_cfg, batch=2, log=print, optimizer="adam", clip=False):
+    """Compile (or load from cache) every kernel a training step uses, on a throwaway copy of the model.
+
+    Only the named optimizer's kernel (and the clipping kernels if ``clip``) are
+    compiled: every kernel costs a second or two of a cold start.
 
     The real model's state (batch-norm running statistics) is untouched.
     Returns seconds spent.
@@ -72,7 +75,7 @@ def warm_up(model_cfg, batch=2, log=print):
     notice.daemon = True
     notice.start()
     try:
-        _warm_up_step(model_cfg, batch)
+        _warm_up_step(model_cfg, batch, optimizer, clip)
     finally:
         notice.cancel()
     seconds = time.perf_counter() - start
@@ -84,11 +87,11 @@ def warm_up(model_cfg, batch=2, log=print):
     return seconds
 
 
-def _warm_up_step(model_cfg, batch):
-    """One training step of every kind (both optimizers, clipping, evaluation) on a throwaway model."""
+def _warm_up_step(model_cfg, batch, optimizer, clip):
+    """One training step and one evaluation forward on a throwaway model."""
     from .losses import softmax_cross_entropy
     from .model import build_model
-    from .optim import SGD, Adam, clip_grad_norm
+    from .optim import build_optimizer, clip_grad_norm
 
     scratch = build_model(model_cfg, seed=0)
     x = np.zeros((batch, *scratch.input_shape), scratch.dtype)
@@ -97,9 +100,12 @@ def _warm_up_step(model_cfg, batch):
     _, dlogits = softmax_cross_entropy(logits, labels)
     scratch.backward(dlogits, input_grad=False)
     scratch.forward(x, training=False)
-    clip_grad_norm(scratch.parameters(), 1.0)
-    Adam(scratch.parameters()).step()
-    SGD(scratch.parameters(), momentum=0.9).step()
+    if clip:
+        clip_grad_norm(scratch.parameters(), 1.0)
+    options = {"name": optimizer, "lr": 0.001}
+    if optimizer == "sgd":
+        options["momentum"] = 0.9
+    build_optimizer(options, scratch.parameters()).step()
 
 
 def evaluate(model, x, y, batch_size=500):
@@ -329,7 +335,8 @@ class Trainer:
             f.write(to_yaml(cfg))
         self.log(f"Training on {len(x_train)} images ({ds.name}), validating on {len(x_val)}; "
                  f"{self.model.num_parameters():,} parameters; {self.threads} thread(s); output {self.out_dir}")
-        warm_up(cfg.model, log=self.log)
+        warm_up(cfg.model, log=self.log, optimizer=cfg.train.optimizer["name"],
+                clip=cfg.train.clip_grad_norm is not None)
         augmenter = ds.augmenter  # training batches only; None when data.augment enables nothing
 
         loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, reuse=True)
