@@ -75,7 +75,7 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
     from .train import set_threads, warm_up
 
     cfg = load_config(config) if config else validate({"model": {}, "data": {"dataset": "mnist"}})
-    n_threads = set_threads(threads if threads is not None else cfg.train.threads)
+    n_threads = (set_threads(threads, key="--threads") if threads is not None else set_threads(cfg.train.threads))
     torch = None
     if compare == "torch":
         torch = import_torch()

@@ -24,6 +24,10 @@ def atomic_write_bytes(path, data):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        # mkstemp makes the file private (0600); give it the permissions any other new file gets.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -96,10 +100,16 @@ def load_checkpoint(path):
     except Exception as e:  # noqa: BLE001 - untrusted bytes: zipfile and numpy raise many kinds
         raise CheckpointError(f"{path}: not a valid checkpoint (unreadable or truncated: "
                               f"{type(e).__name__}: {str(e)[:200]})".replace("\n", " ")) from None
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # a zip member that is not an .npy file
+            raise CheckpointError(f"{path}: entry {key!r} is not an array; not a fastcnn checkpoint")
     if "meta" not in arrays:
         raise CheckpointError(f"{path}: not a fastcnn checkpoint (no 'meta' entry)")
     try:
-        meta = json.loads(str(arrays.pop("meta")[()]))
+        meta_array = arrays.pop("meta")
+        if meta_array.dtype.kind != "U" or meta_array.shape != ():
+            raise ValueError(f"expected a JSON string, got an array of {meta_array.dtype} {meta_array.shape}")
+        meta = json.loads(str(meta_array[()]))
         if not isinstance(meta, dict):
             raise ValueError("meta is not a JSON object")
     except (ValueError, TypeError) as e:

@@ -4,6 +4,7 @@ Nothing heavy is imported at module level: ``fastcnn --help`` answers at once
 and no kernel is compiled until a command needs it.
 """
 import json
+import signal
 import sys
 import time
 
@@ -185,7 +186,7 @@ def predict(checkpoint, inputs, top_k, resize, invert, no_normalize, batch_size,
     from .predict import format_predictions, predict_inputs
     from .train import set_threads
 
-    set_threads(threads)
+    set_threads(threads, key="--threads")
     result = predict_inputs(checkpoint, inputs, top_k=top_k, batch_size=batch_size, resize=resize,
                             invert=invert, normalize=not no_normalize)
     for note in result["notes"]:
@@ -217,8 +218,8 @@ def main(argv=None):
 
     try:
         cli.main(args=argv, prog_name="fastcnn", standalone_mode=False)
-    except click.exceptions.Abort:
-        _error("aborted")
+    except click.exceptions.Abort:  # click's name for a KeyboardInterrupt it caught
+        _error("interrupted")
         sys.exit(130)
     except click.ClickException as e:
         e.show()
@@ -231,6 +232,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         _error("interrupted")
         sys.exit(130)
+    except MemoryError:
+        _error("out of memory: try a smaller data.batch_size, data.num_train or model")
+        sys.exit(EXIT_USER_ERROR)
     except Exception as e:  # noqa: BLE001 - the last line of defence
         from .train import Interrupted, TrainingDiverged
 
@@ -238,6 +242,9 @@ def main(argv=None):
             _error(str(e))
             sys.exit(EXIT_INTERNAL)
         if isinstance(e, Interrupted):
+            # Everything is saved; a further Ctrl-C must not cut these lines or change the exit code.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             click.echo(f"\nInterrupted: saved {e.checkpoint}", err=True)
             click.echo(f"Resume with: fastcnn train {' '.join(_resume_args(e.checkpoint))}", err=True)
             sys.exit(e.code)

@@ -8,10 +8,61 @@ CLI prints as one line with exit code 2.
 import copy
 import difflib
 import os
+import re
 
 import yaml
 
 from .errors import ConfigError
+
+# --------------------------------------------------------------------------
+# YAML reading. PyYAML implements YAML 1.1, where `1e-3` (no dot) is a string
+# and a repeated key silently wins; users write `lr: 1e-3` and deserve an
+# error for a duplicate, so the loader below reads YAML 1.2 floats and
+# refuses duplicate keys.
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, mark):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.mark = key, mark
+
+
+class ConfigLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # an unhashable key: PyYAML reports it itself below
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text):
+    """YAML text -> plain Python data (aliases expanded into independent copies)."""
+    return _detach(yaml.load(text, Loader=ConfigLoader))
+
+
+def _detach(value):
+    # YAML aliases (&a / *a) share one object; --set on one copy must not change the others.
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    return value
+
 
 # --------------------------------------------------------------------------
 # Field checkers: each takes (value, path) and returns the normalized value or
@@ -25,6 +76,8 @@ def _type_name(value):
 
 def integer(minimum=None, maximum=None):
     def check(value, path):
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+            value = int(value)  # 1e3 or 64.0: an integer written as a number
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"expected an integer, got {_type_name(value)} ({value!r})")
         if minimum is not None and value < minimum:
@@ -187,6 +240,10 @@ EARLY_STOPPING_SCHEMA = {
 
 def _early_stopping(value, path):
     return None if value is None else _check_section(value, EARLY_STOPPING_SCHEMA, path)
+
+
+# Sections that are null (off) by default; --set on one of their keys switches them on.
+OPTIONAL_SECTIONS = {"early_stopping": EARLY_STOPPING_SCHEMA}
 
 
 OPTIMIZER_SCHEMAS = {
@@ -405,8 +462,9 @@ def validate(raw):
     if not isinstance(raw, dict):
         raise ConfigError("", f"the config must be a mapping of sections (model, data, ...), got {_type_name(raw)}")
     for key in TOP_REQUIRED:
-        if key not in raw:
-            raise ConfigError(key, "required section is missing")
+        if raw.get(key) is None:
+            raise ConfigError(key, "required section is missing" if key not in raw else
+                              "required section is empty (null); give at least {} for the defaults")
     if not isinstance(raw.get("data"), dict) or "dataset" not in raw["data"]:
         if "data" in raw and not isinstance(raw["data"], dict):
             raise ConfigError("data", f"expected a mapping, got {_type_name(raw['data'])}")
@@ -426,8 +484,34 @@ def validate(raw):
                                                    f"{classes} classes")
     from .model import plan_shapes  # local import: config stays importable without numba
 
-    plan_shapes(cfg.model)
+    _check_sizes(plan_shapes(cfg.model))
     return cfg
+
+
+MAX_PARAMETERS = 1 << 30        # 4 GiB of float32 weights
+MAX_ACTIVATION = 1 << 27        # elements of one layer's output for one image (512 MiB of float32)
+
+
+def _check_sizes(plan):
+    """Refuse stacks whose weights or activations could not be allocated, naming the layer."""
+    total = 0
+    for i, (layer, in_shape, out_shape) in enumerate(plan):
+        if layer.kind == "conv2d":
+            count = layer.kernel[0] * layer.kernel[1] * in_shape[-1] * layer.filters
+        elif layer.kind == "dense":
+            count = in_shape[0] * layer.units
+        else:
+            count = 0
+        total += count
+        if count > MAX_PARAMETERS or total > MAX_PARAMETERS:
+            raise ConfigError(f"model.layers[{i}]", f"the model would have {total:,} parameters "
+                                                    f"(at most {MAX_PARAMETERS:,})")
+        size = 1
+        for d in out_shape:
+            size *= d
+        if size > MAX_ACTIVATION:
+            raise ConfigError(f"model.layers[{i}]", f"outputs {size:,} values per image {tuple(out_shape)} "
+                                                    f"(at most {MAX_ACTIVATION:,})")
 
 
 def validate_section(name, raw):
@@ -439,14 +523,23 @@ def load_config(path, overrides=()):
     """Read a YAML file, apply ``KEY=VALUE`` overrides, validate. Returns a Section."""
     path = os.fspath(path)
     try:
+        if os.path.isdir(path):
+            raise ConfigError("", f"config path is a folder, not a YAML file: {path}")
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise ConfigError("", f"{path}: {os.path.getsize(path):,} bytes is too large for a config file "
+                                  f"(at most {MAX_CONFIG_BYTES:,})")
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{path}: not a text (UTF-8) YAML file (byte {e.start} is not UTF-8)") from None
     except OSError as e:
         raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
+    except _DuplicateKey as e:
+        raise ConfigError("", f"{path}: duplicate key {e.key!r} at line {e.mark.line + 1}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -509,7 +602,7 @@ def apply_override(raw, item):
     key = key.strip()
     parts = _parse_key_path(key)
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     node = raw
@@ -522,6 +615,8 @@ def apply_override(raw, item):
         else:
             if not isinstance(node, dict):
                 raise ConfigError(here, "cannot override inside a value that is not a mapping")
+            if node.get(part) is None and part in OPTIONAL_SECTIONS and len(parts) == i + 2:
+                node[part] = {}  # e.g. --set train.early_stopping.patience=3 switches early stopping on
             if part not in node:
                 # A section or named sub-mapping absent from the file: create it if the schema has it.
                 default = _default_at(parts[: i + 1])
@@ -585,6 +680,8 @@ def _known_key(parts, node):
     if _schema_has(parts, None):
         return True
     last = parts[-1]
+    if len(parts) >= 2 and parts[-2] in OPTIONAL_SECTIONS:
+        return last in OPTIONAL_SECTIONS[parts[-2]]
     if isinstance(node.get("type"), str) and node["type"] in LAYER_SCHEMAS:
         return last in LAYER_SCHEMAS[node["type"]]
     if isinstance(node.get("name"), str):

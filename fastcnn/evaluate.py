@@ -70,7 +70,7 @@ def evaluate_checkpoint(path, data_root=None, batch_size=500, threads=None):
 
     checkpoint = load_checkpoint(path)
     cfg, model = model_from_checkpoint(checkpoint)
-    set_threads(threads)
+    set_threads(threads, key="--threads")
     d = cfg.data
     extra = {key: d[key] for key in ("path", "resize") if d.get(key) is not None}  # folder / npz datasets
     ds = load_dataset(d.dataset, data_root if data_root is not None else d.root,

@@ -39,17 +39,23 @@ class Optimizer:
         return state
 
     def load_state_dict(self, state):
-        for key in ("step", "lr"):
-            if key not in state:
-                raise CheckpointError(f"optimizer state is missing {key!r}")
+        """Restore from ``state_dict()`` output; CheckpointError naming the first entry that does not fit
+        (another optimizer in ``train.optimizer``, another model, or a damaged file)."""
+        for key, kind in (("step", "iu"), ("lr", "iuf")):
+            value = np.asarray(state[key]) if key in state else None
+            if value is None or value.shape != () or value.dtype.kind not in kind:
+                raise CheckpointError(f"optimizer state 'optim.{key}' is missing or not a number "
+                                      f"(train.optimizer differs from the checkpoint's?)")
         for slot, arrays in self._slots().items():
             for i, a in enumerate(arrays):
                 key = f"{i}.{slot}"
                 if key not in state:
-                    raise CheckpointError(f"optimizer state is missing 'optim.{key}'")
-                if np.shape(state[key]) != a.shape:
-                    raise CheckpointError(f"optim.{key}: shape {np.shape(state[key])} in the checkpoint, "
-                                          f"{a.shape} in the model")
+                    raise CheckpointError(f"optimizer state is missing 'optim.{key}' (train.optimizer is "
+                                          f"{type(self).__name__}; the checkpoint's optimizer differs?)")
+                value = np.asarray(state[key])
+                if value.shape != a.shape or value.dtype.kind != "f":
+                    raise CheckpointError(f"optim.{key}: {value.dtype} {value.shape} in the checkpoint, "
+                                          f"{a.dtype} {a.shape} in the model")
         for slot, arrays in self._slots().items():
             for i, a in enumerate(arrays):
                 a[...] = state[f"{i}.{slot}"]

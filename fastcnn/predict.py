@@ -144,6 +144,8 @@ def _to_unit(arr, path):
     if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise InputError(f"{path}: dtype {arr.dtype} is not a number type (expected uint8 or float)")
     if np.issubdtype(arr.dtype, np.integer):
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise InputError(f"{path}: integer pixels must be in 0..255 (8-bit), found {arr.min()}..{arr.max()}")
         return arr.astype(np.float32) / np.float32(255.0)
     x = arr.astype(np.float32)
     if not np.all(np.isfinite(x)):

@@ -16,16 +16,18 @@ from .config import ConfigError, to_dict, to_yaml
 from .errors import UserError
 
 
-def set_threads(threads):
-    """Numba's thread count for the kernels (None: all cores). Returns the count in use."""
+def set_threads(threads, key="train.threads"):
+    """Numba's thread count for the kernels (None: all cores). Returns the count in use.
+
+    ``key`` names the setting in errors (``--threads`` for commands without a config).
+    """
     import numba
 
     if threads is None:
         return numba.get_num_threads()
     limit = numba.config.NUMBA_NUM_THREADS
     if not 1 <= threads <= limit:
-        raise ConfigError("train.threads", f"must be between 1 and {limit} (the cores Numba was started with), "
-                                           f"got {threads}")
+        raise ConfigError(key, f"must be between 1 and {limit} (the cores Numba was started with), got {threads}")
     numba.set_num_threads(threads)
     return threads
 
@@ -198,7 +200,10 @@ def load_data(cfg, progress=True):
                                                f"{ds.num_classes} classes")
     if d.validation == "test":
         return ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds
-    x_tr, y_tr, x_val, y_val = split_validation(ds.x_train, ds.y_train, d.validation, cfg.seed)
+    try:
+        x_tr, y_tr, x_val, y_val = split_validation(ds.x_train, ds.y_train, d.validation, cfg.seed)
+    except ValueError as e:
+        raise ConfigError("data.validation", str(e)) from None
     return x_tr, y_tr, x_val, y_val, ds
 
 
@@ -221,6 +226,40 @@ def _describe_param(model, key):
 
 
 CHECKPOINT_FILES = ("last.npz", "best.npz")
+
+
+def _checked_meta(meta, path):
+    """The resume fields of a checkpoint's meta, type-checked: CheckpointError naming the bad one."""
+    from .errors import CheckpointError
+
+    def fail(key, what):
+        raise CheckpointError(f"--resume {path}: meta {key!r} {what}; not a checkpoint this trainer wrote")
+
+    out = {}
+    for key in ("epoch", "batch", "skipped_steps"):
+        value = meta.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            fail(key, f"must be an integer >= 0, got {value!r}")
+        out[key] = value
+    best = meta.get("best_accuracy")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float))):
+        fail("best_accuracy", f"must be a number or null, got {best!r}")
+    out["best_accuracy"] = best
+    history = meta.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        fail("history", "must be a list of epoch records")
+    out["history"] = list(history)
+    running = meta.get("running")
+    if running is not None:
+        fields = ("loss", "correct", "seen", "seconds")
+        if not isinstance(running, dict) or not all(
+                isinstance(running.get(k), (int, float)) and not isinstance(running.get(k), bool) for k in fields):
+            fail("running", f"must be null or a mapping of {', '.join(fields)} to numbers")
+    out["running"] = running
+    for key in ("schedule", "early_stopping"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            fail(key, "must be a mapping")
+    return out
 
 
 class Trainer:
@@ -255,6 +294,21 @@ class Trainer:
         path = os.path.join(self.out_dir, name)
         save_checkpoint(path, self.model.state_dict(), self.opt.state_dict(), meta)
         return path
+
+    def _needs_drop_last(self, n_train):
+        """Drop an epoch's last batch when it holds one image and a batch norm sees one value per channel.
+
+        Batch norm cannot normalize a single value (PyTorch refuses too); that happens after a dense
+        layer or a global pool when the training set leaves a remainder of 1 image.
+        """
+        if n_train % self.cfg.data.batch_size != 1 or n_train == 1:
+            return False
+        per_image = [int(np.prod(layer.in_shape[:-1])) for layer in self.model.layers if layer.kind == "batchnorm"]
+        if any(count == 1 for count in per_image):
+            self.log(f"Note: the last batch of each epoch ({n_train} = k x {self.cfg.data.batch_size} + 1) would "
+                     f"hold one image, which batch norm cannot normalize; it is skipped")
+            return True
+        return False
 
     def _check_output(self):
         """Never silently replace another run's checkpoints."""
@@ -293,12 +347,14 @@ class Trainer:
                 self.model.load_state_dict(checkpoint.model)
                 self.opt.load_state_dict(checkpoint.optim)
             except UserError as e:
-                raise UserError(f"--resume {self.resume}: does not match the config's model: {e}") from None
+                what = "optimizer (train.optimizer)" if "optim" in str(e) else "model"
+                raise UserError(f"--resume {self.resume}: does not match the config's {what}: {e}") from None
+            checked = _checked_meta(checkpoint.meta, self.resume)
+            self.position = (checked["epoch"], checked["batch"], checked["running"])
+            self.best_accuracy = checked["best_accuracy"]
+            self.history = checked["history"]
+            self.skipped_steps = checked["skipped_steps"]
             meta = checkpoint.meta
-            self.position = (int(meta.get("epoch", 0)), int(meta.get("batch", 0)), meta.get("running"))
-            self.best_accuracy = meta.get("best_accuracy")
-            self.history = list(meta.get("history", []))
-            self.skipped_steps = int(meta.get("skipped_steps", 0))
             try:
                 self.schedule.load_state_dict(meta.get("schedule") or {})
                 if self.early_stopping and meta.get("early_stopping"):
@@ -323,11 +379,18 @@ class Trainer:
         cfg = self.cfg
         self.threads = set_threads(cfg.train.threads)
         self.out_dir = cfg.output.dir
-        prepare_output_dir(self.out_dir)
         self._check_output()
         x_train, y_train, x_val, y_val, ds = self._load()
         self.dataset = ds
+        # Everything the run needs is loaded and checked: only now create the output folder, so a
+        # failed start leaves nothing behind (its writability is still checked before any training).
+        prepare_output_dir(self.out_dir)
         start_epoch, start_batch, running = self.position
+        loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, reuse=True,
+                             drop_last=self._needs_drop_last(len(x_train)))
+        if start_batch > len(loader):
+            raise UserError(f"--resume {self.resume}: saved at batch {start_batch} of an epoch of {len(loader)} "
+                            f"batches (data.batch_size or data.num_train changed since)")
         if self.resume:
             self.log(f"Resuming from {self.resume}: epoch {start_epoch + 1}, batch {start_batch}")
 
@@ -339,7 +402,6 @@ class Trainer:
                 clip=cfg.train.clip_grad_norm is not None)
         augmenter = ds.augmenter  # training batches only; None when data.augment enables nothing
 
-        loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, reuse=True)
         metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
         if not self.resume and os.path.exists(metrics_path):
             os.unlink(metrics_path)
@@ -420,7 +482,9 @@ class Trainer:
                     break
             if epochs == start_epoch and not self.resume:
                 self._save("last.npz", epochs, 0, None)
-        self._plot_curves()
+            self._plot_curves()
+            if stop.signum is not None:  # arrived after the last step: everything is saved already
+                raise Interrupted(stop.signum, os.path.join(self.out_dir, "last.npz"))
         return {"history": self.history, "best_accuracy": self.best_accuracy, "output_dir": self.out_dir,
                 "skipped_steps": self.skipped_steps}
 

@@ -65,3 +65,14 @@ def test_truncated_checkpoint(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a valid checkpoint"):
         load_checkpoint(path)
+
+
+def test_zip_member_that_is_not_an_array(tmp_path):
+    import zipfile
+
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, _state(), meta={"epoch": 1})
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("layers.9.weight.npy", b"xx")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)

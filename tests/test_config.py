@@ -114,3 +114,29 @@ def test_set_errors(item, path):
     with pytest.raises(ConfigError) as info:
         load_config(f"{REPO}/configs/mnist.yaml", [item])
     assert str(info.value).startswith(f"{path}:")
+
+
+def test_yaml_12_floats_duplicates_aliases_and_binary(tmp_path):
+    cfg = load_config(_write(tmp_path, "model: {}\ndata: {dataset: mnist, batch_size: 1e2}\n"
+                                       "train: {optimizer: {name: adam, lr: 1e-3}}\n"))
+    assert cfg.train.optimizer["lr"] == 0.001 and cfg.data.batch_size == 100
+    with pytest.raises(ConfigError, match="duplicate key 'seed' at line 3"):
+        load_config(_write(tmp_path, "seed: 1\nmodel: {}\nseed: 2\ndata: {dataset: mnist}\n"))
+    text = ("model:\n  input_shape: [8, 8, 1]\n  num_classes: 2\n  layers:\n"
+            "    - &c {type: conv2d, filters: 4, kernel_size: 3}\n    - *c\n    - {type: flatten}\n"
+            "    - {type: dense, units: 2}\ndata: {dataset: synthetic}\n")
+    cfg = load_config(_write(tmp_path, text), ["model.layers[0].filters=2"])
+    assert [layer["filters"] for layer in cfg.model.layers[:2]] == [2, 4]  # the alias is an independent copy
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(bytes(range(128, 256)) * 8)
+    with pytest.raises(ConfigError, match="not a text"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(_write(tmp_path, "model:\ndata: {dataset: mnist}\n"))
+
+
+def test_set_switches_an_optional_section_on(tmp_path):
+    cfg = load_config(f"{REPO}/configs/mnist.yaml", ["train.early_stopping.patience=3"])
+    assert cfg.train.early_stopping == {"monitor": "val_loss", "patience": 3, "min_delta": 0.0}
+    with pytest.raises(ConfigError, match="train.early_stopping.patiense: no such key"):
+        load_config(f"{REPO}/configs/mnist.yaml", ["train.early_stopping.patiense=3"])

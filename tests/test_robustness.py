@@ -162,3 +162,55 @@ def test_thread_count_does_not_change_the_weights(tmp_path):
         runs.append(_weights(out_dir / "last.npz")[0])
     for key in runs[0]:
         np.testing.assert_array_equal(runs[0][key], runs[1][key], err_msg=key)
+
+
+def _rewrite_meta(path, **changes):
+    import json
+
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta.update(changes)
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"epoch": "abc"}, "'epoch' must be an integer"),
+    ({"batch": None}, "'batch' must be an integer"),
+    ({"history": 5}, "'history' must be a list"),
+    ({"best_accuracy": "best"}, "'best_accuracy' must be a number"),
+    ({"running": {"loss": 1}}, "'running' must be null or a mapping"),
+    ({"batch": 9999}, "saved at batch 9999 of an epoch of 16 batches"),
+])
+def test_resume_with_a_damaged_meta_is_a_clear_error(tmp_path, changes, words):
+    out_dir = tmp_path / "run"
+    _train(_cfg(out_dir, "train.epochs=1"))
+    _rewrite_meta(out_dir / "last.npz", **changes)
+    with pytest.raises(UserError, match=words):
+        _train(_cfg(out_dir, "train.epochs=2"), resume=str(out_dir / "last.npz"))
+
+
+def test_validation_fraction_leaving_nothing_is_a_config_error(tmp_path):
+    from fastcnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.validation"):
+        _train(_cfg(tmp_path / "v", "data.num_train=1", "data.validation=0.5"))
+    assert not (tmp_path / "v").exists()  # a failed start leaves no output folder behind
+
+
+def test_last_batch_of_one_with_batchnorm_after_dense(tmp_path):
+    layers = ("model.layers=[{type: flatten}, {type: dense, units: 8}, {type: batchnorm}, {type: relu}, "
+              "{type: dense, units: 4}]")
+    result = _train(_cfg(tmp_path / "b", layers, "data.num_train=33", "train.epochs=1"))
+    assert result["history"][0]["epoch"] == 1
+
+
+def test_checkpoint_files_get_normal_permissions(tmp_path):
+    import stat
+
+    out_dir = tmp_path / "p"
+    _train(_cfg(out_dir, "train.epochs=1"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(out_dir / "last.npz").st_mode) == 0o666 & ~umask
