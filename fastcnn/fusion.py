@@ -19,7 +19,7 @@ reductions add the same terms in another order (see fastcnn/kernels/fused.py).
 import numpy as np
 
 from .kernels import fused
-from .layers import BatchNorm, LeakyReLU, MaxPool2D, ReLU
+from .layers import BatchNorm, LeakyReLU, MaxPool2D, ReLU, batchnorm_eval_backward
 
 
 class Block:
@@ -41,6 +41,28 @@ class Block:
 
     def flops(self, batch):
         return sum(layer.flops(batch) for layer in self.layers)
+
+    # -- shape checks, as Layer's: the kernels do no bounds checking -------
+    _dy_shape = None
+
+    def _begin_forward(self, x, training):
+        self._dy_shape = None
+        in_shape = self.layers[0].in_shape
+        if x.ndim != 1 + len(in_shape) or tuple(x.shape[1:]) != in_shape:
+            raise ValueError(f"{type(self).__name__}.forward: input must have shape (batch, "
+                             f"{', '.join(map(str, in_shape))}), got {x.shape}")
+        self.training = bool(training)
+        self._dy_shape = (x.shape[0], *self.layers[-1].out_shape)
+
+    def _check_dy(self, dy):
+        expected = self._dy_shape
+        if expected is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() needs a forward() first")
+        dy = np.asarray(dy)
+        if dy.shape != expected:
+            raise ValueError(f"{type(self).__name__}.backward: the gradient must have the shape of the "
+                             f"last forward's output {expected}, got {dy.shape}")
+        return np.ascontiguousarray(dy, dtype=self.layers[0].dtype)
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(repr(layer) for layer in self.layers)})"
@@ -78,6 +100,7 @@ class ActivationMaxPool2D(Block):
 
     def forward(self, x, training):
         x = np.ascontiguousarray(x)
+        self._begin_forward(x, training)
         self.x_shape = x.shape
         y = self._buffer("y", (x.shape[0], *self.pool.out_shape), x.dtype)
         self.argmax = self._buffer("argmax", y.shape, np.int32)
@@ -88,9 +111,9 @@ class ActivationMaxPool2D(Block):
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)  # the argmax of the last forward (training or not) routes it
         if not need_input_grad:
             return None
-        dy = np.ascontiguousarray(dy)
         dx = self._buffer("dx", self.x_shape, dy.dtype)
         slope = dy.dtype.type(0 if self.slope is None else self.slope)
         fused.maxpool2d_route_backward(dy, self.argmax, slope, dx, self.pool.stride[0], self.pool.pad[0],
@@ -117,6 +140,10 @@ class BatchNormReLU(Block):
     def forward(self, x, training):
         bn = self.bn
         x = np.ascontiguousarray(x)
+        if training and x.ndim >= 1 and x.shape[-1] and x.size // x.shape[-1] < 2:  # before any state changes
+            raise ValueError(f"batchnorm in training needs more than 1 value per channel, "
+                             f"got input shape {x.shape}")
+        self._begin_forward(x, training)
         dt = x.dtype
         c = x.shape[-1]
         x2 = x.reshape(-1, c)
@@ -124,9 +151,6 @@ class BatchNormReLU(Block):
         gamma, beta = bn.params["gamma"].data, bn.params["beta"].data
         if training:
             m = x2.shape[0]
-            if m < 2:
-                raise ValueError(f"batchnorm in training needs more than 1 value per channel, "
-                                 f"got input shape {x.shape}")
             self.x = x
             self.mean = self._buffer("mean", (c,), dt)
             self.var = self._buffer("var", (c,), dt)
@@ -148,9 +172,12 @@ class BatchNormReLU(Block):
             mean = bn.buffers["running_mean"]
             scale = self._buffer("eval_scale", (c,), dt)
             invstd_and_scale(gamma, bn.buffers["running_var"], eps, self._buffer("eval_invstd", (c,), dt), scale)
+            self.eval_x = x  # references only, for a backward in evaluation mode (rare: nothing is recomputed
+            #                  here; the backward rebuilds what it needs)
         if self.pool is None:
             y = self._buffer("y", x.shape, dt)
             fused.batchnorm_relu_forward(x2, mean, scale, beta, y.reshape(-1, c))
+            self.eval_y = None if training else y
             return y
         y = self._buffer("y", (x.shape[0], *self.pool.out_shape), dt)
         if training:
@@ -165,10 +192,12 @@ class BatchNormReLU(Block):
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
+        if not self.training:
+            return self._eval_backward(dy, need_input_grad)
         bn = self.bn
         gamma = bn.params["gamma"]
         beta = bn.params["beta"]
-        dy = np.ascontiguousarray(dy)
         x = self.x
         c = x.shape[-1]
         dx = self._buffer("dx", x.shape, x.dtype) if need_input_grad else None
@@ -185,6 +214,38 @@ class BatchNormReLU(Block):
                                                    gamma.grad, beta.grad, dx, self.pool.stride[0],
                                                    self.pool.pad[0], _overlaps_vertically(self.pool))
         return dx
+
+
+    def _eval_backward(self, dy, need_input_grad):
+        """Backward after forward(training=False): through the pool's argmax and the ReLU mask
+        of that forward, then the evaluation batch norm (an affine map; see
+        layers.batchnorm_eval_backward). Unfused and partly NumPy: evaluation backward is rare,
+        so the evaluation forward records nothing but references."""
+        bn = self.bn
+        x = self.eval_x
+        dt = x.dtype
+        c = x.shape[-1]
+        if self.pool is None:
+            # relu'(z) from the forward's own output: y <= 0 exactly where z <= 0 (NaN passes, as torch).
+            g = self._buffer("eval_g", x.shape, dt)
+            np.copyto(g, dy)
+            g[self.eval_y <= 0] = 0
+        else:
+            # The winners of that forward: the training kernel (same arithmetic) rerun on the same
+            # x, running mean and scale, into buffers of its own (the training caches stay).
+            scale = self._buffer("eval_scale2", (c,), dt)
+            invstd_and_scale(bn.params["gamma"].data, bn.buffers["running_var"], dt.type(bn.eps),
+                             self._buffer("eval_invstd2", (c,), dt), scale)
+            y = self._buffer("eval_y2", dy.shape, dt)
+            argmax = self._buffer("eval_argmax2", dy.shape, np.int32)
+            xsel = self._buffer("eval_xsel2", dy.shape, dt)
+            fused.batchnorm_relu_maxpool2d_forward(x, bn.buffers["running_mean"], scale, bn.params["beta"].data,
+                                                   y, argmax, xsel, True, *_pool_args(self.pool))
+            g = self._buffer("eval_g", x.shape, dt)
+            fused.maxpool2d_route_backward(dy, argmax, dt.type(0), g, self.pool.stride[0], self.pool.pad[0],
+                                           _overlaps_vertically(self.pool))
+        dx = self._buffer("dx", x.shape, dt) if need_input_grad else None
+        return batchnorm_eval_backward(bn, x, g, dx)
 
 
 def _leaky_pool_fusable(pool):

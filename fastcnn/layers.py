@@ -8,6 +8,13 @@ Outputs are written into buffers the layer allocates once per batch shape and
 reuses: an array returned by ``forward``/``backward`` stays valid until the
 layer's next call of the same method. Sequential copies what it hands back to
 the user.
+
+``backward`` differentiates the LAST ``forward``, in the mode it ran in: after
+``forward(x, training=False)`` batch norm backpropagates through its evaluation
+affine transform (running statistics), dropout is the identity, max-pool routes
+through that forward's argmax. Both methods check shapes before any kernel runs
+(a wrong shape raises ValueError, backward before forward RuntimeError): the
+kernels index without bounds checks.
 """
 import numpy as np
 
@@ -64,6 +71,31 @@ class Layer:
 
     def backward(self, dy, need_input_grad=True):
         raise NotImplementedError
+
+    # -- shape checks: the kernels do no bounds checking -------------------
+    _dy_shape = None  # the shape backward expects: that of the last forward's output
+
+    def _begin_forward(self, x, training):
+        """Check x against the built input shape; remember the output shape and the mode."""
+        self._dy_shape = None
+        in_shape = getattr(self, "in_shape", None)
+        if in_shape is not None and (x.ndim != 1 + len(in_shape) or tuple(x.shape[1:]) != in_shape):
+            raise ValueError(f"{type(self).__name__}.forward: input must have shape (batch, "
+                             f"{', '.join(map(str, in_shape))}), got {x.shape}")
+        self.training = bool(training)
+        self._dy_shape = (x.shape[0], *self.out_shape) if in_shape is not None else None
+
+    def _check_dy(self, dy):
+        """dy as a contiguous array of the layer's dtype, after checking it has the shape of the
+        last forward's output (RuntimeError when there was none)."""
+        expected = self._dy_shape
+        if expected is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() needs a forward() first")
+        dy = np.asarray(dy)
+        if dy.shape != expected:
+            raise ValueError(f"{type(self).__name__}.backward: the gradient must have the shape of the "
+                             f"last forward's output {expected}, got {dy.shape}")
+        return np.ascontiguousarray(dy, dtype=self.dtype)
 
     def flops(self, batch):
         """Forward multiply-add FLOPs (2 per MAC) for a batch; 0 for cheap layers."""
@@ -162,12 +194,14 @@ class Conv2D(Layer):
         return (self.stride[0], self.stride[1], self.pads[0], self.pads[2], self.dilation[0], self.dilation[1])
 
     def forward(self, x, training):
+        self._begin_forward(x, training)
         self.x = x
         y = self._buffer("y", (x.shape[0], *self.out_shape))
         conv.conv2d_forward(x, self.params["weight"].data, self._bias(), y, *self._geometry())
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
         w = self.params["weight"]
         db = self.params["bias"].grad if self.use_bias else self._buffer("db", (self.filters,))
         conv.conv2d_backward_weight(self.x, dy, w.grad, db, *self._geometry())
@@ -210,6 +244,7 @@ class MaxPool2D(Layer):
         return (oh, ow, c)
 
     def forward(self, x, training):
+        self._begin_forward(x, training)
         self.x_shape = x.shape
         y = self._buffer("y", (x.shape[0], *self.out_shape))
         self.argmax = self._buffer("argmax", y.shape, np.int32)
@@ -218,6 +253,7 @@ class MaxPool2D(Layer):
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", self.x_shape)
@@ -254,16 +290,18 @@ class AvgPool2D(Layer):
 
     def forward(self, x, training):
         x = np.ascontiguousarray(x)
+        self._begin_forward(x, training)
         self.x_shape = x.shape
         y = self._buffer("y", (x.shape[0], *self.out_shape))
         pool.avgpool2d_forward(x, y, *self._geometry())
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", self.x_shape)
-        pool.avgpool2d_backward(np.ascontiguousarray(dy), dx, *self._geometry())
+        pool.avgpool2d_backward(dy, dx, *self._geometry())
         return dx
 
     def __repr__(self):
@@ -282,16 +320,18 @@ class GlobalAvgPool(Layer):
 
     def forward(self, x, training):
         x = np.ascontiguousarray(x)
+        self._begin_forward(x, training)
         self.x_shape = x.shape
         y = self._buffer("y", (x.shape[0], x.shape[3]))
         pool.global_avgpool_forward(x, y)
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", self.x_shape)
-        pool.global_avgpool_backward(np.ascontiguousarray(dy), dx)
+        pool.global_avgpool_backward(dy, dx)
         return dx
 
 
@@ -335,6 +375,7 @@ class Dropout(Layer):
         return dropout_kernels.dropout_key(self.seed, self.index or 0, self.step if step is None else step)
 
     def forward(self, x, training):
+        self._begin_forward(x, training)
         self._active = bool(training) and self.rate > 0.0
         if not self._active:
             return x
@@ -347,11 +388,11 @@ class Dropout(Layer):
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
         if not need_input_grad:
             return None
-        if not self._active:
+        if not self._active:  # evaluation (or rate 0): the identity
             return dy
-        dy = np.ascontiguousarray(dy)
         dx = self._buffer("dx", dy.shape)
         dropout_kernels.dropout_backward(_rows(dy), _rows(self.mask), dy.dtype.type(self._scale), _rows(dx))
         return dx
@@ -364,12 +405,14 @@ class ReLU(Layer):
     kind = "relu"
 
     def forward(self, x, training):
+        self._begin_forward(x, training)
         self.x = x
         y = self._buffer("y", x.shape)
         activation.relu_forward(x.reshape(-1), y.reshape(-1))
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", dy.shape)
@@ -385,12 +428,14 @@ class LeakyReLU(Layer):
         self.negative_slope = float(negative_slope)
 
     def forward(self, x, training):
+        self._begin_forward(x, training)
         self.x = x
         y = self._buffer("y", x.shape)
         activation.leaky_relu_forward(x.reshape(-1), self.dtype.type(self.negative_slope), y.reshape(-1))
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", dy.shape)
@@ -426,6 +471,9 @@ class BatchNorm(Layer):
         self.buffers["running_var"] = np.ones(c, self.dtype)
 
     def forward(self, x, training):
+        if training and x.ndim >= 1 and x.shape[-1] and x.size // x.shape[-1] < 2:  # before any state changes
+            raise ValueError(f"batchnorm in training needs more than 1 value per channel, got input shape {x.shape}")
+        self._begin_forward(x, training)
         c = x.shape[-1]
         x2 = x.reshape(-1, c)
         y = self._buffer("y", x.shape)
@@ -434,10 +482,9 @@ class BatchNorm(Layer):
         if not training:
             norm.batchnorm_forward_eval(x2, gamma, beta, self.buffers["running_mean"], self.buffers["running_var"],
                                         eps, y.reshape(-1, c))
+            self.x = x  # a reference, for a backward in evaluation mode
             return y
         m = x2.shape[0]
-        if m < 2:
-            raise ValueError(f"batchnorm in training needs more than 1 value per channel, got input shape {x.shape}")
         self.x = x
         self.mean = self._buffer("mean", (c,))
         self.var = self._buffer("var", (c,))
@@ -453,6 +500,9 @@ class BatchNorm(Layer):
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
+        if not self.training:
+            return batchnorm_eval_backward(self, self.x, dy, self._buffer("dx", dy.shape) if need_input_grad else None)
         c = dy.shape[-1]
         dx = self._buffer("dx", dy.shape)
         norm.batchnorm_backward(self.x.reshape(-1, c), dy.reshape(-1, c), self.params["gamma"].data, self.mean,
@@ -461,6 +511,28 @@ class BatchNorm(Layer):
 
     def __repr__(self):
         return f"BatchNorm(momentum={self.momentum}, eps={self.eps})"
+
+
+def batchnorm_eval_backward(bn, x, dy, dx):
+    """Backward of the evaluation-mode batch norm y = (x - running_mean) * gamma / sqrt(running_var + eps)
+    + beta (as PyTorch's in model.eval()): a per-channel affine map, the statistics constants.
+
+    Writes gamma.grad = sum dy * (x - running_mean) * invstd, beta.grad = sum dy and, when ``dx`` is
+    given, dx = dy * gamma * invstd; returns dx. Plain NumPy: evaluation backward is rare.
+    """
+    c = x.shape[-1]
+    x2 = x.reshape(-1, c)
+    dy2 = dy.reshape(-1, c)
+    dt = bn.dtype
+    rv = bn.buffers["running_var"]
+    invstd = (np.ones((), dt) / np.sqrt(rv + dt.type(bn.eps))).astype(dt, copy=False)
+    gamma = bn.params["gamma"]
+    bn.params["beta"].grad[...] = dy2.sum(axis=0, dtype=dt)
+    gamma.grad[...] = (dy2 * (x2 - bn.buffers["running_mean"])).sum(axis=0, dtype=dt) * invstd
+    if dx is None:
+        return None
+    np.multiply(dy, (gamma.data * invstd).astype(dt, copy=False), out=dx)
+    return dx
 
 
 class Flatten(Layer):
@@ -472,10 +544,12 @@ class Flatten(Layer):
         return (int(np.prod(in_shape)),)
 
     def forward(self, x, training):
+        self._begin_forward(x, training)
         self.x_shape = x.shape
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
         return dy.reshape(self.x_shape) if need_input_grad else None
 
 
@@ -503,6 +577,7 @@ class Dense(Layer):
             self._zero_bias = np.zeros(self.units, self.dtype)
 
     def forward(self, x, training):
+        self._begin_forward(x, training)
         self.x = x
         y = self._buffer("y", (x.shape[0], self.units))
         dense.dense_forward(x, self.params["weight"].data, self.params["bias"].data if self.use_bias
@@ -510,6 +585,7 @@ class Dense(Layer):
         return y
 
     def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
         w = self.params["weight"]
         db = self.params["bias"].grad if self.use_bias else self._buffer("db", (self.units,))
         dense.dense_backward_weight(self.x, dy, w.grad, db)

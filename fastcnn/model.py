@@ -4,6 +4,8 @@ State-dict keys are ``layers.<i>.<name>``, ``<i>`` counting every layer of the
 config (ReLU and flatten too), ``<name>`` one of weight, bias, gamma, beta,
 running_mean, running_var.
 """
+from collections.abc import Mapping
+
 import numpy as np
 
 from .errors import CheckpointError, ConfigError
@@ -52,6 +54,8 @@ class Sequential:
         # (seed, layer index, step)). The trainer sets ``model.step = <global step>`` before each training
         # forward; left alone, forward(training=True) increments it after each call.
         self.step = 0
+        # (output shape, dtype, training) of the last forward that completed; backward checks against it.
+        self._last_forward = None
         self._stepped = [layer for layer in self.layers if getattr(layer, "uses_step", False)]
         for i, layer in enumerate(self.layers):
             if getattr(layer, "uses_step", False) and getattr(layer, "index", 0) is None:
@@ -63,13 +67,17 @@ class Sequential:
 
         In training, dropout layers draw their mask for step ``self.step``; then ``self.step`` is
         incremented (the trainer may set it to the global step before each call instead).
+        ``backward`` then differentiates this forward, in its mode (see ``backward``).
         """
+        self._last_forward = None
         x = np.asarray(x)
         if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"model input must have shape (batch, {', '.join(map(str, self.input_shape))}), "
                              f"got {x.shape}")
         if x.shape[0] < 1:
             raise ValueError("model input is an empty batch")
+        if x.dtype.kind not in "fiub":
+            raise TypeError(f"model input must be a real-valued array, got dtype {x.dtype}")
         x = np.ascontiguousarray(x, dtype=self.dtype)
         if training:
             for layer in self._stepped:
@@ -78,6 +86,7 @@ class Sequential:
             x = block.forward(x, training)
         if training:
             self.step = int(self.step) + 1
+        self._last_forward = (x.shape, x.dtype, bool(training))
         return x.copy()
 
     def backward(self, dlogits, input_grad=True):
@@ -86,8 +95,21 @@ class Sequential:
         Overwrites every parameter's ``.grad``. With ``input_grad=False`` the
         first layer skips its input gradient (the trainer does not need it)
         and None is returned.
+
+        Differentiates the last ``forward``: ``dlogits`` must have its output's shape (ValueError
+        otherwise; RuntimeError when there was no forward). After ``forward(training=False)`` it is
+        the gradient of the evaluation-mode network, as PyTorch's after ``model.eval()``: batch
+        norm through its running statistics, dropout the identity.
         """
-        dy = np.ascontiguousarray(dlogits, dtype=self.dtype)
+        if self._last_forward is None:
+            raise RuntimeError("backward() needs a forward() first")
+        shape = self._last_forward[0]
+        dy = np.asarray(dlogits)
+        if dy.shape != shape:
+            raise ValueError(f"dlogits must have the shape of the last forward's output {shape}, got {dy.shape}")
+        if dy.dtype.kind not in "fiub":
+            raise TypeError(f"dlogits must be a real-valued array, got dtype {dy.dtype}")
+        dy = np.ascontiguousarray(dy, dtype=self.dtype)
         for i in range(len(self.blocks) - 1, -1, -1):
             dy = self.blocks[i].backward(dy, need_input_grad=input_grad or i > 0)
         return dy.copy() if input_grad else None
@@ -132,21 +154,41 @@ class Sequential:
         return arrays
 
     def load_state_dict(self, state):
-        """Copy arrays into the model in place. Every key must match, with its shape."""
+        """Copy arrays into the model in place. Every key must match, with its shape.
+
+        ``state``: a mapping of str -> ndarray (a dict, or what np.load gives for an .npz).
+        Raises TypeError when it is not one, CheckpointError naming the key for a missing,
+        unknown, misshapen, non-float or non-finite (NaN/Inf) entry. Checks everything
+        before copying anything: on error the model is unchanged.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of str -> ndarray, got {type(state).__name__}")
+        keys = list(state.keys())
+        for k in keys:
+            if not isinstance(k, str):
+                raise TypeError(f"state must be a mapping of str -> ndarray; it has the key {k!r} "
+                                f"({type(k).__name__})")
         own = self._state_arrays()
+        values = {}
         for key, target in own.items():
             if key not in state:
                 raise CheckpointError(f"state is missing key {key!r} (expected shape {target.shape})")
-            value = np.asarray(state[key])
+            try:
+                value = np.asarray(state[key])
+            except Exception as e:  # e.g. a ragged list
+                raise CheckpointError(f"{key}: not an array ({e})") from None
             if value.shape != target.shape:
                 raise CheckpointError(f"{key}: shape {value.shape} in the state, {target.shape} in the model")
             if value.dtype.kind != "f":
                 raise CheckpointError(f"{key}: expected a float array, got dtype {value.dtype}")
-        extra = [k for k in state if k.startswith("layers.") and k not in own]
+            if not np.isfinite(value).all():
+                raise CheckpointError(f"{key} holds NaN or Inf")
+            values[key] = value
+        extra = [k for k in keys if k.startswith("layers.") and k not in own]
         if extra:
             raise CheckpointError(f"state has key {extra[0]!r}, which this model does not have")
         for key, target in own.items():
-            target[...] = state[key]
+            target[...] = values[key]
 
     def __repr__(self):
         lines = [f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers)]

@@ -52,9 +52,10 @@ they are not one already.
 """
 import os
 
+import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import cfunc, njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
@@ -108,7 +109,8 @@ def _mk(typingctx, C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, s
     K steps each (e.g. kernel rows, or output rows), all accumulated in
     registers. MR and NV are
     compile-time literals. C, A, B: arrays of one float dtype (any shape,
-    contiguous; offsets count elements from their first element). No bounds
+    contiguous; offsets count elements from their first element), or
+    pointers to their first elements. No bounds
     checks: the caller guarantees every index is inside its array.
     """
     if not isinstance(MR, types.IntegerLiteral) or not isinstance(NV, types.IntegerLiteral):
@@ -127,6 +129,8 @@ def _mk(typingctx, C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, s
             return context.cast(builder, args[i], argtys[i], types.int64)
 
         def data(i):
+            if isinstance(argtys[i], types.CPointer):
+                return args[i]
             return context.make_array(argtys[i])(context, builder, args[i]).data
 
         cp, ap, bp = data(0), data(3), data(7)
@@ -226,16 +230,14 @@ def _tile(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, m, nv)
             _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 1, 1)
 
 
-@njit(error_model="numpy", cache=True)
-def _gemm(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, M, NV):
-    """C[c_off + i*ldc + j] += sum_{s<S, k<K} A[a_off + s*sa + i*lda + k*ldk] * B[b_off + s*sb + k*ldb + j]
-
-    for i < M, j < NV*VL: tiles of _MR rows x (up to) _NV vectors; columns
-    outermost so a block of B stays in cache across the row tiles.
+def _gemm_impl(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, M, NV):
+    """_gemm's body (compiled as a C-callable cfunc, see _gemm): tiles of _MR
+    rows x (up to) _NV vectors; columns outermost so a block of B stays in
+    cache across the row tiles. C, A, B are pointers to float32 or float64.
     """
     if K <= 0 or M <= 0 or S <= 0:
         return
-    VL = _VBYTES // C.itemsize
+    VL = _vector_length(C)
     j = 0
     while j < NV:
         nv = NV - j
@@ -253,24 +255,92 @@ def _gemm(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, M, NV)
         j += nv
 
 
+@intrinsic
+def _vector_length(typingctx, C):
+    """Elements of C's dtype per SIMD vector (a constant)."""
+    vl = _VBYTES * 8 // C.dtype.bitwidth
+
+    def codegen(context, builder, signature, args):
+        return context.get_constant(types.int64, vl)
+
+    return types.int64(C), codegen
+
+
+# Why a cfunc called by symbol name: Numba links the LLVM IR of every jitted
+# callee into each caller and optimizes and compiles it again there, and a
+# prange loop is a chain of four modules (gufunc, two wrappers, the kernel),
+# so the microkernel instances (the bulk of this module's machine code) were
+# compiled about a dozen times on a cold start. Compiled once per dtype as a
+# cfunc and registered with LLVM under a fixed symbol name, they are compiled
+# once, and the kernels only hold an external call (cacheable: no address is
+# baked into their code; the symbol is resolved when they are loaded).
+_GEMM_CFUNCS = {}
+
+
+def _gemm_symbol(dtype):
+    return "fastcnn_conv_gemm_" + np.dtype(dtype).name
+
+
+def _ensure_gemm(dtype):
+    """Compile (or load from cache) the dtype's gemm cfunc and register its symbol; before any kernel call."""
+    dtype = np.dtype(dtype)
+    if dtype in _GEMM_CFUNCS:
+        return
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"conv kernels support float32 and float64, got {dtype}")
+    import llvmlite.binding as llvm
+
+    ptr = types.CPointer(numba.from_dtype(dtype))
+    i64 = types.int64
+    sig = types.void(ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, i64, i64)
+    cf = cfunc(sig, cache=True, error_model="numpy")(_gemm_impl)
+    llvm.add_symbol(_gemm_symbol(dtype), cf.address)
+    _GEMM_CFUNCS[dtype] = cf
+
+
+@intrinsic
+def _gemm(typingctx, C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, M, NV):
+    """C[c_off + i*ldc + j] += sum_{s<S, k<K} A[a_off + s*sa + i*lda + k*ldk] * B[b_off + s*sb + k*ldb + j]
+
+    for i < M, j < NV*VL: a call of the dtype's _gemm_impl cfunc (registered
+    by _ensure_gemm) through its symbol. C, A, B: contiguous arrays of one float dtype.
+    """
+    sig = types.void(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, M, NV)
+    symbol = _gemm_symbol(str(C.dtype))
+
+    def codegen(context, builder, signature, args):
+        argtys = signature.args
+        vals = []
+        for ty, val in zip(argtys, args):
+            if isinstance(ty, types.Array):
+                vals.append(context.make_array(ty)(context, builder, val).data)
+            else:
+                vals.append(context.cast(builder, val, ty, types.int64))
+        fnty = ir.FunctionType(ir.VoidType(), [v.type for v in vals])
+        builder.call(cgutils.get_or_insert_function(builder.module, fnty, symbol), vals)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
 
-@njit(error_model="numpy", cache=True, fastmath=True, inline="always")
+@njit(error_model="numpy", cache=True, fastmath=True)
 def _copy(dst, src):
     """dst[:] = src[:] for 1-D views indexed from 0 (so the loop vectorizes)."""
     for t in range(dst.shape[0]):
         dst[t] = src[t]
 
 
-@njit(error_model="numpy", cache=True, fastmath=True, inline="always")
+@njit(error_model="numpy", cache=True, fastmath=True)
 def _fill(dst, value):
     for t in range(dst.shape[0]):
         dst[t] = value
 
 
-@njit(error_model="numpy", cache=True, fastmath=True, inline="always")
+@njit(error_model="numpy", cache=True, fastmath=True)
 def _im2col_pixel(x3, crow, n, oh, ow, H, W, Cin, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
     """crow[(kh*KW + kw)*Cin + ci] = x[n, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw, ci] (0 outside).
 
@@ -299,7 +369,7 @@ def _im2col_pixel(x3, crow, n, oh, ow, H, W, Cin, KH, KW, stride_h, stride_w, pa
                 _copy(crow[off:off + Cin], xrow[iw * Cin:iw * Cin + Cin])
 
 
-@njit(error_model="numpy", cache=True, inline="always")
+@njit(error_model="numpy", cache=True)
 def _ceil_div(a, b):
     """ceil(a / b) for b > 0 and any integer a."""
     return -((-a) // b)
@@ -320,8 +390,20 @@ def _pack_columns(m, cols_padded):
 # Kernels
 # --------------------------------------------------------------------------
 
-@njit(error_model="numpy", parallel=True, cache=True)
-def conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+def _prange_only():
+    """``parallel=`` option: only the explicit prange loops run in parallel.
+
+    With plain ``parallel=True`` every np.zeros/np.empty in the kernels also
+    becomes a parfor, and each parfor is compiled as a separate gufunc (plus
+    its wrapper), most of the kernels' compile time outside the microkernel.
+    A fresh dict per use: Numba pops the keys it reads.
+    """
+    return {"prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
+            "setitem": False, "numpy": False, "stencil": False, "fusion": False}
+
+
+@njit(error_model="numpy", parallel=_prange_only(), cache=True)
+def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
     """y (N, OH, OW, Cout) = conv(x (N, H, W, Cin), w (KH, KW, Cin, Cout)) + b; y overwritten."""
     N, H, W, Cin = x.shape
     KH, KW, _, Cout = w.shape
@@ -396,8 +478,8 @@ def conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil
                     _copy(yrow[ow], acc[ow, :Cout])
 
 
-@njit(error_model="numpy", parallel=True, cache=True)
-def conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+@njit(error_model="numpy", parallel=_prange_only(), cache=True)
+def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
     """dx (N, H, W, Cin) = dL/dx given dy (N, OH, OW, Cout); dx fully overwritten.
 
     Per input row (n, ih), for each tap (kh, kw) whose output row
@@ -457,8 +539,8 @@ def conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_
                     _copy(dxrow[iw], acc[iw, :Cin])
 
 
-@njit(error_model="numpy", parallel=True, cache=True)
-def conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+@njit(error_model="numpy", parallel=_prange_only(), cache=True)
+def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
     """dw (KH, KW, Cin, Cout) and db (Cout,) = dL/dw, dL/db; both overwritten (not accumulated).
 
     Direct path (no kernel column outside the image, Cout a multiple of the
@@ -497,11 +579,12 @@ def conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left,
         nchunks = min(nblocks, _WEIGHT_CHUNKS, budget)
     partial = np.zeros((nchunks, K * Np), dtype=dw.dtype)
     partial_b = np.zeros((nchunks, Cout), dtype=dw.dtype)
-    if direct:
-        L = KW * Cin
-        for c in prange(nchunks):
-            pc = partial[c]
-            pb = partial_b[c]
+    L = KW * Cin
+    # One prange for both paths: each prange is compiled as its own gufunc.
+    for c in prange(nchunks):
+        pc = partial[c]
+        pb = partial_b[c]
+        if direct:
             for n in range((c * N) // nchunks, ((c + 1) * N) // nchunks):
                 xf = x3[n].reshape(-1)
                 dyf = dy[n].reshape(-1)
@@ -518,16 +601,13 @@ def conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left,
                     dp = dy2[n * OHW + t]
                     for co in range(Cout):
                         pb[co] += dp[co]
-    else:
-        for c in prange(nchunks):
+        else:
             blk0 = (c * nblocks) // nchunks
             blk1 = ((c + 1) * nblocks) // nchunks
             col = np.empty((PB, K), dtype=dw.dtype)
             colf = col.reshape(-1)
             dyp = np.zeros((PB, Np), dtype=dw.dtype)
             dypf = dyp.reshape(-1)
-            pc = partial[c]
-            pb = partial_b[c]
             for blk in range(blk0, blk1):
                 p0 = blk * PB
                 cnt = min(PB, P - p0)
@@ -562,6 +642,28 @@ def conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left,
         for c in range(1, nchunks):
             s += partial_b[c, co]
         db[co] = s
+
+
+# --------------------------------------------------------------------------
+# Public entry points: register the gemm symbol, then call the kernel
+# --------------------------------------------------------------------------
+
+def conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """y (N, OH, OW, Cout) = conv(x (N, H, W, Cin), w (KH, KW, Cin, Cout)) + b; y overwritten."""
+    _ensure_gemm(y.dtype)
+    _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
+
+
+def conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """dx (N, H, W, Cin) = dL/dx given dy (N, OH, OW, Cout); dx fully overwritten."""
+    _ensure_gemm(dx.dtype)
+    _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
+
+
+def conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """dw (KH, KW, Cin, Cout) and db (Cout,) = dL/dw, dL/db; both overwritten (not accumulated)."""
+    _ensure_gemm(dw.dtype)
+    _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
 
 
 # --------------------------------------------------------------------------

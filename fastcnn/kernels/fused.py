@@ -31,6 +31,12 @@ the unfused max-pool backward, so overlapping contributions are added in the
 same order. All reductions use fixed-size row chunks summed in a fixed order:
 deterministic whatever the thread count.
 
+NaN propagates as in PyTorch: a window holding NaN wins with its LAST NaN (torch's
+``val > max || isnan(val)``), relu(NaN) = NaN and its gradient passes (argmax keeps
+the NaN's index, not -1). The kernels that compare are compiled with
+``activation.FASTMATH`` (fastmath without 'nnan'/'ninf'), so LLVM cannot fold the
+NaN tests away.
+
 Arrays are contiguous (the blocks in fastcnn/fusion.py make sure of it);
 outputs are allocated by the caller and overwritten. float32 and float64:
 constants are typed from the arrays' dtype.
@@ -38,6 +44,7 @@ constants are typed from the arrays' dtype.
 import numpy as np
 from numba import njit, prange
 
+from .activation import FASTMATH
 from .norm import CHUNK, _sum_chunks
 
 
@@ -52,7 +59,7 @@ def _is_2x2(pool_h, pool_w, stride_h, stride_w, pad_top, pad_left):
             and pad_left == 0)
 
 
-@njit(error_model="numpy", cache=True, fastmath=True, parallel=True)
+@njit(error_model="numpy", cache=True, fastmath=FASTMATH, parallel=True)
 def relu_maxpool2d_forward(x, y, argmax, pool_h, pool_w, stride_h, stride_w, pad_top, pad_left):
     """y = maxpool(relu(x)) (N,OH,OW,C); argmax int32 = flat input index ih*W+iw of the
     first maximum when it is > 0, else -1 (a window with no real pixel: y = -inf, -1)."""
@@ -80,23 +87,31 @@ def relu_maxpool2d_forward(x, y, argmax, pool_h, pool_w, stride_h, stride_w, pad
                 yr = y[n, oh, ow]
                 ar = argmax[n, oh, ow]
                 for c in range(C):
-                    m = x0[c]
+                    v0 = x0[c]
+                    v1 = x1[c]
+                    v2 = x2[c]
+                    v3 = x3[c]
+                    m = v0
                     i = i0
-                    v = x1[c]
-                    b = v > m
-                    m = v if b else m
+                    b = v1 > m
+                    m = v1 if b else m
                     i = i1 if b else i
-                    v = x2[c]
-                    b = v > m
-                    m = v if b else m
+                    b = v2 > m
+                    m = v2 if b else m
                     i = i2 if b else i
-                    v = x3[c]
-                    b = v > m
-                    m = v if b else m
+                    b = v3 > m
+                    m = v3 if b else m
                     i = i3 if b else i
-                    pos = m > zero
-                    yr[c] = m if pos else zero
-                    ar[c] = i if pos else none
+                    # A NaN in the window wins, the last one (as torch): one test for the four.
+                    n3 = v3 != v3
+                    n2 = v2 != v2
+                    n1 = v1 != v1
+                    if n3 | n2 | n1 | (v0 != v0):
+                        m = v0 + v1 + v2 + v3
+                        i = i3 if n3 else (i2 if n2 else (i1 if n1 else i0))
+                    neg = m <= zero  # NaN is not: it stays, with its index
+                    yr[c] = zero if neg else m
+                    ar[c] = none if neg else i
             continue
         h0 = oh * stride_h - pad_top
         hs = max(h0, 0)
@@ -125,17 +140,17 @@ def relu_maxpool2d_forward(x, y, argmax, pool_h, pool_w, stride_h, stride_w, pad
                     idx = np.int32(ih * W + iw)
                     for c in range(C):
                         v = xr[c]
-                        better = v > yr[c]
+                        better = (v > yr[c]) | (v != v)
                         yr[c] = v if better else yr[c]
                         ar[c] = idx if better else ar[c]
             for c in range(C):
                 m = yr[c]
-                pos = m > zero
-                yr[c] = m if pos else zero
-                ar[c] = ar[c] if pos else np.int32(-1)
+                neg = m <= zero  # NaN is not: it stays, with its index
+                yr[c] = zero if neg else m
+                ar[c] = np.int32(-1) if neg else ar[c]
 
 
-@njit(error_model="numpy", cache=True, fastmath=True, parallel=True)
+@njit(error_model="numpy", cache=True, fastmath=FASTMATH, parallel=True)
 def leaky_relu_maxpool2d_forward(x, slope, y, argmax, pool_h, pool_w, stride_h, stride_w, pad_top, pad_left):
     """y = maxpool(leaky_relu(x)); argmax = index of the first maximum (in the activated
     space) if that input is > 0, else -2 - index; -1 for a window with no real pixel."""
@@ -179,7 +194,7 @@ def leaky_relu_maxpool2d_forward(x, slope, y, argmax, pool_h, pool_w, stride_h, 
                         u = xr[c]
                         pos = u > zero
                         v = u if pos else s * u
-                        better = v > yr[c]
+                        better = (v > yr[c]) | (v != v)
                         yr[c] = v if better else yr[c]
                         enc = idx if pos else nidx
                         ar[c] = enc if better else ar[c]
@@ -275,14 +290,14 @@ def batchnorm_stats(x, mean, var):
     _sum_chunks(part, var, inv_m)
 
 
-@njit(error_model="numpy", cache=True, fastmath=True, inline="always")
+@njit(error_model="numpy", cache=True, fastmath=FASTMATH, inline="always")
 def _bn(x, mean, scale, beta):
     # One definition for the forward and the backward mask: the same arithmetic,
     # so the backward's z > 0 agrees with the forward's.
     return (x - mean) * scale + beta
 
 
-@njit(error_model="numpy", cache=True, fastmath=True, parallel=True)
+@njit(error_model="numpy", cache=True, fastmath=FASTMATH, parallel=True)
 def batchnorm_relu_forward(x, mean, scale, beta, y):
     """y = relu((x - mean) * scale + beta) on (M,C) views (training: batch mean and
     gamma*invstd; evaluation: running mean and gamma / sqrt(running_var + eps))."""
@@ -295,7 +310,7 @@ def batchnorm_relu_forward(x, mean, scale, beta, y):
             yr = y[m]
             for c in range(C):
                 z = _bn(xr[c], mean[c], scale[c], beta[c])
-                yr[c] = z if z > zero else zero
+                yr[c] = zero if z <= zero else z
 
 
 @njit(error_model="numpy", cache=True, fastmath=True)
@@ -309,7 +324,7 @@ def _dx_coefficients(gamma, invstd, dgamma, dbeta, M, k1, k2, k3):
         k3[c] = k1[c] * invstd[c] * dgamma[c] * inv_m
 
 
-@njit(error_model="numpy", cache=True, fastmath=True, parallel=True)
+@njit(error_model="numpy", cache=True, fastmath=FASTMATH, parallel=True)
 def batchnorm_relu_backward(x, dy, gamma, mean, scale, beta, invstd, dx, dgamma, dbeta, need_dx):
     """Backward of y = relu(batchnorm(x)) on (M,C) views, batch statistics.
 
@@ -334,7 +349,7 @@ def batchnorm_relu_backward(x, dy, gamma, mean, scale, beta, invstd, dx, dgamma,
             for c in range(C):
                 u = xr[c]
                 z = _bn(u, mean[c], scale[c], beta[c])
-                g = dyr[c] if z > zero else zero
+                g = zero if z <= zero else dyr[c]
                 pb[c] += g
                 pg[c] += g * (u - mean[c])
     _sum_chunks(part_b, dbeta, one)
@@ -355,11 +370,11 @@ def batchnorm_relu_backward(x, dy, gamma, mean, scale, beta, invstd, dx, dgamma,
             for c in range(C):
                 u = xr[c]
                 z = _bn(u, mean[c], scale[c], beta[c])
-                g = dyr[c] if z > zero else zero
+                g = zero if z <= zero else dyr[c]
                 dxr[c] = k1[c] * g - k2[c] - k3[c] * (u - mean[c])
 
 
-@njit(error_model="numpy", cache=True, fastmath=True, parallel=True)
+@njit(error_model="numpy", cache=True, fastmath=FASTMATH, parallel=True)
 def batchnorm_relu_maxpool2d_forward(x, mean, scale, beta, y, argmax, xsel, store,
                                      pool_h, pool_w, stride_h, stride_w, pad_top, pad_left):
     """y = maxpool(relu(z)), z = (x - mean) * scale + beta, x (N,H,W,C), y (N,OH,OW,C).
@@ -404,39 +419,43 @@ def batchnorm_relu_maxpool2d_forward(x, mean, scale, beta, y, argmax, xsel, stor
                         d = u - mu
                         u = x1[c]
                         v = _bn(u, mu, sc, bt)
-                        b = v > m
+                        b = (v > m) | (v != v)
                         m = v if b else m
                         i = i1 if b else i
                         d = u - mu if b else d
                         u = x2[c]
                         v = _bn(u, mu, sc, bt)
-                        b = v > m
+                        b = (v > m) | (v != v)
                         m = v if b else m
                         i = i2 if b else i
                         d = u - mu if b else d
                         u = x3[c]
                         v = _bn(u, mu, sc, bt)
-                        b = v > m
+                        b = (v > m) | (v != v)
                         m = v if b else m
                         i = i3 if b else i
                         d = u - mu if b else d
-                        pos = m > zero
-                        yr[c] = m if pos else zero
-                        ar[c] = i if pos else none
+                        neg = m <= zero  # NaN is not: it stays, with its index
+                        yr[c] = zero if neg else m
+                        ar[c] = none if neg else i
                         sr[c] = d
                 else:
                     for c in range(C):
                         mu = mean[c]
                         sc = scale[c]
                         bt = beta[c]
-                        m = _bn(x0[c], mu, sc, bt)
-                        v = _bn(x1[c], mu, sc, bt)
-                        m = v if v > m else m
-                        v = _bn(x2[c], mu, sc, bt)
-                        m = v if v > m else m
-                        v = _bn(x3[c], mu, sc, bt)
-                        m = v if v > m else m
-                        yr[c] = m if m > zero else zero
+                        z0 = _bn(x0[c], mu, sc, bt)
+                        z1 = _bn(x1[c], mu, sc, bt)
+                        z2 = _bn(x2[c], mu, sc, bt)
+                        z3 = _bn(x3[c], mu, sc, bt)
+                        m = z1 if z1 > z0 else z0
+                        m = z2 if z2 > m else m
+                        m = z3 if z3 > m else m
+                        # A NaN anywhere in the window: NaN (as torch). One test for the four
+                        # (cheaper than one per comparison); the sum is NaN then.
+                        isnan = (z0 != z0) | (z1 != z1) | (z2 != z2) | (z3 != z3)
+                        m = (z0 + z1 + z2 + z3) if isnan else m
+                        yr[c] = zero if m <= zero else m
             continue
         h0 = oh * stride_h - pad_top
         hs = max(h0, 0)
@@ -475,15 +494,15 @@ def batchnorm_relu_maxpool2d_forward(x, mean, scale, beta, y, argmax, xsel, stor
                             u = xr[c]
                             d = u - mean[c]
                             v = _bn(u, mean[c], scale[c], beta[c])
-                            better = v > yr[c]
+                            better = (v > yr[c]) | (v != v)
                             yr[c] = v if better else yr[c]
                             ar[c] = idx if better else ar[c]
                             sr[c] = d if better else sr[c]
                 for c in range(C):
                     m = yr[c]
-                    pos = m > zero
-                    yr[c] = m if pos else zero
-                    ar[c] = ar[c] if pos else np.int32(-1)
+                    neg = m <= zero  # NaN is not: it stays, with its index
+                    yr[c] = zero if neg else m
+                    ar[c] = np.int32(-1) if neg else ar[c]
             else:
                 for c in range(C):
                     yr[c] = _bn(xr[c], mean[c], scale[c], beta[c])
@@ -492,10 +511,10 @@ def batchnorm_relu_maxpool2d_forward(x, mean, scale, beta, y, argmax, xsel, stor
                         xr = x[n, ih, iw]
                         for c in range(C):
                             v = _bn(xr[c], mean[c], scale[c], beta[c])
-                            yr[c] = v if v > yr[c] else yr[c]
+                            yr[c] = v if (v > yr[c]) | (v != v) else yr[c]
                 for c in range(C):
                     m = yr[c]
-                    yr[c] = m if m > zero else zero
+                    yr[c] = zero if m <= zero else m
 
 
 @njit(error_model="numpy", cache=True, fastmath=True, parallel=True)

@@ -2,14 +2,18 @@
 forward and backward.
 
 Max pooling semantics (PyTorch's): padding counts as -inf, so only real pixels can win;
-ties go to the FIRST maximum in row-major window order; the backward pass
-scatters each output gradient to its winner, overlapping windows accumulate.
+ties go to the FIRST maximum in row-major window order; a NaN wins over any number (the
+LAST NaN of the window, as torch's ``val > max || isnan(val)``), so a window holding NaN
+outputs NaN; the backward pass scatters each output gradient to its winner, overlapping
+windows accumulate.
 """
 import numpy as np
 from numba import njit, prange
 
+from .activation import FASTMATH  # fastmath without 'nnan'/'ninf': the NaN test must not fold away
 
-@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 def maxpool2d_forward(x, y, argmax, pool_h, pool_w, stride_h, stride_w, pad_top, pad_left):
     """x (N,H,W,C) -> y (N,OH,OW,C); argmax int32 (N,OH,OW,C) = flat input index ih*W+iw.
 
@@ -52,7 +56,7 @@ def maxpool2d_forward(x, y, argmax, pool_h, pool_w, stride_h, stride_w, pad_top,
                     idx = np.int32(ih * W + iw)
                     for c in range(C):
                         v = xr[c]
-                        better = v > yr[c]
+                        better = (v > yr[c]) | (v != v)  # NaN wins (the last one), as torch
                         yr[c] = v if better else yr[c]
                         ar[c] = idx if better else ar[c]
 
