@@ -49,22 +49,13 @@ RESULT_PREFIX = "RESULT "
 NOISY_SPREAD = 1.15  # max/min over rounds above this: flagged as noisy
 
 
+from fastcnn.bench import cpu_name  # noqa: E402
+
 def available_cores():
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def loadavg():

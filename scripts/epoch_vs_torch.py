@@ -31,7 +31,6 @@ The medians over rounds are compared in a markdown table.
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -41,9 +40,13 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
 TORCH_SCRIPT = os.path.join(REPO, "scripts", "train_torch_mnist.py")
 FASTCNN_CLI = "import sys; from fastcnn.cli import main; sys.argv[0] = 'fastcnn'; main(sys.argv[1:])"
 
+
+from fastcnn.bench import cpu_name  # noqa: E402
 
 def run_measured(cmd, env, log_path):
     """Run ``cmd``; returns (exit code, wall seconds, peak RSS in MiB) of that one process."""
@@ -60,17 +63,6 @@ def run_measured(cmd, env, log_path):
     proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting again
     scale = 1 / 2 ** 20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KiB on Linux
     return proc.returncode, wall, usage.ru_maxrss * scale
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _dataset(config):

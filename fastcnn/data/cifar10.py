@@ -28,6 +28,8 @@ import numpy as np
 from fastcnn.errors import DataError
 
 from . import download as _dl
+from .idx import read_file
+from .mnist import _check_n
 
 __all__ = ["ARCHIVE", "ARCHIVE_MD5", "BATCHES_DIR", "TRAIN_FILES", "TEST_FILE", "META_FILE", "MEAN", "STD",
            "CLASS_NAMES", "RECORD_BYTES", "load_cifar10", "read_batch", "find_missing"]
@@ -53,15 +55,7 @@ def find_missing(batches):
 
 def read_batch(path):
     """One batch file: ``(images uint8 (N, 32, 32, 3), labels int64 (N,))``."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a CIFAR-10 batch file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    data = read_file(path, "a CIFAR-10 batch file")
     if len(data) == 0 or len(data) % RECORD_BYTES:
         raise DataError(f"{path}: not a CIFAR-10 batch file: its size ({len(data)} bytes) is not a "
                         f"positive multiple of {RECORD_BYTES} (1 label byte + 3072 pixel bytes per image)")
@@ -202,16 +196,6 @@ def _ensure_files(folder, batches, download, progress, mirrors, checksums, timeo
             archive.unlink()
         except OSError:
             pass
-
-
-def _check_n(n, key, available, path):
-    if n is None:
-        return available
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise DataError(f"{key} must be a positive integer, got {n!r}")
-    if n > available:
-        raise DataError(f"{key}={n} but {path} holds only {available} samples")
-    return int(n)
 
 
 def load_cifar10(folder, *, num_train=None, num_test=None, download=True, progress=True, mirrors=None,

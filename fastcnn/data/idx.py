@@ -46,17 +46,22 @@ _KIND_TO_TYPE = {
 _MAX_NDIM = 16  # IDX allows 255; anything above this is surely not an IDX file
 
 
-def _read_bytes(path):
-    """The file's content, gunzipped if it starts with the gzip magic."""
+def read_file(path, what):
+    """A data file's bytes; DataError naming the file (``what``: the kind of file expected)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected an IDX file") from None
+        raise DataError(f"{path}: is a folder, expected {what}") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _read_bytes(path):
+    """The file's content, gunzipped if it starts with the gzip magic."""
+    data = read_file(path, "an IDX file")
     if data[:2] == GZIP_MAGIC:
         try:
             data = gzip.decompress(data)
