@@ -44,6 +44,10 @@ CASES = {
     # weight gradient straight from x and dy (no im2col): kernel rows clipped
     # by top/bottom padding, row stride and dilation.
     "direct_rows_dil_pad_top": (2, 11, 10, 3, 16, (3, 3), (2, 1), (1, 2, 0, 0), (2, 1)),
+    # ... with enough (kh, kw, ci) rows that they are dealt to row items (no
+    # partials): a last block of rows shorter than an item, kernel rows clipped.
+    "direct_row_items": (3, 9, 10, 20, 32, (3, 3), (2, 1), (1, 1, 0, 0), (2, 1)),
+    "direct_row_items_valid": (2, 7, 8, 16, 16, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1)),
 }
 
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -289,10 +293,11 @@ def test_outputs_overwritten_not_accumulated(dtype):
     np.testing.assert_array_equal(y, y1)
 
 
-def test_weight_gradient_deterministic_across_thread_counts():
+@pytest.mark.parametrize("name", ["big_channels", "direct_row_items"])
+def test_weight_gradient_deterministic_across_thread_counts(name):
     import numba
 
-    x, w, b, dy, stride, padding, dilation = _make(CASES["big_channels"], np.float32)
+    x, w, b, dy, stride, padding, dilation = _make(CASES[name], np.float32)
     x = np.repeat(x, 8, axis=0)            # enough rows for every chunk
     dy = np.repeat(dy, 8, axis=0)
     results = []

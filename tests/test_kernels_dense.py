@@ -96,3 +96,24 @@ def test_against_torch(dtype):
     np.testing.assert_allclose(dx, xt.grad.numpy(), **t)
     np.testing.assert_allclose(dw, wt.grad.numpy().T, **t)
     np.testing.assert_allclose(db, bt.grad.numpy(), **t)
+
+
+@pytest.mark.parametrize("shape", [(64, 1600, 128), (7, 100, 32), (70, 50, 10)])
+def test_deterministic_across_thread_counts(shape):
+    """Each output element is computed by one thread in a fixed order (GEMM and loop paths)."""
+    import numba
+
+    rng = np.random.default_rng(4)
+    x, w, b, dy = data(rng, shape, np.float32)
+    results = []
+    old = numba.get_num_threads()
+    try:
+        for threads in sorted({1, old}):
+            numba.set_num_threads(threads)
+            for _ in range(2):
+                results.append((forward(x, w, b), *backward(x, w, dy)))
+    finally:
+        numba.set_num_threads(old)
+    for r in results[1:]:
+        for a, a0 in zip(r, results[0]):
+            np.testing.assert_array_equal(a, a0)

@@ -34,17 +34,19 @@ activations where they lie, with no im2col copy where the layout allows.
   for each (kh, kw) whose output row exists, ``dx[n, ih, iw] += dy[n, oh, ow]
   @ w[kh, kw].T`` over the range of ``ow`` that lands inside the row, C rows
   at stride sw*Cin. Each dx row is written by one thread: no races, fixed order.
-* backward weight: work is dealt in order to a fixed number of chunks, each
-  with its own ``(KH*KW*Cin, Cout)`` partial, and the partials are added in
-  chunk order; the chunking does not depend on the thread count, so dw is
-  bit-identical run to run and whatever the number of threads. Direct path
-  (no kernel column outside the image, Cout a multiple of the vector length):
-  chunks of images; per image and kernel row kh one product
-  ``dw[kh] += A @ dy[n]`` with ``A[kw*Cin + ci, (oh, ow)] = x[n, ih, ow*sw +
-  kw, ci]``, reducing over all the image's output pixels (output rows are the
-  segments) in registers. Otherwise the N*OH*OW pixels are cut into blocks of
-  _PIXEL_BLOCK, dealt to the chunks, and each block's im2col rows are gathered
-  and ``col_block.T @ dy_block`` added.
+* backward weight: the split of the work never depends on the thread count,
+  so dw is bit-identical run to run and whatever the number of threads.
+  Direct path (no kernel column outside the image, Cout a multiple of the
+  vector length): per image and kernel row kh one product ``dw[kh] += A @
+  dy[n]`` with ``A[kw*Cin + ci, (oh, ow)] = x[n, ih, ow*sw + kw, ci]``,
+  reducing over all the image's output pixels (output rows are the segments)
+  in registers. With enough (kh, kw, ci) rows (at least _MIN_ROW_TILES
+  microkernel tiles) the rows are dealt to items of _ROW_TILES_PER_ITEM tiles,
+  each owning its rows of dw and reducing over every image in order: no
+  partial buffers and no reduction pass. Otherwise work is dealt in order to a
+  fixed number of chunks (of images, or of blocks of _PIXEL_BLOCK pixels whose
+  im2col rows are gathered and ``col_block.T @ dy_block`` added), each with its
+  own ``(KH*KW*Cin, Cout)`` partial, and the partials are added in chunk order.
 
 Columns (Cout for forward and weight gradient, Cin for input gradient) are
 padded to a multiple of the vector length in packed weights/scratch rows when
@@ -92,6 +94,12 @@ _PARTIAL_BUDGET = 1 << 23
 _ROW_CHUNKS = 64
 # Output pixels per block of the weight gradient.
 _PIXEL_BLOCK = 256
+# Weight gradient, direct path: when the (kh, kw, ci) rows of dw make at least
+# _MIN_ROW_TILES microkernel row tiles, the rows are dealt to items of (at most)
+# _ROW_TILES_PER_ITEM tiles of one kernel row, and each item reduces over all
+# the images itself: no partial buffers, no reduction pass.
+_MIN_ROW_TILES = 12
+_ROW_TILES_PER_ITEM = 8
 # Forward: below this many contiguous inputs per kernel row (KW*Cin), gather
 # an im2col row and do one product (K = KH*KW*Cin) instead of one per tap.
 _MIN_DIRECT = 32
@@ -274,6 +282,7 @@ def _vector_length(typingctx, C):
 # cfunc and registered with LLVM under a fixed symbol name, they are compiled
 # once, and the kernels only hold an external call (cacheable: no address is
 # baked into their code; the symbol is resolved when they are loaded).
+# The dense kernels (dense.py) call the same cfunc.
 _GEMM_CFUNCS = {}
 
 
@@ -544,13 +553,17 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     """dw (KH, KW, Cin, Cout) and db (Cout,) = dL/dw, dL/db; both overwritten (not accumulated).
 
     Direct path (no kernel column outside the image, Cout a multiple of the
-    vector length): the images are dealt to (at most) _WEIGHT_CHUNKS chunks in
-    order; per image and kernel row, one product reduces over all the image's
-    output pixels straight from x and dy. Otherwise the N*OH*OW output pixels
-    are cut into blocks of _PIXEL_BLOCK, dealt to the chunks in order, and each
-    chunk adds col_block.T @ dy_block (im2col) into its partial. Each chunk has
-    its own (K, Cout) partial and the partials are added in chunk order: the
-    result does not depend on scheduling or the thread count.
+    vector length): per image and kernel row, one product reduces over all the
+    image's output pixels straight from x and dy. With at least _MIN_ROW_TILES
+    row tiles, the rows of dw are dealt to items (a block of rows of one kernel
+    row each) that reduce over every image in order, and each item sums a fixed
+    share of the dy rows into its db partial. Otherwise the images are dealt to
+    (at most) _WEIGHT_CHUNKS chunks in order; or, off the direct path, the
+    N*OH*OW output pixels are cut into blocks of _PIXEL_BLOCK, dealt to the
+    chunks in order, and each chunk adds col_block.T @ dy_block (im2col) into
+    its partial. Each chunk has its own (K, Cout) partial and the partials are
+    added in chunk order: the result does not depend on scheduling or the
+    thread count.
     """
     N = x.shape[0]
     KH, KW, Cin, Cout = dw.shape
@@ -577,17 +590,47 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
         nchunks = min(N, _WEIGHT_CHUNKS, budget)
     else:
         nchunks = min(nblocks, _WEIGHT_CHUNKS, budget)
-    partial = np.zeros((nchunks, K * Np), dtype=dw.dtype)
-    partial_b = np.zeros((nchunks, Cout), dtype=dw.dtype)
     L = KW * Cin
-    # One prange for both paths: each prange is compiled as its own gufunc.
+    # Row items (direct path with enough rows): the (kh, kw, ci) rows of dw
+    # are dealt to items of RB rows of one kernel row; each item owns its rows
+    # and reduces over every image in order, and also sums the dy rows of its
+    # fixed share of the pixels into its db partial. No dw partials.
+    rows = direct and KH * ((L + _MR - 1) // _MR) >= _MIN_ROW_TILES
+    RB = _ROW_TILES_PER_ITEM * _MR
+    nrb = (L + RB - 1) // RB
+    if rows:
+        nchunks = KH * nrb
+    partial = np.zeros((0 if rows else nchunks, K * Np), dtype=dw.dtype)
+    partial_b = np.zeros((nchunks, Cout), dtype=dw.dtype)
+    dwf = dw.reshape(-1)
+    xf = x.reshape(-1)
+    dyf = dy.reshape(-1)
+    zero = dw.dtype.type(0)
+    HWC = H * W * Cin
+    OHWC = OHW * Cout
+    # One prange for all the paths: each prange is compiled as its own gufunc.
     for c in prange(nchunks):
-        pc = partial[c]
         pb = partial_b[c]
-        if direct:
+        if rows:
+            for p in range((c * P) // nchunks, ((c + 1) * P) // nchunks):
+                dp = dy2[p]
+                for co in range(Cout):
+                    pb[co] += dp[co]
+            kh = c // nrb
+            r0 = (c - kh * nrb) * RB
+            r1 = min(L, r0 + RB)
+            _fill(dwf[(kh * L + r0) * Cout:(kh * L + r1) * Cout], zero)
+            u = pad_top - kh * dil_h
+            oh0 = max(0, _ceil_div(u, stride_h))
+            oh1 = min(OH, _ceil_div(H + u, stride_h))
+            if oh1 > oh0:
+                for n in range(N):
+                    _gemm(dwf, (kh * L + r0) * Cout, Cout, xf, n * HWC + (oh0 * stride_h - u) * W * Cin + r0, 1,
+                          stride_w * Cin, dyf, n * OHWC + oh0 * OW * Cout, Cout, OW, oh1 - oh0,
+                          stride_h * W * Cin, OW * Cout, r1 - r0, NVt)
+        elif direct:
+            pc = partial[c]
             for n in range((c * N) // nchunks, ((c + 1) * N) // nchunks):
-                xf = x3[n].reshape(-1)
-                dyf = dy[n].reshape(-1)
                 for kh in range(KH):
                     # oh with 0 <= ih = oh*sh - u < H
                     u = pad_top - kh * dil_h
@@ -595,13 +638,15 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
                     oh1 = min(OH, _ceil_div(H + u, stride_h))
                     if oh1 <= oh0:
                         continue
-                    _gemm(pc, kh * L * Np, Np, xf, (oh0 * stride_h - u) * W * Cin, 1, stride_w * Cin,
-                          dyf, oh0 * OW * Cout, Cout, OW, oh1 - oh0, stride_h * W * Cin, OW * Cout, L, NVt)
+                    _gemm(pc, kh * L * Np, Np, xf, n * HWC + (oh0 * stride_h - u) * W * Cin, 1, stride_w * Cin,
+                          dyf, n * OHWC + oh0 * OW * Cout, Cout, OW, oh1 - oh0, stride_h * W * Cin, OW * Cout, L,
+                          NVt)
                 for t in range(OHW):
                     dp = dy2[n * OHW + t]
                     for co in range(Cout):
                         pb[co] += dp[co]
         else:
+            pc = partial[c]
             blk0 = (c * nblocks) // nchunks
             blk1 = ((c + 1) * nblocks) // nchunks
             col = np.empty((PB, K), dtype=dw.dtype)
@@ -630,13 +675,14 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
                     for co in range(Cout):
                         pb[co] += dp[co]
     # Fixed-order reduction of the partials.
-    dwm = dw.reshape(K, Cout)
-    for k in prange(K):
-        for co in range(Cout):
-            s = partial[0, k * Np + co]
-            for c in range(1, nchunks):
-                s += partial[c, k * Np + co]
-            dwm[k, co] = s
+    if not rows:
+        dwm = dw.reshape(K, Cout)
+        for k in prange(K):
+            for co in range(Cout):
+                s = partial[0, k * Np + co]
+                for c in range(1, nchunks):
+                    s += partial[c, k * Np + co]
+                dwm[k, co] = s
     for co in range(Cout):
         s = partial_b[0, co]
         for c in range(1, nchunks):

@@ -1,22 +1,76 @@
 """Fully connected layer: y = x @ w + b and its gradients.
 
-x (N,I), w (I,O), b (O,), y (N,O). Inner loops run over the contiguous O
-axis. Rows of the batch are processed in blocks of ROWS so that each row of w,
-once loaded into the L1 cache, is reused ROWS times.
+x (N,I), w (I,O), b (O,), y (N,O).
+
+Where the shapes allow, each product is done by the conv module's register-
+blocked GEMM (``conv._gemm``, one cfunc per dtype): the forward and the
+weight gradient when O is a multiple of the SIMD vector length (x, w, dy
+read in place), the input gradient always (dx.T = w @ dy.T: dy is packed
+transposed, columns padded to the vector length, and each block of dx.T is
+written back transposed). The work is split over blocks of output elements,
+each computed by one thread in a fixed order: results do not depend on the
+thread count. Otherwise (small layers, e.g. O = 10) plain loops: inner loops
+run over the contiguous O axis, rows of the batch in blocks of ROWS so that
+each row of w, once loaded into the L1 cache, is reused ROWS times.
 """
 import numpy as np
 from numba import njit, prange
 
+from fastcnn.kernels.conv import _MR, _NV, _VBYTES, _copy, _ensure_gemm, _fill, _gemm, _prange_only
+
 ROWS = 4
+# GEMM paths: output rows per parallel item (forward: batch rows; weight
+# gradient: rows of dw; input gradient: columns of dx).
+_FWD_ROWS = 4 * _MR
+_BWD_ROWS = 8 * _MR
 
 
-@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def dense_forward(x, w, b, y):
+    """y (N,O) = x @ w + b; y (C-contiguous) overwritten."""
+    _ensure_gemm(y.dtype)
+    _dense_forward(np.ascontiguousarray(x), np.ascontiguousarray(w), b, y)
+
+
+def dense_backward_input(dy, w, dx):
+    """dx (N,I) = dy @ w.T; dx (C-contiguous) overwritten."""
+    _ensure_gemm(dx.dtype)
+    _dense_backward_input(np.ascontiguousarray(dy), np.ascontiguousarray(w), dx)
+
+
+def dense_backward_weight(x, dy, dw, db):
+    """dw (I,O) = x.T @ dy, db (O,) = dy.sum(0); both overwritten (dw C-contiguous)."""
+    _ensure_gemm(dw.dtype)
+    _dense_backward_weight(np.ascontiguousarray(x), np.ascontiguousarray(dy), dw, db)
+
+
+@njit(cache=True, fastmath=True, parallel=_prange_only(), error_model="numpy")
+def _dense_forward(x, w, b, y):
     """y (N,O) = x @ w + b."""
     N, I = x.shape
     O = w.shape[1]
-    nblocks = (N + ROWS - 1) // ROWS
+    VL = _VBYTES // y.itemsize
+    # GEMM items: (column block of _NV vectors, block of _FWD_ROWS rows),
+    # column-block major so each thread keeps its slice of w in cache.
+    # Otherwise blocks of ROWS rows. One prange: each is its own gufunc.
+    gemm = O % VL == 0 and I > 0
+    NVt = O // VL
+    ncb = (NVt + _NV - 1) // _NV
+    nrb = (N + _FWD_ROWS - 1) // _FWD_ROWS
+    xf = x.reshape(-1)
+    wf = w.reshape(-1)
+    yf = y.reshape(-1)
+    nblocks = ncb * nrb if gemm else (N + ROWS - 1) // ROWS
     for blk in prange(nblocks):
+        if gemm:
+            cb = blk // nrb
+            n0 = (blk - cb * nrb) * _FWD_ROWS
+            n1 = min(N, n0 + _FWD_ROWS)
+            j0 = cb * _NV * VL
+            nv = min(_NV, NVt - cb * _NV)
+            for n in range(n0, n1):
+                _copy(y[n, j0:j0 + nv * VL], b[j0:j0 + nv * VL])
+            _gemm(yf, n0 * O + j0, O, xf, n0 * I, I, 1, wf, j0, O, I, 1, 0, 0, n1 - n0, nv)
+            continue
         n0 = blk * ROWS
         n1 = min(n0 + ROWS, N)
         for n in range(n0, n1):
@@ -86,66 +140,61 @@ def dense_forward(x, w, b, y):
                         yr[o] += a * wr[o]
 
 
-@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
-def dense_backward_input(dy, w, dx):
+@njit(cache=True, fastmath=True, parallel=_prange_only(), error_model="numpy")
+def _dense_backward_input(dy, w, dx):
     """dx (N,I) = dy @ w.T: dx[n,i] = sum_o dy[n,o] * w[i,o]."""
     N, O = dy.shape
     I = w.shape[0]
-    zero = dx.dtype.type(0)
-    nblocks = (N + ROWS - 1) // ROWS
-    for blk in prange(nblocks):
-        n0 = blk * ROWS
-        n1 = min(n0 + ROWS, N)
-        if n1 - n0 == 4:
-            g0 = dy[n0]
-            g1 = dy[n0 + 1]
-            g2 = dy[n0 + 2]
-            g3 = dy[n0 + 3]
-            for i in range(I):
-                wr = w[i]
-                s0 = zero
-                s1 = zero
-                s2 = zero
-                s3 = zero
-                for o in range(O):
-                    wv = wr[o]
-                    s0 += g0[o] * wv
-                    s1 += g1[o] * wv
-                    s2 += g2[o] * wv
-                    s3 += g3[o] * wv
-                dx[n0, i] = s0
-                dx[n0 + 1, i] = s1
-                dx[n0 + 2, i] = s2
-                dx[n0 + 3, i] = s3
-        else:
-            for n in range(n0, n1):
-                g = dy[n]
-                for i in range(I):
-                    wr = w[i]
-                    s = zero
-                    for o in range(O):
-                        s += g[o] * wr[o]
-                    dx[n, i] = s
+    VL = _VBYTES // dx.itemsize
+    # dx.T (I, Np) = w (I, O) @ dyT (O, Np), dyT = dy.T with zero columns past N.
+    NVt = (N + VL - 1) // VL
+    Np = NVt * VL
+    dyT = np.zeros((O, Np), dtype=dx.dtype)
+    for n in range(N):
+        g = dy[n]
+        for o in range(O):
+            dyT[o, n] = g[o]
+    dyTf = dyT.reshape(-1)
+    wf = w.reshape(-1)
+    RB = _BWD_ROWS
+    for blk in prange((I + RB - 1) // RB):
+        i0 = blk * RB
+        i1 = min(I, i0 + RB)
+        acc = np.zeros((RB, Np), dtype=dx.dtype)
+        _gemm(acc.reshape(-1), 0, Np, wf, i0 * O, O, 1, dyTf, 0, Np, O, 1, 0, 0, i1 - i0, NVt)
+        for r in range(i1 - i0):
+            ar = acc[r]
+            for n in range(N):
+                dx[n, i0 + r] = ar[n]
 
 
-@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
-def dense_backward_weight(x, dy, dw, db):
+@njit(cache=True, fastmath=True, parallel=_prange_only(), error_model="numpy")
+def _dense_backward_weight(x, dy, dw, db):
     """dw (I,O) = x.T @ dy, db (O,) = dy.sum(0); both overwritten.
 
-    Parallel over blocks of ROWS rows of dw: each row is owned by one
-    iteration (no partial buffers); a block shares each loaded row of dy.
+    Parallel over blocks of rows of dw: each row is owned by one iteration
+    (no partial buffers); a block shares each loaded row of dy.
     """
     N, I = x.shape
     O = dy.shape[1]
     zero = dw.dtype.type(0)
-    nblocks = (I + ROWS - 1) // ROWS
+    VL = _VBYTES // dw.itemsize
+    # GEMM (O a multiple of the vector length): blocks of _BWD_ROWS rows,
+    # dw[i0:i1] = x[:, i0:i1].T @ dy with A[i, n] = x[n, i] (row stride 1,
+    # step I); otherwise blocks of ROWS rows. One prange: each is its own gufunc.
+    gemm = O % VL == 0
+    xf = x.reshape(-1)
+    dwf = dw.reshape(-1)
+    dyf = dy.reshape(-1)
+    RB = _BWD_ROWS if gemm else ROWS
+    nblocks = (I + RB - 1) // RB
     for blk in prange(nblocks):
-        i0 = blk * ROWS
-        i1 = min(i0 + ROWS, I)
-        for i in range(i0, i1):
-            dwr = dw[i]
-            for o in range(O):
-                dwr[o] = zero
+        i0 = blk * RB
+        i1 = min(i0 + RB, I)
+        _fill(dwf[i0 * O:i1 * O], zero)
+        if gemm:
+            _gemm(dwf, i0 * O, O, xf, i0, 1, I, dyf, 0, O, N, 1, 0, 0, i1 - i0, O // VL)
+            continue
         if i1 - i0 == 4:
             d0 = dw[i0]
             d1 = dw[i0 + 1]
