@@ -90,10 +90,10 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch_size, *model.input_shape)).astype(model.dtype)
     labels = rng.integers(0, model.num_classes, size=batch_size)
-    peak, peak_source = matmul_peak_gflops(n_threads, torch)
-
+    # All of fastcnn's timings come first: PyTorch's OpenMP threads keep spinning for a while after
+    # each of its calls and would steal the cores from ours.
     # Time what a training step runs: the fused blocks (e.g. relu+maxpool2d) as one row each.
-    rows = []
+    rows, saved = [], []
     act = x
     index = 0
     for layer in model.blocks:
@@ -112,12 +112,8 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
                "forward_ms": fwd_ms, "backward_ms": bwd_ms,
                "forward_gflops": _gflops(f, fwd_ms), "backward_gflops": _gflops((2 if input_grad else 1) * f, bwd_ms),
                "backward_input_grad": input_grad}
-        for key in ("forward", "backward"):
-            g = row[f"{key}_gflops"]
-            row[f"{key}_peak_pct"] = 100 * g / peak if g else None
-        if torch is not None:
-            row.update(_torch_layer_times(layer, inp, dy, torch, repeats, to_torch_input, torch_layer, input_grad))
         rows.append(row)
+        saved.append((layer, inp, dy, input_grad))
 
     opt = build_optimizer(cfg.train.optimizer, model.parameters())
 
@@ -130,6 +126,14 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
     step_ms = _median_ms(step, repeats)
     infer_x = rng.normal(size=(256, *model.input_shape)).astype(model.dtype)
     infer_ms = _median_ms(lambda: model.forward(infer_x, training=False), max(3, repeats // 2))
+    peak, peak_source = matmul_peak_gflops(n_threads, torch)
+    for row in rows:
+        for key in ("forward", "backward"):
+            g = row[f"{key}_gflops"]
+            row[f"{key}_peak_pct"] = 100 * g / peak if g else None
+    if torch is not None:
+        for row, (layer, inp, dy, input_grad) in zip(rows, saved):
+            row.update(_torch_layer_times(layer, inp, dy, torch, repeats, to_torch_input, torch_layer, input_grad))
     report = {
         "batch_size": batch_size, "threads": n_threads, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
         "matmul_peak_gflops": peak, "matmul_peak_source": peak_source, "layers": rows,
