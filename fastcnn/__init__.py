@@ -12,10 +12,6 @@ import os as _os
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
     _os.environ.setdefault(_var, "1")
 
-from ._cpu import configure_numba_cpu as _configure_numba_cpu  # noqa: E402
-
-_configure_numba_cpu()
-
 __version__ = "0.1.0"
 
 _API = {

@@ -3,8 +3,6 @@
 Usage: python scripts/bench_conv.py [--threads 2] [--repeat 20] [--dtype float32] [--batch 64]
                                     [--only conv2] [--torch]
 
-fastcnn is imported before numba, so FASTCNN_CPU_TUNING=1 takes effect.
-
 Prints the median (and best) time and GFLOP/s (2*N*OH*OW*KH*KW*Cin*Cout per kernel) of
 forward, backward-input and backward-weight for conv1 and conv2 of the seed
 network, after one warm-up call (which also reports the first-call time:
@@ -46,7 +44,7 @@ def main():
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    import fastcnn  # noqa: F401  (before numba: applies FASTCNN_CPU_TUNING)
+    import fastcnn  # noqa: F401  (before numba: keeps BLAS single-threaded, as the CLI does)
     import numba
 
     from fastcnn.kernels import conv
