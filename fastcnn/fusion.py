@@ -19,7 +19,7 @@ reductions add the same terms in another order (see fastcnn/kernels/fused.py).
 import numpy as np
 
 from .kernels import fused
-from .layers import BatchNorm, LeakyReLU, MaxPool2D, ReLU, batchnorm_eval_backward
+from .layers import BatchNorm, LeakyReLU, MaxPool2D, ReLU, batchnorm_eval_backward, checked_gradient
 
 
 class Block:
@@ -55,14 +55,7 @@ class Block:
         self._dy_shape = (x.shape[0], *self.layers[-1].out_shape)
 
     def _check_dy(self, dy):
-        expected = self._dy_shape
-        if expected is None:
-            raise RuntimeError(f"{type(self).__name__}.backward() needs a forward() first")
-        dy = np.asarray(dy)
-        if dy.shape != expected:
-            raise ValueError(f"{type(self).__name__}.backward: the gradient must have the shape of the "
-                             f"last forward's output {expected}, got {dy.shape}")
-        return np.ascontiguousarray(dy, dtype=self.layers[0].dtype)
+        return checked_gradient(self, dy, self._dy_shape, self.layers[0].dtype)
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(repr(layer) for layer in self.layers)})"

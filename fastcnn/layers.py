@@ -35,6 +35,19 @@ class Parameter:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
 
+def checked_gradient(owner, dy, expected, dtype):
+    """dy as a contiguous array of ``dtype``, after checking it has the shape of the owner's last
+    forward output ``expected`` (RuntimeError when there was no forward). Kernels index without
+    bounds checks: this is what stands between a wrong shape and memory corruption."""
+    if expected is None:
+        raise RuntimeError(f"{type(owner).__name__}.backward() needs a forward() first")
+    dy = np.asarray(dy)
+    if dy.shape != expected:
+        raise ValueError(f"{type(owner).__name__}.backward: the gradient must have the shape of the "
+                         f"last forward's output {expected}, got {dy.shape}")
+    return np.ascontiguousarray(dy, dtype=dtype)
+
+
 class Layer:
     """Base class. Subclasses set ``params`` and ``buffers`` (name -> array) in build()."""
 
@@ -86,16 +99,7 @@ class Layer:
         self._dy_shape = (x.shape[0], *self.out_shape) if in_shape is not None else None
 
     def _check_dy(self, dy):
-        """dy as a contiguous array of the layer's dtype, after checking it has the shape of the
-        last forward's output (RuntimeError when there was none)."""
-        expected = self._dy_shape
-        if expected is None:
-            raise RuntimeError(f"{type(self).__name__}.backward() needs a forward() first")
-        dy = np.asarray(dy)
-        if dy.shape != expected:
-            raise ValueError(f"{type(self).__name__}.backward: the gradient must have the shape of the "
-                             f"last forward's output {expected}, got {dy.shape}")
-        return np.ascontiguousarray(dy, dtype=self.dtype)
+        return checked_gradient(self, dy, self._dy_shape, self.dtype)
 
     def flops(self, batch):
         """Forward multiply-add FLOPs (2 per MAC) for a batch; 0 for cheap layers."""
