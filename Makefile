@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 CONFIG ?= configs/mnist.yaml
+# Extra arguments for `make train`, e.g. TRAIN_ARGS=--overwrite to replace the last run's checkpoints.
+TRAIN_ARGS ?=
 # The CPU build of PyTorch, used only as a reference by tests and benchmarks.
 TORCH  ?= torch==2.13.0
 
@@ -23,7 +25,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
 train: install
-	$(VENV)/bin/fastcnn train $(CONFIG)
+	$(VENV)/bin/fastcnn train $(CONFIG) $(TRAIN_ARGS)
 
 test: dev
 	$(PY) -m pytest -q
