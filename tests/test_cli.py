@@ -7,33 +7,27 @@ import numpy as np
 import pytest
 
 from fastcnn import __version__
-from fastcnn.cli import main
 
-from conftest import REPO
+from conftest import SMALL_CONFIG, run_cli
 
-SMALL = os.path.join(REPO, "configs", "synthetic_small.yaml")
+SMALL = SMALL_CONFIG
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def test_version_and_help(capsys):
-    code, out, _ = run(["--version"], capsys)
+    code, out, _ = run_cli(["--version"], capsys)
     assert code == 0 and __version__ in out
-    code, out, _ = run(["--help"], capsys)
+    code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and "train" in out and "eval" in out and "bench" in out
-    code, out, _ = run(["train", "--help"], capsys)
+    code, out, _ = run_cli(["train", "--help"], capsys)
     assert code == 0 and "--set" in out and "--resume" in out
 
 
 def test_train_then_eval(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    code, out, err = run(["train", SMALL, "--set", f"output.dir={out_dir}", "--set", "train.epochs=1",
-                          "--threads", "1", "--no-progress"], capsys)
+    code, out, err = run_cli(["train", SMALL, "--set", f"output.dir={out_dir}", "--set", "train.epochs=1",
+                              "--threads", "1", "--no-progress"], capsys)
     assert code == 0, err
     assert "epoch 1/1" in out
     for name in ("last.npz", "best.npz", "metrics.jsonl", "config.yaml"):
@@ -41,20 +35,20 @@ def test_train_then_eval(tmp_path, capsys):
     record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert record["epoch"] == 1 and 0 <= record["val_accuracy"] <= 1 and record["images_per_sec"] > 0
 
-    code, out, err = run(["eval", str(out_dir / "best.npz"), "--json"], capsys)
+    code, out, err = run_cli(["eval", str(out_dir / "best.npz"), "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
     assert result["accuracy"] == pytest.approx(record["val_accuracy"])
     assert result["loss"] == pytest.approx(record["val_loss"], rel=1e-5)
     assert len(result["per_class_accuracy"]) == 4
 
-    code, out, _ = run(["eval", str(out_dir / "best.npz")], capsys)
+    code, out, _ = run_cli(["eval", str(out_dir / "best.npz")], capsys)
     assert code == 0 and "accuracy" in out and "per-class" in out
 
 
 def test_trained_model_learns_the_synthetic_task(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    code, _, err = run(["train", SMALL, "--set", f"output.dir={out_dir}", "--no-progress"], capsys)
+    code, _, err = run_cli(["train", SMALL, "--set", f"output.dir={out_dir}", "--no-progress"], capsys)
     assert code == 0, err
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2
@@ -65,8 +59,8 @@ def test_same_seed_same_weights(tmp_path, capsys):
     weights = []
     for name in ("a", "b"):
         out_dir = tmp_path / name
-        code, _, err = run(["train", SMALL, "--set", f"output.dir={out_dir}", "--set", "train.epochs=1",
-                            "--threads", "2", "--no-progress"], capsys)
+        code, _, err = run_cli(["train", SMALL, "--set", f"output.dir={out_dir}", "--set", "train.epochs=1",
+                                "--threads", "2", "--no-progress"], capsys)
         assert code == 0, err
         with np.load(out_dir / "last.npz", allow_pickle=False) as data:
             weights.append({k: data[k] for k in data.files if k.startswith("layers.")})
@@ -82,7 +76,7 @@ def test_same_seed_same_weights(tmp_path, capsys):
     (["eval", "/nonexistent/ck.npz"], "checkpoint not found"),
 ])
 def test_user_mistakes_exit_2_with_one_line(argv, words, capsys):
-    code, out, err = run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 2
     assert err.startswith("Error: ") and words in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -91,23 +85,15 @@ def test_user_mistakes_exit_2_with_one_line(argv, words, capsys):
 def test_eval_of_random_bytes(tmp_path, capsys):
     path = tmp_path / "x.npz"
     path.write_bytes(os.urandom(1000))
-    code, _, err = run(["eval", str(path)], capsys)
+    code, _, err = run_cli(["eval", str(path)], capsys)
     assert code == 2 and "not an .npz" in err
 
 
 # -- confusion matrix (fastcnn eval) ---------------------------------------------
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("run")
-    with pytest.raises(SystemExit) as info:
-        main(["train", SMALL, "--set", f"output.dir={out_dir}", "--set", "train.epochs=1", "--threads", "1",
-              "--no-progress"])
-    assert info.value.code == 0
-    return str(out_dir / "best.npz")
 
 
 def test_eval_confusion_matrix(small_checkpoint, capsys):
-    code, out, err = run(["eval", small_checkpoint, "--json"], capsys)
+    code, out, err = run_cli(["eval", small_checkpoint, "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
     cm = np.array(result["confusion_matrix"])
@@ -116,7 +102,7 @@ def test_eval_confusion_matrix(small_checkpoint, capsys):
     np.testing.assert_allclose(np.diag(cm) / rows, result["per_class_accuracy"])
     assert np.trace(cm) / cm.sum() == pytest.approx(result["accuracy"])
 
-    code, out, err = run(["eval", small_checkpoint], capsys)
+    code, out, err = run_cli(["eval", small_checkpoint], capsys)
     assert code == 0, err
     assert "confusion matrix" in out and "true \\ pred" in out
     table = out[out.index("true \\ pred"):].splitlines()
@@ -156,21 +142,21 @@ def test_format_confusion_is_compact():
 def test_eval_plot(small_checkpoint, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "cm.png"
-    code, out, err = run(["eval", small_checkpoint, "--plot", str(path)], capsys)
+    code, out, err = run_cli(["eval", small_checkpoint, "--plot", str(path)], capsys)
     assert code == 0, err
     assert path.read_bytes().startswith(b"\x89PNG") and str(path) in out
 
 
 def test_eval_plot_errors(small_checkpoint, tmp_path, capsys, monkeypatch):
-    code, _, err = run(["eval", small_checkpoint, "--plot", str(tmp_path / "no" / "cm.png")], capsys)
+    code, _, err = run_cli(["eval", small_checkpoint, "--plot", str(tmp_path / "no" / "cm.png")], capsys)
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    code, _, err = run(["eval", small_checkpoint, "--plot", str(tmp_path / "cm.png")], capsys)
+    code, _, err = run_cli(["eval", small_checkpoint, "--plot", str(tmp_path / "cm.png")], capsys)
     assert code == 2 and "pip install 'fastcnn[plot]'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_new_commands_in_help(capsys):
-    code, out, _ = run(["--help"], capsys)
+    code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and all(word in out for word in ("summary", "predict", "plot"))
-    code, out, _ = run(["predict", "--help"], capsys)
+    code, out, _ = run_cli(["predict", "--help"], capsys)
     assert code == 0 and "--top-k" in out and "fastcnn[images]" in out

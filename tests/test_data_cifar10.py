@@ -1,12 +1,10 @@
 """CIFAR-10 (binary version): small files in the real format, written here; download and
 extraction of a small archive served from 127.0.0.1 (never the internet)."""
 import hashlib
-import http.server
 import io
 import os
 import socket
 import tarfile
-import threading
 
 import numpy as np
 import pytest
@@ -14,6 +12,8 @@ import pytest
 from fastcnn.data import load_dataset
 from fastcnn.data import cifar10 as C
 from fastcnn.errors import DataError
+
+from conftest import MirrorHandler, serve_files
 
 COUNTS = (3, 2, 4, 1, 2)  # records per training batch
 N_TEST = 5
@@ -154,27 +154,6 @@ def test_missing_offline_names_files_folder_and_url(tmp_path):
 
 # ---------------------------------------------------------------- archive and download
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    files = {}
-    log = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self.log.append(self.path)
-        mode, _, name = self.path.strip("/").partition("/")
-        data = self.files.get(name)
-        if mode != "good" or data is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        self.close_connection = True
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(base URL, archive md5, raw arrays) of a local server of a small cifar-10-binary.tar.gz."""
@@ -182,17 +161,8 @@ def served(tmp_path_factory):
     arrays = make_batches(src / C.BATCHES_DIR)
     archive = src / C.ARCHIVE
     md5 = make_archive(src / C.BATCHES_DIR, archive)
-    _Handler.files = {C.ARCHIVE: archive.read_bytes()}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", md5, arrays
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serve_files({C.ARCHIVE: archive.read_bytes()}) as url:
+        yield url, md5, arrays
 
 
 def dead_url():
@@ -214,9 +184,9 @@ def test_download_verify_extract(tmp_path, served):
     assert os.listdir(tmp_path / "cifar10") == [C.BATCHES_DIR]
     assert sorted(os.listdir(tmp_path / "cifar10" / C.BATCHES_DIR)) == sorted(C.BATCH_FILES + (C.META_FILE,))
     # present files are used as they are
-    _Handler.log.clear()
+    MirrorHandler.log.clear()
     load_dataset("cifar10", root=tmp_path, mirrors=[dead_url()], progress=False)
-    assert _Handler.log == []
+    assert MirrorHandler.log == []
 
 
 def test_mirror_from_environment(tmp_path, served, monkeypatch):
@@ -246,7 +216,7 @@ def test_archive_put_by_hand_is_extracted_and_kept(tmp_path, served):
     _, md5, (_, y_tr, _, _) = served
     folder = tmp_path / "cifar10"
     folder.mkdir()
-    (folder / C.ARCHIVE).write_bytes(_Handler.files[C.ARCHIVE])
+    (folder / C.ARCHIVE).write_bytes(MirrorHandler.files[C.ARCHIVE])
     ds = load_dataset("cifar10", root=tmp_path, mirrors=[dead_url()], checksums={C.ARCHIVE: md5}, progress=False)
     np.testing.assert_array_equal(ds.y_train, y_tr)
     assert sorted(os.listdir(folder)) == sorted([C.ARCHIVE, C.BATCHES_DIR])

@@ -8,10 +8,8 @@ but sends half and hangs up, ``/short/`` sends half the file with a matching
 Content-Length (so only the MD5 can tell), ``/corrupt/`` flips a byte.
 """
 import hashlib
-import http.server
 import os
 import socket
-import threading
 
 import numpy as np
 import pytest
@@ -21,6 +19,8 @@ from fastcnn.data import download as dl
 from fastcnn.data.idx import write_idx
 from fastcnn.data.mnist import FILE_NAMES, SPECS
 from fastcnn.errors import DataError, UserError
+
+from conftest import MirrorHandler, serve_files
 
 N_TRAIN, N_TEST = 20, 10
 
@@ -43,55 +43,13 @@ def make_fake_mnist(folder, n_train=N_TRAIN, n_test=N_TEST, seed=0, compress=Tru
     return md5, arrays
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    files = {}     # name -> bytes
-    log = []       # paths requested
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self.log.append(self.path)
-        mode, _, name = self.path.strip("/").partition("/")
-        data = self.files.get(name)
-        if mode == "missing" or data is None:
-            self.send_error(404)
-            return
-        length = len(data)
-        if mode == "truncated":
-            data = data[: len(data) // 2]
-        elif mode == "short":
-            data = data[: len(data) // 2]
-            length = len(data)
-        elif mode == "corrupt":
-            data = bytearray(data)
-            data[len(data) // 2] ^= 0xFF
-            data = bytes(data)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(length))
-        self.end_headers()
-        self.wfile.write(data)
-        self.wfile.flush()
-        self.close_connection = True
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(base URL, {name: md5}, {name: array}) of a local server of fake MNIST files."""
     src = tmp_path_factory.mktemp("mirror")
     md5, arrays = make_fake_mnist(src)
-    _Handler.files = {name: (src / name).read_bytes() for name in FILE_NAMES}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", md5, arrays
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serve_files({name: (src / name).read_bytes() for name in FILE_NAMES}) as url:
+        yield url, md5, arrays
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +61,7 @@ def _local_only(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("FASTCNN_MNIST_MIRROR", raising=False)
     monkeypatch.delenv("FASTCNN_FASHION_MNIST_MIRROR", raising=False)
-    _Handler.log.clear()
+    MirrorHandler.log.clear()
 
 
 def dead_url():
@@ -132,9 +90,9 @@ def test_download_good_files(tmp_path, served):
     np.testing.assert_allclose(ds.x_train[..., 0], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte.gz"])
     # Present files are used as they are: no further requests, even with no mirror reachable.
-    _Handler.log.clear()
+    MirrorHandler.log.clear()
     ds2 = load(tmp_path, [dead_url()], md5)
-    assert _Handler.log == []
+    assert MirrorHandler.log == []
     np.testing.assert_array_equal(ds2.x_train, ds.x_train)
 
 
@@ -142,7 +100,7 @@ def test_second_mirror_used_when_first_404s(tmp_path, served):
     url, md5, _ = served
     ds = load(tmp_path, [url + "/missing/", url + "/good/"], md5)
     assert len(ds.y_train) == N_TRAIN
-    assert _Handler.log[:2] == ["/missing/train-images-idx3-ubyte.gz", "/good/train-images-idx3-ubyte.gz"]
+    assert MirrorHandler.log[:2] == ["/missing/train-images-idx3-ubyte.gz", "/good/train-images-idx3-ubyte.gz"]
     assert sorted(os.listdir(tmp_path / "mnist")) == sorted(FILE_NAMES)
 
 
@@ -152,7 +110,7 @@ def test_only_missing_files_are_fetched(tmp_path, served):
     make_fake_mnist(folder)
     (folder / "t10k-labels-idx1-ubyte.gz").unlink()
     load(tmp_path, [url + "/good/"], md5)
-    assert _Handler.log == ["/good/t10k-labels-idx1-ubyte.gz"]
+    assert MirrorHandler.log == ["/good/t10k-labels-idx1-ubyte.gz"]
 
 
 def test_mirror_from_environment(tmp_path, served, monkeypatch):
@@ -160,7 +118,7 @@ def test_mirror_from_environment(tmp_path, served, monkeypatch):
     monkeypatch.setenv("FASTCNN_MNIST_MIRROR", f"{url}/missing, {url}/good")
     ds = load_dataset("mnist", root=tmp_path, checksums=md5, progress=False, timeout=5)
     assert len(ds.y_test) == N_TEST
-    assert "/missing/train-images-idx3-ubyte.gz" in _Handler.log
+    assert "/missing/train-images-idx3-ubyte.gz" in MirrorHandler.log
 
 
 def test_fashion_mnist_download(tmp_path, served, monkeypatch):

@@ -5,17 +5,13 @@ import sys
 
 import pytest
 
-from fastcnn.cli import main
 from fastcnn.plots import read_metrics, save_curves
+
+from conftest import run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def write_metrics(folder, epochs=4):
@@ -56,10 +52,10 @@ def test_read_metrics_keeps_the_last_record_per_epoch_and_skips_broken_lines(tmp
 def test_cli_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run_dir = write_metrics(tmp_path / "run", epochs=1)
-    code, out, err = run(["plot", str(run_dir)], capsys)
+    code, out, err = run_cli(["plot", str(run_dir)], capsys)
     assert code == 0, err
     assert (run_dir / "curves.png").read_bytes().startswith(PNG_MAGIC) and "curves.png" in out
-    code, out, err = run(["plot", str(run_dir), "-o", str(tmp_path / "other.png")], capsys)
+    code, out, err = run_cli(["plot", str(run_dir), "-o", str(tmp_path / "other.png")], capsys)
     assert code == 0, err
     assert (tmp_path / "other.png").exists()
 
@@ -73,14 +69,14 @@ def test_cli_plot_errors(tmp_path, capsys, make, words):
     pytest.importorskip("matplotlib")
     run_dir = tmp_path / "run"
     make(run_dir)
-    code, _, err = run(["plot", str(run_dir)], capsys)
+    code, _, err = run_cli(["plot", str(run_dir)], capsys)
     assert code == 2 and err.startswith("Error: ") and words in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_plot_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
     run_dir = write_metrics(tmp_path / "run")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    code, _, err = run(["plot", str(run_dir)], capsys)
+    code, _, err = run_cli(["plot", str(run_dir)], capsys)
     assert code == 2 and "pip install 'fastcnn[plot]'" in err and len(err.strip().splitlines()) == 1
 
 

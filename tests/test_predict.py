@@ -8,39 +8,27 @@ import pytest
 
 from fastcnn import build_model, load_config
 from fastcnn.checkpoint import load_checkpoint, save_checkpoint
-from fastcnn.cli import main
 from fastcnn.config import to_dict
 from fastcnn.data import load_dataset
 from fastcnn.evaluate import model_from_checkpoint
 from fastcnn.predict import normalization_for, read_npy, softmax
 
-from conftest import REPO
+from conftest import REPO, SMALL_CONFIG, run_cli
 
-SMALL = os.path.join(REPO, "configs", "synthetic_small.yaml")
 MNIST = os.path.join(REPO, "configs", "mnist.yaml")
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(small_checkpoint):
     """A synthetic_small checkpoint (1 epoch), its model and config, and test images."""
-    out_dir = tmp_path_factory.mktemp("run")
-    with pytest.raises(SystemExit) as info:
-        main(["train", SMALL, "--set", f"output.dir={out_dir}", "--set", "train.epochs=1", "--threads", "1",
-              "--no-progress"])
-    assert info.value.code == 0
-    path = str(out_dir / "best.npz")
+    path = small_checkpoint
     checkpoint = load_checkpoint(path)
     cfg, model = model_from_checkpoint(checkpoint)
     ds = load_dataset("synthetic", input_shape=tuple(cfg.model.input_shape), num_classes=cfg.model.num_classes,
                       num_train=cfg.data.num_train, num_test=cfg.data.num_test, seed=cfg.seed)
-    return {"path": path, "dir": out_dir, "cfg": cfg, "model": model, "meta": checkpoint.meta, "x": ds.x_test[:10]}
+    return {"path": path, "cfg": cfg, "model": model, "meta": checkpoint.meta, "x": ds.x_test[:10]}
 
 
 def preprocess(trained, pixels):
@@ -53,8 +41,8 @@ def test_npy_batch_agrees_with_forward(trained, tmp_path, capsys):
     x = trained["x"]
     path = tmp_path / "batch.npy"
     np.save(path, x)
-    code, out, err = run(["predict", trained["path"], str(path), "--json", "--top-k", "4", "--no-normalize"],
-                         capsys)
+    code, out, err = run_cli(["predict", trained["path"], str(path), "--json", "--top-k", "4", "--no-normalize"],
+                             capsys)
     assert code == 0, err
     results = json.loads(out)
     assert [r["input"] for r in results] == [f"{path}[{i}]" for i in range(len(x))]
@@ -71,7 +59,7 @@ def test_npy_batch_agrees_with_forward(trained, tmp_path, capsys):
             assert t["name"] == f"class_{t['class']}"
 
     # the default preprocessing (normalization from the checkpoint, when it has any) and --top-k 1
-    code, out, err = run(["predict", trained["path"], str(path), "--json", "--top-k", "1"], capsys)
+    code, out, err = run_cli(["predict", trained["path"], str(path), "--json", "--top-k", "1"], capsys)
     assert code == 0, err
     expected = trained["model"].forward(preprocess(trained, x), training=False).argmax(axis=1)
     assert [r["top"][0]["class"] for r in json.loads(out)] == expected.tolist()
@@ -83,8 +71,8 @@ def test_uint8_npy_shapes_and_text_output(trained, tmp_path, capsys):
     np.save(tmp_path / "nhw.npy", pixels)
     np.save(tmp_path / "one_hw.npy", pixels[0])
     np.save(tmp_path / "one_hwc.npy", pixels[1][..., None])
-    code, out, err = run(["predict", trained["path"], str(tmp_path / "nhw.npy"), str(tmp_path / "one_hw.npy"),
-                          str(tmp_path / "one_hwc.npy"), "--json"], capsys)
+    code, out, err = run_cli(["predict", trained["path"], str(tmp_path / "nhw.npy"), str(tmp_path / "one_hw.npy"),
+                              str(tmp_path / "one_hwc.npy"), "--json"], capsys)
     assert code == 0, err
     results = json.loads(out)
     assert len(results) == 5 and results[3]["input"].endswith("one_hw.npy[0]")
@@ -93,7 +81,7 @@ def test_uint8_npy_shapes_and_text_output(trained, tmp_path, capsys):
     got = [r["top"][0]["class"] for r in results]
     assert got[:3] == expected.tolist() and got[3] == expected[0] and got[4] == expected[1]
 
-    code, out, err = run(["predict", trained["path"], str(tmp_path / "one_hw.npy")], capsys)
+    code, out, err = run_cli(["predict", trained["path"], str(tmp_path / "one_hw.npy")], capsys)
     assert code == 0, err
     assert out.startswith(f"{tmp_path / 'one_hw.npy'}[0]") and "class_" in out and "%" in out
 
@@ -108,8 +96,8 @@ def test_png_inputs(trained, tmp_path, capsys):
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     Image.fromarray(np.kron(gray, np.ones((2, 2), np.uint8))).save(tmp_path / "big.png")
 
-    code, out, err = run(["predict", trained["path"], str(tmp_path / "gray.png"), str(tmp_path / "rgb.png"),
-                          str(tmp_path / "gray.npy"), "--json", "--top-k", "4"], capsys)
+    code, out, err = run_cli(["predict", trained["path"], str(tmp_path / "gray.png"), str(tmp_path / "rgb.png"),
+                              str(tmp_path / "gray.npy"), "--json", "--top-k", "4"], capsys)
     assert code == 0, err
     png, rgb_png, npy = json.loads(out)
     assert png["input"] == str(tmp_path / "gray.png") and png["index"] is None
@@ -117,9 +105,9 @@ def test_png_inputs(trained, tmp_path, capsys):
         assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
         assert a["top"][0]["probability"] == pytest.approx(b["top"][0]["probability"], abs=1e-5)
 
-    code, _, err = run(["predict", trained["path"], str(tmp_path / "big.png")], capsys)
+    code, _, err = run_cli(["predict", trained["path"], str(tmp_path / "big.png")], capsys)
     assert code == 2 and "big.png" in err and "24x24" in err and "--resize" in err
-    code, out, err = run(["predict", trained["path"], str(tmp_path / "big.png"), "--resize", "--json"], capsys)
+    code, out, err = run_cli(["predict", trained["path"], str(tmp_path / "big.png"), "--resize", "--json"], capsys)
     assert code == 0, err
     assert len(json.loads(out)) == 1
 
@@ -132,7 +120,7 @@ def test_mnist_preprocessing(tmp_path, capsys):
     save_checkpoint(path, model.state_dict(), meta={"config": to_dict(cfg), "epoch": 0})
     pixels = np.random.default_rng(2).integers(0, 128, size=(4, 28, 28), dtype=np.uint8)
     np.save(tmp_path / "digits.npy", pixels)
-    code, out, err = run(["predict", str(path), str(tmp_path / "digits.npy"), "--json", "--top-k", "10"], capsys)
+    code, out, err = run_cli(["predict", str(path), str(tmp_path / "digits.npy"), "--json", "--top-k", "10"], capsys)
     assert code == 0, err
     x = (pixels[..., None].astype(np.float32) / 255 - np.float32(0.1307)) / np.float32(0.3081)
     probs = softmax(model.forward(x, training=False))
@@ -145,7 +133,7 @@ def test_mnist_preprocessing(tmp_path, capsys):
 
     # a mostly bright image gets a hint to --invert
     np.save(tmp_path / "bright.npy", np.full((28, 28), 250, np.uint8))
-    code, _, err = run(["predict", str(path), str(tmp_path / "bright.npy")], capsys)
+    code, _, err = run_cli(["predict", str(path), str(tmp_path / "bright.npy")], capsys)
     assert code == 0 and "--invert" in err
 
 
@@ -187,7 +175,7 @@ def test_bad_inputs_exit_2_with_one_line_naming_the_file(trained, tmp_path, caps
     path = tmp_path / name
     if make is not None:
         make(path)
-    code, out, err = run(["predict", trained["path"], str(path)], capsys)
+    code, out, err = run_cli(["predict", trained["path"], str(path)], capsys)
     assert code == 2, err
     assert err.startswith("Error: ") and str(path) in err and words in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -197,22 +185,22 @@ def test_missing_pillow_names_the_extra(trained, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     monkeypatch.setitem(sys.modules, "PIL.Image", None)
     (tmp_path / "a.png").write_bytes(b"\x89PNG")
-    code, _, err = run(["predict", trained["path"], str(tmp_path / "a.png")], capsys)
+    code, _, err = run_cli(["predict", trained["path"], str(tmp_path / "a.png")], capsys)
     assert code == 2 and "pip install 'fastcnn[images]'" in err and len(err.strip().splitlines()) == 1
     np.save(tmp_path / "a.npy", np.zeros((12, 12), np.uint8))  # .npy needs no Pillow
-    code, _, err = run(["predict", trained["path"], str(tmp_path / "a.npy")], capsys)
+    code, _, err = run_cli(["predict", trained["path"], str(tmp_path / "a.npy")], capsys)
     assert code == 0, err
 
 
 def test_bad_checkpoint(tmp_path, capsys):
     np.save(tmp_path / "a.npy", np.zeros((12, 12), np.uint8))
-    code, _, err = run(["predict", str(tmp_path / "none.npz"), str(tmp_path / "a.npy")], capsys)
+    code, _, err = run_cli(["predict", str(tmp_path / "none.npz"), str(tmp_path / "a.npy")], capsys)
     assert code == 2 and "checkpoint not found" in err
 
 
 def test_data_stats_and_class_names_from_the_meta(tmp_path, capsys):
     """A checkpoint saved with meta data_stats (per channel) and class_names: both are used."""
-    cfg = load_config(SMALL, ["model.input_shape=[12, 12, 3]"])
+    cfg = load_config(SMALL_CONFIG, ["model.input_shape=[12, 12, 3]"])
     model = build_model(cfg.model, seed=0)
     path = tmp_path / "rgb.npz"
     meta = {"config": to_dict(cfg), "data_stats": {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.25, 0.2]},
@@ -220,7 +208,7 @@ def test_data_stats_and_class_names_from_the_meta(tmp_path, capsys):
     save_checkpoint(path, model.state_dict(), meta=meta)
     pixels = np.random.default_rng(3).integers(0, 256, size=(3, 12, 12, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", pixels)
-    code, out, err = run(["predict", str(path), str(tmp_path / "x.npy"), "--json", "--top-k", "4"], capsys)
+    code, out, err = run_cli(["predict", str(path), str(tmp_path / "x.npy"), "--json", "--top-k", "4"], capsys)
     assert code == 0, err
     x = (pixels.astype(np.float32) / 255 - np.float32([0.1, 0.2, 0.3])) / np.float32([0.5, 0.25, 0.2])
     probs = softmax(model.forward(x, training=False))

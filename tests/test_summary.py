@@ -5,20 +5,14 @@ import os
 import pytest
 
 from fastcnn import build_model, load_config
-from fastcnn.cli import main
 from fastcnn.summary import format_summary, summarize
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
 MNIST = os.path.join(REPO, "configs", "mnist.yaml")
 MNIST_BN = os.path.join(REPO, "configs", "mnist_bn.yaml")
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 def mnist_model():
@@ -57,11 +51,11 @@ def test_batchnorm_statistics_are_non_trainable():
 
 
 def test_cli_summary_text_and_json(capsys):
-    code, out, err = run(["summary", MNIST], capsys)
+    code, out, err = run_cli(["summary", MNIST], capsys)
     assert code == 0, err
     assert "Total params:" in out and "225,034" in out and "Batch of 64:" in out
-    code, out, err = run(["summary", MNIST, "--json", "--batch-size", "8",
-                          "--set", "model.layers[0].padding=same"], capsys)
+    code, out, err = run_cli(["summary", MNIST, "--json", "--batch-size", "8",
+                              "--set", "model.layers[0].padding=same"], capsys)
     assert code == 0, err
     info = json.loads(out)
     assert info["batch_size"] == 8
@@ -73,7 +67,7 @@ def test_cli_summary_compiles_no_kernel(capsys):
     from fastcnn.train import compile_stats
 
     before = compile_stats()
-    code, _, err = run(["summary", MNIST_BN], capsys)
+    code, _, err = run_cli(["summary", MNIST_BN], capsys)
     assert code == 0, err
     assert compile_stats() == before
 
@@ -83,5 +77,5 @@ def test_cli_summary_compiles_no_kernel(capsys):
     (["summary", MNIST, "--set", "model.layers[0].kernel_size=30"], "model.layers[0]"),
 ])
 def test_cli_summary_errors(argv, words, capsys):
-    code, out, err = run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 2 and err.startswith("Error: ") and words in err and len(err.strip().splitlines()) == 1
