@@ -1,18 +1,21 @@
 """YAML config -> a validated, fully resolved config.
 
-The schema below is the single source of truth for which keys exist, their
-types, ranges and defaults. Every error names the key path where it happened
+The schema below declares the file's sections and keys with their types,
+ranges and defaults; the options of each layer type are declared by the type
+itself (fastcnn/layers/) and read from there. Every error names the key path where it happened
 (``model.layers[3].kernel_size: ...``) and is raised as ConfigError, which the
 CLI prints as one line with exit code 2.
 """
 import copy
-import difflib
 import os
 import re
 
 import yaml
 
 from .errors import ConfigError
+from .layers import LAYER_TYPES, check_layer_list, plan_shapes
+from .schema import (REQUIRED, boolean, check_section, choice, did_you_mean, integer, join, number, optional,
+                     string, type_name)
 
 # --------------------------------------------------------------------------
 # YAML reading. PyYAML implements YAML 1.1, where `1e-3` (no dot) is a string
@@ -65,83 +68,8 @@ def _detach(value):
 
 
 # --------------------------------------------------------------------------
-# Field checkers: each takes (value, path) and returns the normalized value or
-# raises ConfigError.
-
-
-def _type_name(value):
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def integer(minimum=None, maximum=None):
-    def check(value, path):
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
-            value = int(value)  # 1e3 or 64.0: an integer written as a number
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected an integer, got {_type_name(value)} ({value!r})")
-        if minimum is not None and value < minimum:
-            raise ConfigError(path, f"must be >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise ConfigError(path, f"must be <= {maximum}, got {value}")
-        return value
-    return check
-
-
-def number(minimum=None, maximum=None, min_exclusive=False, max_exclusive=False):
-    def check(value, path):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, f"expected a number, got {_type_name(value)} ({value!r})")
-        value = float(value)
-        if value != value:
-            raise ConfigError(path, "must be a number, got NaN")
-        if minimum is not None and (value <= minimum if min_exclusive else value < minimum):
-            raise ConfigError(path, f"must be {'>' if min_exclusive else '>='} {minimum}, got {value:g}")
-        if maximum is not None and (value >= maximum if max_exclusive else value > maximum):
-            raise ConfigError(path, f"must be {'<' if max_exclusive else '<='} {maximum}, got {value:g}")
-        return value
-    return check
-
-
-def boolean(value, path):
-    if not isinstance(value, bool):
-        raise ConfigError(path, f"expected true or false, got {_type_name(value)} ({value!r})")
-    return value
-
-
-def choice(*options):
-    def check(value, path):
-        if value not in options:
-            hint = _did_you_mean(value, options)
-            raise ConfigError(path, f"must be one of {', '.join(map(str, options))}; got {value!r}{hint}")
-        return value
-    return check
-
-
-def optional(checker):
-    def check(value, path):
-        return None if value is None else checker(value, path)
-    return check
-
-
-def int_or_pair(minimum):
-    one = integer(minimum)
-
-    def check(value, path):
-        if isinstance(value, list):
-            if len(value) != 2:
-                raise ConfigError(path, f"expected an integer or a pair [h, w], got a list of {len(value)}")
-            return [one(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return one(value, path)
-    return check
-
-
-def padding_value(value, path):
-    if isinstance(value, str):
-        if value not in ("valid", "same"):
-            raise ConfigError(path, f"must be an integer, a pair, 'valid' or 'same'; got {value!r}")
-        return value
-    return int_or_pair(0)(value, path)
+# Checkers of the file's own keys (layer, optimizer and schedule options are
+# declared by their types: fastcnn/layers/, ...).
 
 
 def shape3(value, path):
@@ -167,41 +95,6 @@ def threads_value(value, path):
 # --------------------------------------------------------------------------
 # The schema. A section is a dict: key -> (checker, default). REQUIRED marks
 # keys with no default.
-
-REQUIRED = object()
-
-LAYER_SCHEMAS = {
-    "conv2d": {
-        "filters": (integer(1), REQUIRED),
-        "kernel_size": (int_or_pair(1), REQUIRED),
-        "stride": (int_or_pair(1), 1),
-        "padding": (padding_value, 0),
-        "dilation": (int_or_pair(1), 1),
-        "bias": (boolean, True),
-    },
-    "maxpool2d": {
-        "pool_size": (int_or_pair(1), 2),
-        "stride": (optional(int_or_pair(1)), None),
-        "padding": (int_or_pair(0), 0),
-    },
-    "avgpool2d": {
-        "pool_size": (int_or_pair(1), 2),
-        "stride": (optional(int_or_pair(1)), None),
-    },
-    "global_avgpool": {},
-    "relu": {},
-    "leaky_relu": {"negative_slope": (number(0.0), 0.01)},
-    "batchnorm": {
-        "momentum": (number(0.0, 1.0), 0.1),
-        "eps": (number(0.0, min_exclusive=True), 1e-5),
-    },
-    "flatten": {},
-    "dense": {
-        "units": (integer(1), REQUIRED),
-        "bias": (boolean, True),
-    },
-    "dropout": {"rate": (number(0.0, 1.0, max_exclusive=True), 0.5)},
-}
 
 SEED_LAYERS = [
     {"type": "conv2d", "filters": 32, "kernel_size": 3},
@@ -239,7 +132,7 @@ EARLY_STOPPING_SCHEMA = {
 
 
 def _early_stopping(value, path):
-    return None if value is None else _check_section(value, EARLY_STOPPING_SCHEMA, path)
+    return None if value is None else check_section(value, EARLY_STOPPING_SCHEMA, path)
 
 
 # Sections that are null (off) by default; --set on one of their keys switches them on.
@@ -307,12 +200,12 @@ SCHEMA = {
     },
     "data": {
         "dataset": (choice(*DATASETS), REQUIRED),
-        "root": (optional(lambda v, p: _string(v, p)), None),
+        "root": (optional(string), None),
         "batch_size": (integer(1), 64),
         "validation": (validation_value, "test"),
         "num_train": (optional(integer(1)), None),
         "num_test": (optional(integer(1)), None),
-        "path": (optional(lambda v, p: _string(v, p)), None),
+        "path": (optional(string), None),
         "resize": (boolean, False),
         "augment": {
             "crop_padding": (integer(0), 0),
@@ -329,57 +222,11 @@ SCHEMA = {
         "early_stopping": (None, None),  # checked by _early_stopping
     },
     "output": {
-        "dir": (lambda v, p: _string(v, p), "runs/mnist"),
+        "dir": (string, "runs/mnist"),
     },
 }
 
 TOP_REQUIRED = ("model",)
-
-
-def _string(value, path):
-    if not isinstance(value, str) or not value:
-        raise ConfigError(path, f"expected a non-empty string, got {_type_name(value)} ({value!r})")
-    return value
-
-
-def _did_you_mean(word, options):
-    if not isinstance(word, str):
-        return ""
-    close = difflib.get_close_matches(word, [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _join(path, key):
-    return f"{path}.{key}" if path else str(key)
-
-
-def _check_section(raw, schema, path, special=None):
-    """Validate a mapping against a schema section; returns a new resolved dict."""
-    special = special or {}
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(path, f"expected a mapping, got {_type_name(raw)}")
-    for key in raw:
-        if key not in schema:
-            raise ConfigError(_join(path, key), "unknown key" + _did_you_mean(key, schema) +
-                              f"; known keys: {', '.join(schema)}")
-    out = {}
-    for key, spec in schema.items():
-        sub = _join(path, key)
-        if isinstance(spec, dict):
-            out[key] = _check_section(raw.get(key), spec, sub, special)
-            continue
-        checker, default = spec
-        if key in special:
-            out[key] = special[key](raw.get(key, copy.deepcopy(default)), sub)
-        elif key in raw:
-            out[key] = checker(raw[key], sub) if checker else raw[key]
-        elif default is REQUIRED:
-            raise ConfigError(sub, "required key is missing")
-        else:
-            out[key] = copy.deepcopy(default)
-    return out
 
 
 def _named_section(schemas, kind):
@@ -387,40 +234,21 @@ def _named_section(schemas, kind):
         if isinstance(value, str):
             value = {"name": value}
         if not isinstance(value, dict):
-            raise ConfigError(path, f"expected a mapping with a 'name', got {_type_name(value)}")
+            raise ConfigError(path, f"expected a mapping with a 'name', got {type_name(value)}")
         if "name" not in value:
-            raise ConfigError(_join(path, "name"), f"required key is missing (one of {', '.join(schemas)})")
+            raise ConfigError(join(path, "name"), f"required key is missing (one of {', '.join(schemas)})")
         name = value["name"]
         if not isinstance(name, str) or name not in schemas:
-            raise ConfigError(_join(path, "name"), f"unknown {kind} {name!r}{_did_you_mean(name, schemas)}; "
+            raise ConfigError(join(path, "name"), f"unknown {kind} {name!r}{did_you_mean(name, schemas)}; "
                               f"known: {', '.join(schemas)}")
         rest = {k: v for k, v in value.items() if k != "name"}
-        resolved = _check_section(rest, schemas[name], path)
+        resolved = check_section(rest, schemas[name], path)
         return {"name": name, **resolved}
     return check
 
 
-def _layers(value, path):
-    if not isinstance(value, list) or not value:
-        raise ConfigError(path, "expected a non-empty list of layers")
-    layers = []
-    for i, layer in enumerate(value):
-        lpath = f"{path}[{i}]"
-        if not isinstance(layer, dict):
-            raise ConfigError(lpath, f"expected a mapping with a 'type', got {_type_name(layer)}")
-        if "type" not in layer:
-            raise ConfigError(_join(lpath, "type"), "required key is missing")
-        kind = layer["type"]
-        if not isinstance(kind, str) or kind not in LAYER_SCHEMAS:
-            raise ConfigError(_join(lpath, "type"), f"unknown layer type {kind!r}{_did_you_mean(kind, LAYER_SCHEMAS)}"
-                              f"; known: {', '.join(LAYER_SCHEMAS)}")
-        rest = {k: v for k, v in layer.items() if k != "type"}
-        layers.append({"type": kind, **_check_section(rest, LAYER_SCHEMAS[kind], lpath)})
-    return layers
-
-
 _SPECIAL = {
-    "layers": _layers,
+    "layers": check_layer_list,
     "optimizer": _named_section(OPTIMIZER_SCHEMAS, "optimizer"),
     "schedule": _named_section(SCHEDULE_SCHEMAS, "schedule"),
     "early_stopping": _early_stopping,
@@ -460,16 +288,16 @@ def validate(raw):
     the shape plan, without allocating any weights).
     """
     if not isinstance(raw, dict):
-        raise ConfigError("", f"the config must be a mapping of sections (model, data, ...), got {_type_name(raw)}")
+        raise ConfigError("", f"the config must be a mapping of sections (model, data, ...), got {type_name(raw)}")
     for key in TOP_REQUIRED:
         if raw.get(key) is None:
             raise ConfigError(key, "required section is missing" if key not in raw else
                               "required section is empty (null); give at least {} for the defaults")
     if not isinstance(raw.get("data"), dict) or "dataset" not in raw["data"]:
         if "data" in raw and not isinstance(raw["data"], dict):
-            raise ConfigError("data", f"expected a mapping, got {_type_name(raw['data'])}")
+            raise ConfigError("data", f"expected a mapping, got {type_name(raw['data'])}")
         raise ConfigError("data.dataset", f"required key is missing (one of {', '.join(DATASETS)})")
-    cfg = _wrap(_check_section(raw, SCHEMA, "", _SPECIAL))
+    cfg = _wrap(check_section(raw, SCHEMA, "", _SPECIAL))
     if cfg.data.dataset in ("folder", "npz") and cfg.data.path is None:
         raise ConfigError("data.path", f"required for dataset {cfg.data.dataset!r} (the "
                                        f"{'folder of class sub-folders' if cfg.data.dataset == 'folder' else '.npz file'})")
@@ -482,8 +310,6 @@ def validate(raw):
         if cfg.model.num_classes != classes:
             raise ConfigError("model.num_classes", f"is {cfg.model.num_classes} but {cfg.data.dataset} has "
                                                    f"{classes} classes")
-    from .model import plan_shapes  # local import: config stays importable without numba
-
     _check_sizes(plan_shapes(cfg.model))
     return cfg
 
@@ -496,12 +322,12 @@ def _check_sizes(plan):
     """Refuse stacks whose weights or activations could not be allocated, naming the layer."""
     total = 0
     for i, (layer, in_shape, out_shape) in enumerate(plan):
-        if layer.kind == "conv2d":
-            count = layer.kernel[0] * layer.kernel[1] * in_shape[-1] * layer.filters
-        elif layer.kind == "dense":
-            count = in_shape[0] * layer.units
-        else:
-            count = 0
+        count = 0
+        for shape in layer.parameter_shapes(in_shape).values():
+            size = 1
+            for d in shape:
+                size *= d
+            count += size
         total += count
         if count > MAX_PARAMETERS or total > MAX_PARAMETERS:
             raise ConfigError(f"model.layers[{i}]", f"the model would have {total:,} parameters "
@@ -516,7 +342,7 @@ def _check_sizes(plan):
 
 def validate_section(name, raw):
     """Validate one top-level section (e.g. a ``model`` mapping given in Python)."""
-    return _wrap(_check_section(raw, SCHEMA[name], name, _SPECIAL))
+    return _wrap(check_section(raw, SCHEMA[name], name, _SPECIAL))
 
 
 def load_config(path, overrides=()):
@@ -552,7 +378,7 @@ def load_config(path, overrides=()):
         raise ConfigError("", f"{path}: the config file is empty")
     if not isinstance(raw, dict):
         raise ConfigError("", f"{path}: the config must be a mapping of sections (model, data, ...), "
-                              f"got {_type_name(raw)}")
+                              f"got {type_name(raw)}")
     for item in overrides:
         apply_override(raw, item)
     return validate(raw)
@@ -621,7 +447,7 @@ def apply_override(raw, item):
                 # A section or named sub-mapping absent from the file: create it if the schema has it.
                 default = _default_at(parts[: i + 1])
                 if default is None:
-                    raise ConfigError(here, "no such key to override" + _did_you_mean(part, _known_at(parts[:i])))
+                    raise ConfigError(here, "no such key to override" + did_you_mean(part, _known_at(parts[:i])))
                 node[part] = default
             node = node[part]
     last = parts[-1]
@@ -633,7 +459,7 @@ def apply_override(raw, item):
     if not isinstance(node, dict):
         raise ConfigError(key, "cannot override inside a value that is not a mapping")
     if last not in node and not _known_key(parts, node):
-        raise ConfigError(key, "no such key to override" + _did_you_mean(last, _known_at(parts[:-1], node)))
+        raise ConfigError(key, "no such key to override" + did_you_mean(last, _known_at(parts[:-1], node)))
     node[last] = value
 
 
@@ -668,8 +494,8 @@ def _known_at(parts, node=None):
     keys = set(schema) if isinstance(schema, dict) else set()
     if isinstance(node, dict):
         keys |= set(node)
-        if isinstance(node.get("type"), str) and node["type"] in LAYER_SCHEMAS:
-            keys |= set(LAYER_SCHEMAS[node["type"]])
+        if isinstance(node.get("type"), str) and node["type"] in LAYER_TYPES:
+            keys |= set(LAYER_TYPES[node["type"]].options)
         if isinstance(node.get("name"), str):
             for schemas in (OPTIMIZER_SCHEMAS, SCHEDULE_SCHEMAS):
                 keys |= set(schemas.get(node["name"], {}))
@@ -682,8 +508,8 @@ def _known_key(parts, node):
     last = parts[-1]
     if len(parts) >= 2 and parts[-2] in OPTIONAL_SECTIONS:
         return last in OPTIONAL_SECTIONS[parts[-2]]
-    if isinstance(node.get("type"), str) and node["type"] in LAYER_SCHEMAS:
-        return last in LAYER_SCHEMAS[node["type"]]
+    if isinstance(node.get("type"), str) and node["type"] in LAYER_TYPES:
+        return last in LAYER_TYPES[node["type"]].options
     if isinstance(node.get("name"), str):
         return any(last in s.get(node["name"], {}) for s in (OPTIMIZER_SCHEMAS, SCHEDULE_SCHEMAS))
     return False

@@ -19,7 +19,11 @@ reductions add the same terms in another order (see fastcnn/kernels/fused.py).
 import numpy as np
 
 from .kernels import fused
-from .layers import BatchNorm, LeakyReLU, MaxPool2D, ReLU, batchnorm_eval_backward, checked_gradient
+from .layers.base import checked_gradient
+from .layers.batchnorm import BatchNorm, batchnorm_eval_backward
+from .layers.leaky_relu import LeakyReLU
+from .layers.maxpool2d import MaxPool2D
+from .layers.relu import ReLU
 
 
 class Block:

@@ -8,35 +8,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
+from .layers import plan_shapes
+
+__all__ = ["Sequential", "build_model", "plan_shapes"]
 
 
 def _spec_get(spec, key, default=None):
     return spec.get(key, default) if isinstance(spec, dict) else getattr(spec, key, default)
-
-
-def plan_shapes(model_cfg):
-    """Per-sample shapes through the stack: [(layer, in_shape, out_shape), ...].
-
-    Raises ConfigError naming the layer (``model.layers[i]``) when a shape
-    becomes impossible, or when the last layer's width is not num_classes.
-    Allocates no weights: config validation calls it.
-    """
-    from .layers import layer_from_config
-
-    shape = tuple(_spec_get(model_cfg, "input_shape", (28, 28, 1)))
-    num_classes = _spec_get(model_cfg, "num_classes", 10)
-    plan = []
-    for i, spec in enumerate(_spec_get(model_cfg, "layers")):
-        path = f"model.layers[{i}]"
-        layer = layer_from_config(spec)
-        out = tuple(layer.output_shape(shape, path))
-        plan.append((layer, shape, out))
-        shape = out
-    if shape != (num_classes,):
-        raise ConfigError("model.layers", f"the last layer must output ({num_classes},) = num_classes logits; "
-                                          f"it outputs {shape}")
-    return plan
 
 
 class Sequential:
@@ -126,18 +105,21 @@ class Sequential:
     def num_classes(self):
         return self.layers[-1].out_shape[0]
 
+    def named_modules(self):
+        """(prefix, layer) for every layer, nested ones included: ("layers.0", conv), ..."""
+        for i, layer in enumerate(self.layers):
+            yield from layer.named_modules(f"layers.{i}")
+
     def named_parameters(self):
         for i, layer in enumerate(self.layers):
-            for name, p in layer.params.items():
-                yield f"layers.{i}.{name}", p
+            yield from layer.named_parameters(f"layers.{i}")
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
     def named_buffers(self):
         for i, layer in enumerate(self.layers):
-            for name, b in layer.buffers.items():
-                yield f"layers.{i}.{name}", b
+            yield from layer.named_buffers(f"layers.{i}")
 
     def num_parameters(self):
         return sum(p.data.size for p in self.parameters())

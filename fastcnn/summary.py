@@ -1,7 +1,8 @@
 """``fastcnn summary``: a per-layer table of a model (Keras ``model.summary()`` style).
 
-Reads shapes and parameter counts from a built model; needs no data and
-compiles no kernel.
+Reads shapes, parameter counts, FLOPs and each layer's description from a
+built model (each layer type declares them: fastcnn/layers/); needs no data
+and compiles no kernel.
 
 >>> info = summarize(build_model(cfg.model), batch_size=64)
 >>> print(format_summary(info))
@@ -15,50 +16,6 @@ FLOPS_NOTE = ("FLOPs: forward pass, 2 per multiply-add in conv2d and dense layer
 ACTIVATIONS_NOTE = ("Activations: the output of every layer for one image, roughly what a "
                     "training step keeps for the backward pass (the input not included).")
 PARAMS_NOTE = "Non-trainable parameters: batch-norm running statistics (as in Keras)."
-
-
-def _hw(pair_value):
-    a, b = (int(v) for v in pair_value)
-    return f"{a}" if a == b else f"{a}x{b}"
-
-
-def _window(pair_value):
-    a, b = (int(v) for v in pair_value)
-    return f"{a}x{b}"
-
-
-def describe(layer):
-    """A short description of a layer: its type and key options, e.g. ``conv2d 32 3x3 s1 p0``."""
-    kind = getattr(layer, "kind", type(layer).__name__.lower())
-    if kind == "conv2d":
-        if layer.padding == "same":
-            pad = "same"
-        elif layer.padding == "valid":
-            pad = "p0"
-        else:
-            pad = f"p{_hw(layer.pads[0::2] if hasattr(layer, 'pads') else (layer.padding, layer.padding))}"
-        text = f"conv2d {layer.filters} {_window(layer.kernel)} s{_hw(layer.stride)} {pad}"
-        if tuple(layer.dilation) != (1, 1):
-            text += f" d{_hw(layer.dilation)}"
-        if not layer.use_bias:
-            text += " nobias"
-        return text
-    if kind in ("maxpool2d", "avgpool2d"):
-        pool = getattr(layer, "pool", None)
-        if pool is None:
-            return kind
-        text = f"{kind} {_window(pool)} s{_hw(layer.stride)}"
-        pad = getattr(layer, "pad", (0, 0))
-        if tuple(pad) != (0, 0):
-            text += f" p{_hw(pad)}"
-        return text
-    if kind == "dense":
-        return f"dense {layer.units}" + ("" if layer.use_bias else " nobias")
-    if kind == "leaky_relu":
-        return f"leaky_relu {layer.negative_slope:g}"
-    if kind == "dropout" and hasattr(layer, "rate"):
-        return f"dropout {layer.rate:g}"
-    return kind
 
 
 def summarize(model, batch_size=None):
@@ -81,7 +38,7 @@ def summarize(model, batch_size=None):
         layers.append({
             "index": i,
             "type": getattr(layer, "kind", type(layer).__name__.lower()),
-            "description": describe(layer),
+            "description": layer.describe(),
             "output_shape": out_shape,
             "params": trainable + frozen,
             "trainable_params": trainable,

@@ -1,0 +1,117 @@
+"""batchnorm: per channel (after a conv: over N, H, W) or per feature (after a dense: over N)."""
+import numpy as np
+
+from ..errors import ConfigError
+from ..schema import number
+from .base import Layer, Parameter, kernel_module, torch_dtype
+
+norm = kernel_module("norm")
+
+
+class BatchNorm(Layer):
+    """Training: the batch mean and biased variance; running statistics updated with the
+    unbiased variance (PyTorch's rule); evaluation: the running statistics."""
+
+    kind = "batchnorm"
+    options = {
+        "momentum": (number(0.0, 1.0), 0.1),
+        "eps": (number(0.0, min_exclusive=True), 1e-5),
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.momentum = self.config["momentum"]
+        self.eps = self.config["eps"]
+
+    def output_shape(self, in_shape, path="batchnorm"):
+        if len(in_shape) not in (1, 3):
+            raise ConfigError(path, f"batchnorm expects (height, width, channels) or (features,), got {in_shape}")
+        return in_shape
+
+    def parameter_shapes(self, in_shape):
+        c = (in_shape[-1],)
+        return {"gamma": c, "beta": c, "running_mean": c, "running_var": c}
+
+    def build(self, in_shape, rng, dtype):
+        super().build(in_shape, rng, dtype)
+        c = in_shape[-1]
+        self.params["gamma"] = Parameter(np.ones(c, self.dtype))
+        self.params["beta"] = Parameter(np.zeros(c, self.dtype))
+        self.buffers["running_mean"] = np.zeros(c, self.dtype)
+        self.buffers["running_var"] = np.ones(c, self.dtype)
+
+    def forward(self, x, training):
+        if training and x.ndim >= 1 and x.shape[-1] and x.size // x.shape[-1] < 2:  # before any state changes
+            raise ValueError(f"batchnorm in training needs more than 1 value per channel, got input shape {x.shape}")
+        self._begin_forward(x, training)
+        c = x.shape[-1]
+        x2 = x.reshape(-1, c)
+        y = self._buffer("y", x.shape)
+        eps = self.dtype.type(self.eps)
+        gamma, beta = self.params["gamma"].data, self.params["beta"].data
+        if not training:
+            norm.batchnorm_forward_eval(x2, gamma, beta, self.buffers["running_mean"], self.buffers["running_var"],
+                                        eps, y.reshape(-1, c))
+            self.x = x  # a reference, for a backward in evaluation mode
+            return y
+        m = x2.shape[0]
+        self.x = x
+        self.mean = self._buffer("mean", (c,))
+        self.var = self._buffer("var", (c,))
+        self.invstd = self._buffer("invstd", (c,))
+        norm.batchnorm_forward_train(x2, gamma, beta, eps, y.reshape(-1, c), self.mean, self.var, self.invstd)
+        self.update_running_stats(self.mean, self.var, m)
+        return y
+
+    def update_running_stats(self, mean, var, count):
+        """running = (1 - momentum) * running + momentum * batch statistic; the variance unbiased
+        (times count / (count - 1)), as PyTorch."""
+        mom = self.momentum
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        rm *= 1 - mom
+        rm += mom * mean
+        rv *= 1 - mom
+        rv += (mom * count / (count - 1)) * var
+
+    def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
+        if not self.training:
+            return batchnorm_eval_backward(self, self.x, dy, self._buffer("dx", dy.shape) if need_input_grad else None)
+        c = dy.shape[-1]
+        dx = self._buffer("dx", dy.shape)
+        norm.batchnorm_backward(self.x.reshape(-1, c), dy.reshape(-1, c), self.params["gamma"].data, self.mean,
+                                self.invstd, dx.reshape(-1, c), self.params["gamma"].grad, self.params["beta"].grad)
+        return dx if need_input_grad else None
+
+    def torch_module(self, torch):
+        nn = torch.nn
+        cls = nn.BatchNorm2d if len(self.in_shape) == 3 else nn.BatchNorm1d
+        mod = cls(self.in_shape[-1], eps=self.eps, momentum=self.momentum, dtype=torch_dtype(self, torch))
+        with torch.no_grad():
+            mod.weight.copy_(torch.from_numpy(self.params["gamma"].data))
+            mod.bias.copy_(torch.from_numpy(self.params["beta"].data))
+            mod.running_mean.copy_(torch.from_numpy(self.buffers["running_mean"]))
+            mod.running_var.copy_(torch.from_numpy(self.buffers["running_var"]))
+        return mod
+
+
+def batchnorm_eval_backward(bn, x, dy, dx):
+    """Backward of the evaluation-mode batch norm y = (x - running_mean) * gamma / sqrt(running_var + eps)
+    + beta (as PyTorch's in model.eval()): a per-channel affine map, the statistics constants.
+
+    Writes gamma.grad = sum dy * (x - running_mean) * invstd, beta.grad = sum dy and, when ``dx`` is
+    given, dx = dy * gamma * invstd; returns dx. Plain NumPy: evaluation backward is rare.
+    """
+    c = x.shape[-1]
+    x2 = x.reshape(-1, c)
+    dy2 = dy.reshape(-1, c)
+    dt = bn.dtype
+    rv = bn.buffers["running_var"]
+    invstd = (np.ones((), dt) / np.sqrt(rv + dt.type(bn.eps))).astype(dt, copy=False)
+    gamma = bn.params["gamma"]
+    bn.params["beta"].grad[...] = dy2.sum(axis=0, dtype=dt)
+    gamma.grad[...] = (dy2 * (x2 - bn.buffers["running_mean"])).sum(axis=0, dtype=dt) * invstd
+    if dx is None:
+        return None
+    np.multiply(dy, (gamma.data * invstd).astype(dt, copy=False), out=dx)
+    return dx

@@ -1,0 +1,131 @@
+"""conv2d: 2-D cross-correlation, NHWC input, HWIO weight (PyTorch's Conv2d semantics)."""
+import numpy as np
+
+from ..errors import ConfigError
+from ..schema import REQUIRED, boolean, int_or_pair, integer, padding_value
+from ..shapes import pair, same_padding, window_output_size
+from .base import Layer, Parameter, hw, init_weight_and_bias, kernel_module, require_rank, torch_dtype, window
+
+conv = kernel_module("conv")
+
+
+class Conv2D(Layer):
+    kind = "conv2d"
+    options = {
+        "filters": (integer(1), REQUIRED),
+        "kernel_size": (int_or_pair(1), REQUIRED),
+        "stride": (int_or_pair(1), 1),
+        "padding": (padding_value, 0),
+        "dilation": (int_or_pair(1), 1),
+        "bias": (boolean, True),
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c = self.config
+        self.filters = c["filters"]
+        self.kernel = pair(c["kernel_size"])
+        self.stride = pair(c["stride"])
+        self.dilation = pair(c["dilation"])
+        self.padding = c["padding"]
+        self.use_bias = c["bias"]
+
+    def _pads(self, path):
+        """(top, bottom, left, right)."""
+        if self.padding == "same":
+            if self.stride != (1, 1):
+                raise ConfigError(f"{path}.padding", f"'same' needs stride 1, got stride {list(self.stride)}")
+            top, bottom = same_padding(self.kernel[0], self.dilation[0])
+            left, right = same_padding(self.kernel[1], self.dilation[1])
+            return top, bottom, left, right
+        if self.padding == "valid":
+            return 0, 0, 0, 0
+        ph, pw = pair(self.padding)
+        return ph, ph, pw, pw
+
+    def output_shape(self, in_shape, path="conv2d"):
+        require_rank(in_shape, 3, path, "conv2d")
+        h, w, _ = in_shape
+        top, bottom, left, right = self._pads(path)
+        oh = window_output_size(h, self.kernel[0], self.stride[0], top, bottom, self.dilation[0])
+        ow = window_output_size(w, self.kernel[1], self.stride[1], left, right, self.dilation[1])
+        if oh < 1 or ow < 1:
+            raise ConfigError(path, f"conv2d with kernel {list(self.kernel)}, stride {list(self.stride)}, "
+                                    f"padding {self.padding!r}, dilation {list(self.dilation)} turns input "
+                                    f"{tuple(in_shape)} into an output of size {oh}x{ow} (below 1)")
+        return (oh, ow, self.filters)
+
+    def parameter_shapes(self, in_shape):
+        shapes = {"weight": (*self.kernel, in_shape[2], self.filters)}
+        if self.use_bias:
+            shapes["bias"] = (self.filters,)
+        return shapes
+
+    def build(self, in_shape, rng, dtype):
+        super().build(in_shape, rng, dtype)
+        self.pads = self._pads("conv2d")
+        kh, kw = self.kernel
+        cin = in_shape[2]
+        weight, bias = init_weight_and_bias(rng, (kh, kw, cin, self.filters), self.filters if self.use_bias else 0,
+                                            kh * kw * cin, self.dtype, self.init)
+        self.params["weight"] = Parameter(weight)
+        if self.use_bias:
+            self.params["bias"] = Parameter(bias)
+        else:
+            self._zero_bias = np.zeros(self.filters, self.dtype)
+
+    def _bias(self):
+        return self.params["bias"].data if self.use_bias else self._zero_bias
+
+    def _geometry(self):
+        return (self.stride[0], self.stride[1], self.pads[0], self.pads[2], self.dilation[0], self.dilation[1])
+
+    def forward(self, x, training):
+        self._begin_forward(x, training)
+        self.x = x
+        y = self._buffer("y", (x.shape[0], *self.out_shape))
+        conv.conv2d_forward(x, self.params["weight"].data, self._bias(), y, *self._geometry())
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
+        w = self.params["weight"]
+        db = self.params["bias"].grad if self.use_bias else self._buffer("db", (self.filters,))
+        conv.conv2d_backward_weight(self.x, dy, w.grad, db, *self._geometry())
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", self.x.shape)
+        conv.conv2d_backward_input(dy, w.data, dx, *self._geometry())
+        return dx
+
+    def flops(self, batch):
+        oh, ow, f = self.out_shape
+        return 2 * batch * oh * ow * self.kernel[0] * self.kernel[1] * self.in_shape[2] * f
+
+    def describe(self):
+        if self.padding == "same":
+            pad = "same"
+        elif self.padding == "valid":
+            pad = "p0"
+        else:
+            pad = f"p{hw(self.pads[0::2] if hasattr(self, 'pads') else pair(self.padding))}"
+        text = f"conv2d {self.filters} {window(self.kernel)} s{hw(self.stride)} {pad}"
+        if tuple(self.dilation) != (1, 1):
+            text += f" d{hw(self.dilation)}"
+        if not self.use_bias:
+            text += " nobias"
+        return text
+
+    def torch_module(self, torch):
+        nn = torch.nn
+        top, bottom, left, right = self.pads
+        mod = nn.Conv2d(self.in_shape[2], self.filters, self.kernel, stride=self.stride, dilation=self.dilation,
+                        bias=self.use_bias, dtype=torch_dtype(self, torch))
+        with torch.no_grad():
+            mod.weight.copy_(torch.from_numpy(self.params["weight"].data.transpose(3, 2, 0, 1).copy()))
+            if self.use_bias:
+                mod.bias.copy_(torch.from_numpy(self.params["bias"].data))
+        if top == bottom and left == right:
+            mod.padding = (top, left)
+            return mod
+        return nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), mod)

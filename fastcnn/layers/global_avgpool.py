@@ -1,0 +1,41 @@
+"""global_avgpool: (H, W, C) -> (C,), the mean over height and width."""
+import numpy as np
+
+from .base import Layer, kernel_module, require_rank
+
+pool = kernel_module("pool")
+
+
+class GlobalAvgPool(Layer):
+    """The output is flat: a dense layer can follow directly."""
+
+    kind = "global_avgpool"
+
+    def output_shape(self, in_shape, path="global_avgpool"):
+        require_rank(in_shape, 3, path, "global_avgpool")
+        return (in_shape[2],)
+
+    def forward(self, x, training):
+        x = np.ascontiguousarray(x)
+        self._begin_forward(x, training)
+        self.x_shape = x.shape
+        y = self._buffer("y", (x.shape[0], x.shape[3]))
+        pool.global_avgpool_forward(x, y)
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", self.x_shape)
+        pool.global_avgpool_backward(dy, dx)
+        return dx
+
+    def torch_module(self, torch):
+        class GlobalAvgPool(torch.nn.Module):
+            """Mean over H and W -> (N, C)."""
+
+            def forward(self, x):
+                return x.mean(dim=(2, 3))
+
+        return GlobalAvgPool()

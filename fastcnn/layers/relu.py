@@ -1,0 +1,26 @@
+"""relu: max(x, 0); gradient 0 at exactly 0; NaN propagates (as torch)."""
+from .base import Layer, kernel_module
+
+activation = kernel_module("activation")
+
+
+class ReLU(Layer):
+    kind = "relu"
+
+    def forward(self, x, training):
+        self._begin_forward(x, training)
+        self.x = x
+        y = self._buffer("y", x.shape)
+        activation.relu_forward(x.reshape(-1), y.reshape(-1))
+        return y
+
+    def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", dy.shape)
+        activation.relu_backward(self.x.reshape(-1), dy.reshape(-1), dx.reshape(-1))
+        return dx
+
+    def torch_module(self, torch):
+        return torch.nn.ReLU()
