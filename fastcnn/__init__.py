@@ -19,6 +19,7 @@ _API = {
     "build_model": "fastcnn.model",
     "Sequential": "fastcnn.model",
     "softmax_cross_entropy": "fastcnn.losses",
+    "train_step": "fastcnn.step",
     "SGD": "fastcnn.optim",
     "Adam": "fastcnn.optim",
     "AdamW": "fastcnn.optim",

@@ -184,7 +184,7 @@ def predict(checkpoint, inputs, top_k, resize, invert, no_normalize, batch_size,
     data_stats, else the MNIST / Fashion-MNIST / CIFAR-10 mean and std.
     """
     from .predict import format_predictions, predict_inputs
-    from .train import set_threads
+    from .runtime import set_threads
 
     set_threads(threads, key="--threads")
     result = predict_inputs(checkpoint, inputs, top_k=top_k, batch_size=batch_size, resize=resize,

@@ -1,4 +1,9 @@
-"""Score a checkpoint on its dataset's test split (``fastcnn eval``): metrics and a confusion matrix."""
+"""Evaluation: the one function that scores a model (the trainer's validation and ``fastcnn eval``),
+and ``fastcnn eval``'s checkpoint scoring with its confusion matrix."""
+from __future__ import annotations
+
+import os
+
 import numpy as np
 
 from .checkpoint import load_checkpoint
@@ -25,13 +30,14 @@ def model_from_checkpoint(checkpoint):
     return cfg, model
 
 
-def score(model, x, y, batch_size=500):
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> dict:
     """Evaluation-mode metrics and the confusion matrix of ``model`` on ``(x, y)``.
 
     Returns {'loss', 'accuracy', 'per_class_accuracy' (None for a class with no
     sample), 'count', 'confusion_matrix'}: ``confusion_matrix[t][p]`` counts the
     samples of true class t predicted as p (rows: true, columns: predicted).
-    Same batching and loss as the trainer's validation.
+    The trainer's validation (metrics.jsonl's val_loss, val_accuracy) and
+    ``fastcnn eval`` both call this: same batching, same loss, same numbers.
     """
     from .losses import softmax_cross_entropy
 
@@ -47,7 +53,7 @@ def score(model, x, y, batch_size=500):
     return metrics_from_confusion(confusion, total_loss)
 
 
-def metrics_from_confusion(confusion, total_loss=None):
+def metrics_from_confusion(confusion, total_loss: float | None = None) -> dict:
     """Accuracy, per-class accuracy (diagonal / row sums) and count from a confusion matrix."""
     confusion = np.asarray(confusion, np.int64)
     rows = confusion.sum(axis=1)
@@ -62,11 +68,12 @@ def metrics_from_confusion(confusion, total_loss=None):
     }
 
 
-def evaluate_checkpoint(path, data_root=None, batch_size=500, threads=None):
+def evaluate_checkpoint(path: str | os.PathLike, data_root: str | None = None, batch_size: int = 500,
+                        threads: int | None = None) -> dict:
     """Test-set metrics of a checkpoint: accuracy, loss, per-class accuracy, count, dataset, class names,
     confusion_matrix (rows: true class, columns: predicted class)."""
     from .data import load_dataset
-    from .train import set_threads
+    from .runtime import set_threads
 
     checkpoint = load_checkpoint(path)
     cfg, model = model_from_checkpoint(checkpoint)
@@ -76,7 +83,7 @@ def evaluate_checkpoint(path, data_root=None, batch_size=500, threads=None):
     ds = load_dataset(d.dataset, data_root if data_root is not None else d.root,
                       input_shape=tuple(cfg.model.input_shape), num_classes=cfg.model.num_classes,
                       num_train=d.num_train, num_test=d.num_test, seed=cfg.seed, **extra)
-    result = score(model, ds.x_test, ds.y_test, batch_size=batch_size)
+    result = evaluate(model, ds.x_test, ds.y_test, batch_size=batch_size)
     result.update({"dataset": ds.name, "checkpoint": str(path), "epoch": checkpoint.meta.get("epoch"),
                    "class_names": list(ds.class_names)})
     return result

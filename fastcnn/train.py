@@ -1,135 +1,28 @@
 """The training loop: data + model + optimizer -> epochs, metrics, checkpoints.
 
-One step is exactly the public API: ``model.forward`` -> ``softmax_cross_entropy``
--> ``model.backward`` -> ``opt.step``; a script calling those in a loop trains
-as ``fastcnn train`` does.
+One step is ``fastcnn.train_step`` (fastcnn/step.py): forward, loss, backward,
+NaN/Inf check, optional clipping, optimizer step; a script calling it over the
+batches of ``fastcnn.data.BatchLoader`` trains as ``fastcnn train`` does.
+Around it the trainer adds the learning-rate schedule, augmentation, the NaN
+policy (``train.on_nan``), metrics.jsonl and checkpoints (last.npz, best.npz).
 """
+from __future__ import annotations
+
 import json
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from . import __version__
 from .config import ConfigError, to_dict, to_yaml
 from .errors import UserError
-
-
-def set_threads(threads, key="train.threads"):
-    """Numba's thread count for the kernels (None: all cores). Returns the count in use.
-
-    ``key`` names the setting in errors (``--threads`` for commands without a config).
-    """
-    import numba
-
-    if threads is None:
-        return numba.get_num_threads()
-    limit = numba.config.NUMBA_NUM_THREADS
-    if not 1 <= threads <= limit:
-        raise ConfigError(key, f"must be between 1 and {limit} (the cores Numba was started with), got {threads}")
-    numba.set_num_threads(threads)
-    return threads
-
-
-def kernel_dispatchers():
-    """Every Numba dispatcher in fastcnn.kernels (for compile statistics)."""
-    import importlib
-    import pkgutil
-
-    from numba.core.registry import CPUDispatcher
-
-    from . import kernels
-
-    found = []
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
-        found += [obj for obj in vars(module).values() if isinstance(obj, CPUDispatcher)]
-    return found
-
-
-def compile_stats():
-    """(compiled from scratch, loaded from the on-disk cache) counts so far, over all kernels."""
-    compiled = loaded = 0
-    for d in kernel_dispatchers():
-        compiled += sum(d.stats.cache_misses.values())
-        loaded += sum(d.stats.cache_hits.values())
-    return compiled, loaded
-
-
-def warm_up(model_cfg, batch=2, log=print, optimizer="adam", clip=False):
-    """Compile (or load from cache) every kernel a training step uses, on a throwaway copy of the model.
-
-    Only the named optimizer's kernel (and the clipping kernels if ``clip``) are
-    compiled: every kernel costs a second or two of a cold start.
-
-    The real model's state (batch-norm running statistics) is untouched.
-    Returns seconds spent.
-    """
-    import threading
-
-    start = time.perf_counter()
-    before = compile_stats()
-    # Loading cached kernels takes well under a second; if we are still here after one, Numba is compiling:
-    # say so while it happens rather than after a silent pause.
-    notice = threading.Timer(1.0, lambda: log("Compiling kernels (first run after an install or upgrade; "
-                                              "cached for the next runs)..."))
-    notice.daemon = True
-    notice.start()
-    try:
-        _warm_up_step(model_cfg, batch, optimizer, clip)
-    finally:
-        notice.cancel()
-    seconds = time.perf_counter() - start
-    compiled, loaded = (a - b for a, b in zip(compile_stats(), before))
-    if compiled:
-        log(f"Compiled {compiled} kernel(s) in {seconds:.1f} s (first run; cached for the next ones)")
-    else:
-        log(f"Kernels loaded from cache in {seconds:.2f} s")
-    return seconds
-
-
-def _warm_up_step(model_cfg, batch, optimizer, clip):
-    """One training step and one evaluation forward on a throwaway model."""
-    from .losses import softmax_cross_entropy
-    from .model import build_model
-    from .optim import build_optimizer, clip_grad_norm
-
-    scratch = build_model(model_cfg, seed=0)
-    x = np.zeros((batch, *scratch.input_shape), scratch.dtype)
-    labels = np.zeros(batch, np.int64)
-    logits = scratch.forward(x, training=True)
-    _, dlogits = softmax_cross_entropy(logits, labels)
-    scratch.backward(dlogits, input_grad=False)
-    scratch.forward(x, training=False)
-    if clip:
-        clip_grad_norm(scratch.parameters(), 1.0)
-    options = {"name": optimizer, "lr": 0.001}
-    if optimizer == "sgd":
-        options["momentum"] = 0.9
-    build_optimizer(options, scratch.parameters()).step()
-
-
-def evaluate(model, x, y, batch_size=500):
-    """Evaluation-mode metrics: {'loss', 'accuracy', 'per_class_accuracy', 'count'}."""
-    from .losses import softmax_cross_entropy
-
-    num_classes = model.num_classes
-    total_loss = 0.0
-    correct = np.zeros(num_classes, np.int64)
-    count = np.zeros(num_classes, np.int64)
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        logits = model.forward(xb, training=False)
-        loss, _ = softmax_cross_entropy(logits, yb)
-        total_loss += float(loss) * len(yb)
-        pred = logits.argmax(axis=1)
-        np.add.at(count, yb, 1)
-        np.add.at(correct, yb[pred == yb], 1)
-    n = max(int(count.sum()), 1)
-    per_class = [float(c / k) if k else None for c, k in zip(correct, count)]
-    return {"loss": total_loss / n, "accuracy": float(correct.sum() / n), "per_class_accuracy": per_class,
-            "count": int(count.sum())}
+from .evaluate import evaluate
+from .runtime import compile_stats, set_threads, warm_up  # noqa: F401 - compile_stats: the old import path
+from .step import StepResult, named_layers, train_step
 
 
 class Interrupted(Exception):
@@ -211,20 +104,6 @@ class TrainingDiverged(Exception):
     """A NaN or Inf in the loss or a gradient with ``train.on_nan: stop`` (exit code 1, one line)."""
 
 
-def _first_nonfinite_grad(model):
-    """The state-dict key of the first parameter whose gradient holds a NaN or Inf, else None."""
-    for key, p in model.named_parameters():
-        # A float64 sum is non-finite iff some element is (no float32 overflow), with no temporary array.
-        if not np.isfinite(np.sum(p.grad, dtype=np.float64)):
-            return key
-    return None
-
-
-def _describe_param(model, key):
-    _, index, name = key.split(".")
-    return f"{name} of layer {index} ({model.layers[int(index)].kind})"
-
-
 CHECKPOINT_FILES = ("last.npz", "best.npz")
 
 
@@ -262,10 +141,70 @@ def _checked_meta(meta, path):
     return out
 
 
+class NanPolicy:
+    """``train.on_nan`` for a step whose loss or gradient holds a NaN or Inf.
+
+    ``stop``: TrainingDiverged (the last good checkpoint stays). ``skip``: the step is
+    dropped and counted, and the batch-norm running statistics its forward updated are
+    restored (``before_step`` saves them).
+    """
+
+    def __init__(self, model: Any, on_nan: str, skipped: int = 0):
+        self.skip = on_nan == "skip"
+        self.skipped = skipped
+        self._buffers = [b for _, b in model.named_buffers()]
+        self._saved = [np.empty_like(b) for b in self._buffers] if self.skip else []
+
+    def before_step(self) -> None:
+        for src, dst in zip(self._buffers, self._saved):
+            np.copyto(dst, src)
+
+    def on_fault(self, fault: str, where: str) -> str:
+        """Raise TrainingDiverged (stop) or undo the step's side effects (skip): the line to print."""
+        if not self.skip:
+            raise TrainingDiverged(f"training diverged at {where}: {fault}; the last good "
+                                   f"checkpoint is kept (train.on_nan: skip skips such steps)")
+        for src, dst in zip(self._saved, self._buffers):
+            np.copyto(dst, src)
+        self.skipped += 1
+        return f"skipped {where}: {fault} ({self.skipped} skipped so far)"
+
+
+def new_running() -> dict:
+    """An epoch's running sums (saved as the checkpoint's ``running`` mid-epoch)."""
+    return {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+
+def add_step(running: dict, result: StepResult) -> None:
+    """Count a taken step in the epoch's running sums."""
+    running["loss"] += float(result.loss) * result.count
+    running["correct"] += result.correct
+    running["seen"] += result.count
+
+
+def epoch_record(epoch: int, step: int, running: dict, val: dict, lr: float, skipped_steps: int) -> dict:
+    """The metrics.jsonl record of an epoch (``epoch`` counted from 0 here, from 1 in the record)."""
+    return {
+        "epoch": epoch + 1, "step": step,
+        "train_loss": running["loss"] / max(running["seen"], 1),
+        "train_accuracy": running["correct"] / max(running["seen"], 1),
+        "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+        "images_per_sec": running["seen"] / max(running["seconds"], 1e-9),
+        "epoch_seconds": running["seconds"], "lr": lr, "skipped_steps": skipped_steps,
+    }
+
+
+def append_metrics(path: str, record: dict) -> None:
+    """One JSON line per epoch."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 class Trainer:
     """Runs ``cfg.train.epochs`` epochs; writes metrics.jsonl, last.npz, best.npz and config.yaml."""
 
-    def __init__(self, cfg, resume=None, overwrite=False, progress=True, log=print, started=None):
+    def __init__(self, cfg: Any, resume: str | None = None, overwrite: bool = False, progress: bool = True,
+                 log: Callable[[str], Any] = print, started: float | None = None):
         self.cfg = cfg
         self.resume = resume
         self.overwrite = overwrite
@@ -273,10 +212,14 @@ class Trainer:
         self.log = log
         self.started = started if started is not None else time.perf_counter()
 
-    def _save(self, name, epoch, batch_in_epoch, running):
-        from .checkpoint import save_checkpoint
+    # -- checkpoints -----------------------------------------------------------
+    @property
+    def skipped_steps(self) -> int:
+        return self.nan_policy.skipped
 
-        meta = {
+    def checkpoint_meta(self, epoch: int, batch_in_epoch: int, running: dict | None) -> dict:
+        """The ``meta`` of a checkpoint saved at (epoch, batch in epoch): everything a resume needs."""
+        return {
             "config": to_dict(self.cfg), "epoch": epoch, "batch": batch_in_epoch, "step": self.opt.step_count,
             "running": running, "best_accuracy": self.best_accuracy, "history": self.history,
             "skipped_steps": self.skipped_steps, "threads": self.threads, "fastcnn_version": __version__,
@@ -291,11 +234,23 @@ class Trainer:
                             "std": [float(v) for v in np.ravel(self.dataset.std)]}
                            if getattr(self.dataset, "mean", None) is not None else None),
         }
+
+    def _save(self, name: str, epoch: int, batch_in_epoch: int, running: dict | None) -> str:
+        from .checkpoint import save_checkpoint
+
         path = os.path.join(self.out_dir, name)
-        save_checkpoint(path, self.model.state_dict(), self.opt.state_dict(), meta)
+        save_checkpoint(path, self.model.state_dict(), self.opt.state_dict(),
+                        self.checkpoint_meta(epoch, batch_in_epoch, running))
         return path
 
-    def _needs_drop_last(self, n_train):
+    def _save_epoch_end(self, epoch: int, improved: bool) -> None:
+        """last.npz after every epoch, best.npz when the validation accuracy improved."""
+        self._save("last.npz", epoch + 1, 0, None)
+        if improved:
+            self._save("best.npz", epoch + 1, 0, None)
+
+    # -- setup -------------------------------------------------------------------
+    def _needs_drop_last(self, n_train: int) -> bool:
         """Drop an epoch's last batch when it holds one image and a batch norm sees one value per channel.
 
         Batch norm cannot normalize a single value (PyTorch refuses too); that happens after a dense
@@ -303,14 +258,15 @@ class Trainer:
         """
         if n_train % self.cfg.data.batch_size != 1 or n_train == 1:
             return False
-        per_image = [int(np.prod(layer.in_shape[:-1])) for layer in self.model.layers if layer.kind == "batchnorm"]
+        per_image = [int(np.prod(layer.in_shape[:-1])) for _, layer in named_layers(self.model)
+                     if getattr(layer, "kind", None) == "batchnorm"]
         if any(count == 1 for count in per_image):
             self.log(f"Note: the last batch of each epoch ({n_train} = k x {self.cfg.data.batch_size} + 1) would "
                      f"hold one image, which batch norm cannot normalize; it is skipped")
             return True
         return False
 
-    def _check_output(self):
+    def _check_output(self) -> None:
         """Never silently replace another run's checkpoints."""
         existing = [n for n in CHECKPOINT_FILES if os.path.exists(os.path.join(self.out_dir, n))]
         if not existing or self.resume:
@@ -341,7 +297,7 @@ class Trainer:
         self.early_stopping = EarlyStopping(**es) if es else None
         self.stopped_early = False
         self.position = (0, 0, None)  # epoch, batch in epoch, running sums of the epoch
-        self.best_accuracy, self.history, self.skipped_steps = None, [], 0
+        self.best_accuracy, self.history, skipped_steps = None, [], 0
         if checkpoint is not None:
             try:
                 self.model.load_state_dict(checkpoint.model)
@@ -353,7 +309,7 @@ class Trainer:
             self.position = (checked["epoch"], checked["batch"], checked["running"])
             self.best_accuracy = checked["best_accuracy"]
             self.history = checked["history"]
-            self.skipped_steps = checked["skipped_steps"]
+            skipped_steps = checked["skipped_steps"]
             meta = checkpoint.meta
             try:
                 self.schedule.load_state_dict(meta.get("schedule") or {})
@@ -367,14 +323,16 @@ class Trainer:
             if saved_threads is not None and saved_threads != self.threads:
                 self.log(f"Note: the checkpoint was written with {saved_threads} thread(s), this run uses "
                          f"{self.threads}")
+        # Batch-norm running statistics are restored when a step is skipped (on_nan: skip).
+        self.nan_policy = NanPolicy(self.model, cfg.train.on_nan, skipped_steps)
         return load_data(cfg, self.progress)
 
-    def run(self):
-        from tqdm import tqdm
+    def _prepare(self):
+        """Everything before the first step: output checks, model, data, config.yaml, kernels.
 
+        Returns (validation images, validation labels, the epoch and batch to start at, its running sums).
+        """
         from .data import BatchLoader
-        from .losses import softmax_cross_entropy
-        from .optim import clip_grad_norm
 
         cfg = self.cfg
         self.threads = set_threads(cfg.train.threads)
@@ -386,11 +344,11 @@ class Trainer:
         # failed start leaves nothing behind (its writability is still checked before any training).
         prepare_output_dir(self.out_dir)
         start_epoch, start_batch, running = self.position
-        loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, reuse=True,
-                             drop_last=self._needs_drop_last(len(x_train)))
-        if start_batch > len(loader):
-            raise UserError(f"--resume {self.resume}: saved at batch {start_batch} of an epoch of {len(loader)} "
-                            f"batches (data.batch_size or data.num_train changed since)")
+        self.loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, reuse=True,
+                                  drop_last=self._needs_drop_last(len(x_train)))
+        if start_batch > len(self.loader):
+            raise UserError(f"--resume {self.resume}: saved at batch {start_batch} of an epoch of "
+                            f"{len(self.loader)} batches (data.batch_size or data.num_train changed since)")
         if self.resume:
             self.log(f"Resuming from {self.resume}: epoch {start_epoch + 1}, batch {start_batch}")
 
@@ -400,81 +358,35 @@ class Trainer:
                  f"{self.model.num_parameters():,} parameters; {self.threads} thread(s); output {self.out_dir}")
         warm_up(cfg.model, log=self.log, optimizer=cfg.train.optimizer["name"],
                 clip=cfg.train.clip_grad_norm is not None)
-        augmenter = ds.augmenter  # training batches only; None when data.augment enables nothing
+        self.augmenter = ds.augmenter  # training batches only; None when data.augment enables nothing
 
-        metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
-        if not self.resume and os.path.exists(metrics_path):
-            os.unlink(metrics_path)
-        # Batch-norm running statistics are restored when a step is skipped (on_nan: skip).
-        buffers = [b for _, b in self.model.named_buffers()]
-        saved_buffers = [np.empty_like(b) for b in buffers]
-        skip_on_nan = cfg.train.on_nan == "skip"
-        clip = cfg.train.clip_grad_norm
-        params = self.model.parameters()
-        first_step_logged = False
-        epochs = cfg.train.epochs
+        self.metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
+        if not self.resume and os.path.exists(self.metrics_path):
+            os.unlink(self.metrics_path)
+        return x_val, y_val, start_epoch, start_batch, running
+
+    # -- the loop ----------------------------------------------------------------
+    def run(self) -> dict:
+        """Train; returns {'history', 'best_accuracy', 'output_dir', 'skipped_steps'}.
+
+        Raises Interrupted after saving when a signal stopped it, TrainingDiverged for a NaN/Inf
+        with ``train.on_nan: stop``, UserError for a bad config, checkpoint or output folder.
+        """
+        x_val, y_val, start_epoch, start_batch, running = self._prepare()
+        self._first_step_logged = False
+        epochs = self.cfg.train.epochs
         if self.stopped_early:
             self.log("This run already stopped early; nothing to resume")
             start_epoch = epochs
+        last = os.path.join(self.out_dir, "last.npz")
         with _StopFlag() as stop:
             for epoch in range(start_epoch, epochs):
-                sums = running or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-                running = None
                 first = start_batch if epoch == start_epoch else 0
-                bar = tqdm(total=len(loader), initial=first, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                           disable=not self.progress, dynamic_ncols=True, leave=True)
-                t_epoch = time.perf_counter()
-                for b, (xb, yb) in enumerate(loader.epoch_batches(epoch, start=first), start=first):
-                    if not first_step_logged:
-                        self.log(f"First training step at {time.perf_counter() - self.started:.2f} s after start")
-                        first_step_logged = True
-                    if augmenter is not None:
-                        xb = augmenter.apply(xb, epoch, b)  # a function of (seed, epoch, b): resume stays exact
-                    self.opt.lr = self.schedule.lr(epoch + b / len(loader))
-                    if skip_on_nan:
-                        for src, dst in zip(buffers, saved_buffers):
-                            np.copyto(dst, src)
-                    self.model.step = epoch * len(loader) + b  # dropout masks: a function of the position
-                    logits = self.model.forward(xb, training=True)
-                    loss, dlogits = softmax_cross_entropy(logits, yb)
-                    fault = None if np.isfinite(loss) else f"the loss is {loss}"
-                    if fault is None:
-                        self.model.backward(dlogits, input_grad=False)
-                        bad = _first_nonfinite_grad(self.model)
-                        if bad is not None:
-                            fault = f"the gradient of {bad} ({_describe_param(self.model, bad)}) holds NaN or Inf"
-                    if fault is not None:
-                        where = f"step {self.opt.step_count + self.skipped_steps + 1} (epoch {epoch + 1}, batch {b + 1})"
-                        if not skip_on_nan:
-                            bar.close()
-                            raise TrainingDiverged(f"training diverged at {where}: {fault}; the last good "
-                                                   f"checkpoint is kept (train.on_nan: skip skips such steps)")
-                        for src, dst in zip(saved_buffers, buffers):
-                            np.copyto(dst, src)
-                        self.skipped_steps += 1
-                        bar.write(f"skipped {where}: {fault} ({self.skipped_steps} skipped so far)")
-                    else:
-                        if clip is not None:
-                            clip_grad_norm(params, clip)
-                        self.opt.step()
-                        sums["loss"] += float(loss) * len(yb)
-                        sums["correct"] += int((logits.argmax(axis=1) == yb).sum())
-                        sums["seen"] += len(yb)
-                    bar.update(1)
-                    if sums["seen"] and (b % 20 == 0 or b == len(loader) - 1):
-                        elapsed = sums["seconds"] + time.perf_counter() - t_epoch
-                        bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
-                                        acc=f"{sums['correct'] / sums['seen']:.4f}",
-                                        img_s=f"{sums['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
-                    if stop.signum is not None:
-                        bar.close()
-                        sums["seconds"] += time.perf_counter() - t_epoch
-                        raise Interrupted(stop.signum, self._save("last.npz", epoch, b + 1, sums))
-                bar.close()
-                sums["seconds"] += time.perf_counter() - t_epoch
-                self._end_epoch(epoch, sums, x_val, y_val, metrics_path)
+                sums = self._train_epoch(epoch, first, running or new_running(), stop)
+                running = None
+                self._end_epoch(epoch, sums, x_val, y_val)
                 if stop.signum is not None:
-                    raise Interrupted(stop.signum, os.path.join(self.out_dir, "last.npz"))
+                    raise Interrupted(stop.signum, last)
                 if self.stopped_early:
                     es = self.early_stopping
                     self.log(f"Early stopping: {es.monitor} has not improved for {es.patience} epoch(s) "
@@ -484,11 +396,53 @@ class Trainer:
                 self._save("last.npz", epochs, 0, None)
             self._plot_curves()
             if stop.signum is not None:  # arrived after the last step: everything is saved already
-                raise Interrupted(stop.signum, os.path.join(self.out_dir, "last.npz"))
+                raise Interrupted(stop.signum, last)
         return {"history": self.history, "best_accuracy": self.best_accuracy, "output_dir": self.out_dir,
                 "skipped_steps": self.skipped_steps}
 
-    def _plot_curves(self):
+    def _train_epoch(self, epoch: int, first: int, sums: dict, stop: _StopFlag) -> dict:
+        """The batches of ``epoch`` from batch ``first`` on; returns the epoch's running sums.
+
+        A signal finishes the step in flight, saves last.npz mid-epoch and raises Interrupted.
+        """
+        from tqdm import tqdm
+
+        loader, clip = self.loader, self.cfg.train.clip_grad_norm
+        bar = tqdm(total=len(loader), initial=first, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+                   unit="batch", disable=not self.progress, dynamic_ncols=True, leave=True)
+        t_epoch = time.perf_counter()
+        for b, (xb, yb) in enumerate(loader.epoch_batches(epoch, start=first), start=first):
+            if not self._first_step_logged:
+                self.log(f"First training step at {time.perf_counter() - self.started:.2f} s after start")
+                self._first_step_logged = True
+            if self.augmenter is not None:
+                xb = self.augmenter.apply(xb, epoch, b)  # a function of (seed, epoch, b): resume stays exact
+            self.opt.lr = self.schedule.lr(epoch + b / len(loader))
+            self.nan_policy.before_step()
+            self.model.step = epoch * len(loader) + b  # dropout masks: a function of the position
+            result = train_step(self.model, self.opt, xb, yb, clip_grad_norm=clip)
+            if result.ok:
+                add_step(sums, result)
+            else:
+                where = f"step {self.opt.step_count + self.skipped_steps + 1} (epoch {epoch + 1}, batch {b + 1})"
+                if not self.nan_policy.skip:
+                    bar.close()
+                bar.write(self.nan_policy.on_fault(result.fault, where))
+            bar.update(1)
+            if sums["seen"] and (b % 20 == 0 or b == len(loader) - 1):
+                elapsed = sums["seconds"] + time.perf_counter() - t_epoch
+                bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
+                                acc=f"{sums['correct'] / sums['seen']:.4f}",
+                                img_s=f"{sums['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
+            if stop.signum is not None:
+                bar.close()
+                sums["seconds"] += time.perf_counter() - t_epoch
+                raise Interrupted(stop.signum, self._save("last.npz", epoch, b + 1, sums))
+        bar.close()
+        sums["seconds"] += time.perf_counter() - t_epoch
+        return sums
+
+    def _plot_curves(self) -> None:
         """curves.png beside metrics.jsonl when matplotlib is installed; a plotting failure only warns."""
         from .plots import save_curves
 
@@ -500,29 +454,19 @@ class Trainer:
         if path:
             self.log(f"Curves: {path}")
 
-    def _end_epoch(self, epoch, sums, x_val, y_val, metrics_path):
+    def _end_epoch(self, epoch: int, sums: dict, x_val: np.ndarray, y_val: np.ndarray) -> None:
         """Validate, log, append to metrics.jsonl, save last.npz (and best.npz if improved)."""
         val = evaluate(self.model, x_val, y_val)
-        record = {
-            "epoch": epoch + 1, "step": self.opt.step_count,
-            "train_loss": sums["loss"] / max(sums["seen"], 1),
-            "train_accuracy": sums["correct"] / max(sums["seen"], 1),
-            "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-            "images_per_sec": sums["seen"] / max(sums["seconds"], 1e-9),
-            "epoch_seconds": sums["seconds"], "lr": self.opt.lr, "skipped_steps": self.skipped_steps,
-        }
+        record = epoch_record(epoch, self.opt.step_count, sums, val, self.opt.lr, self.skipped_steps)
         self.history.append(record)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.metrics_path, record)
         improved = self.best_accuracy is None or val["accuracy"] > self.best_accuracy
         if improved:
             self.best_accuracy = val["accuracy"]
         self.schedule.epoch_end(record)
         if self.early_stopping is not None and self.early_stopping.should_stop(record):
             self.stopped_early = True
-        self._save("last.npz", epoch + 1, 0, None)
-        if improved:
-            self._save("best.npz", epoch + 1, 0, None)
+        self._save_epoch_end(epoch, improved)
         self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs}: train loss {record['train_loss']:.4f} "
                  f"acc {record['train_accuracy']:.4f} | val loss {val['loss']:.4f} acc {val['accuracy']:.4f} | "
                  f"{record['images_per_sec']:.0f} img/s, {sums['seconds']:.1f} s" + (" (best)" if improved else ""))

@@ -82,7 +82,7 @@ def _fastcnn_worker(cfg, args, x, labels):
     from fastcnn.losses import softmax_cross_entropy
     from fastcnn.model import build_model
     from fastcnn.optim import build_optimizer
-    from fastcnn.train import set_threads, warm_up
+    from fastcnn.runtime import set_threads, warm_up
 
     threads = set_threads(args.threads)
     warm_up(cfg.model, log=lambda msg: print(msg, file=sys.stderr))  # compile/load kernels: never timed

@@ -11,7 +11,8 @@ from fastcnn.checkpoint import load_checkpoint
 from fastcnn.config import load_config
 from fastcnn.data import loader as loader_module
 from fastcnn.errors import UserError
-from fastcnn.train import Interrupted, Trainer, TrainingDiverged, _first_nonfinite_grad
+from fastcnn.step import first_nonfinite_grad
+from fastcnn.train import Interrupted, Trainer, TrainingDiverged
 
 from conftest import REPO
 
@@ -142,9 +143,9 @@ def test_first_nonfinite_grad_names_the_parameter():
     import fastcnn
 
     model = fastcnn.build_model(load_config(SMALL).model)
-    assert _first_nonfinite_grad(model) is None
+    assert first_nonfinite_grad(model) is None
     dict(model.named_parameters())["layers.5.weight"].grad[3, 1] = np.inf
-    assert _first_nonfinite_grad(model) == "layers.5.weight"
+    assert first_nonfinite_grad(model) == "layers.5.weight"
 
 
 def test_unwritable_output_dir_is_reported_before_training(tmp_path):

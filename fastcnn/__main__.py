@@ -1,0 +1,5 @@
+"""``python -m fastcnn``: the ``fastcnn`` command."""
+from .cli import main
+
+if __name__ == "__main__":
+    main()
