@@ -1,6 +1,7 @@
 """Checkpoints: one .npz of plain arrays plus a JSON ``meta`` string.
 
-Keys: ``layers.<i>.<name>`` (model state), ``optim.<...>`` (optimizer state),
+Keys: ``layers.<i>.<name>`` (model state; ``layers.<i>.<...>.<name>`` for nested layers),
+``optim.<...>`` (optimizer state),
 ``meta`` (JSON: resolved config, epoch, step, metrics, RNG state, version).
 Written atomically (temporary file in the same folder, fsync, rename), read
 with ``allow_pickle=False``: a checkpoint never runs code.

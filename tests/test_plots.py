@@ -12,8 +12,6 @@ from conftest import run_cli
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-
-
 def write_metrics(folder, epochs=4):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metrics.jsonl", "w") as f:

@@ -18,8 +18,6 @@ from conftest import REPO, SMALL_CONFIG, run_cli
 MNIST = os.path.join(REPO, "configs", "mnist.yaml")
 
 
-
-
 @pytest.fixture(scope="module")
 def trained(small_checkpoint):
     """A synthetic_small checkpoint (1 epoch), its model and config, and test images."""
