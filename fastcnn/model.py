@@ -35,7 +35,7 @@ class Sequential:
         self.step = 0
         # (output shape, dtype, training) of the last forward that completed; backward checks against it.
         self._last_forward = None
-        self._stepped = [layer for layer in self.layers if getattr(layer, "uses_step", False)]
+        self._stepped = [m for _, m in self.named_modules() if getattr(m, "uses_step", False)]
         for i, layer in enumerate(self.layers):
             if getattr(layer, "uses_step", False) and getattr(layer, "index", 0) is None:
                 layer.index = i

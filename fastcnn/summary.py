@@ -18,6 +18,13 @@ ACTIVATIONS_NOTE = ("Activations: the output of every layer for one image, rough
 PARAMS_NOTE = "Non-trainable parameters: batch-norm running statistics (as in Keras)."
 
 
+def _walk(index, layer, depth):
+    """(index path, layer, depth) for a layer and, depth first, everything nested in it."""
+    yield index, layer, depth
+    for name, child in layer.children():
+        yield from _walk(f"{index}.{name}", child, depth + 1)
+
+
 def summarize(model, batch_size=None):
     """A dict describing ``model`` layer by layer (JSON-able).
 
@@ -31,24 +38,32 @@ def summarize(model, batch_size=None):
     """
     itemsize = np.dtype(model.dtype).itemsize
     layers = []
-    for i, layer in enumerate(model.layers):
-        trainable = int(sum(p.data.size for p in layer.params.values()))
-        frozen = int(sum(b.size for b in layer.buffers.values()))
+    walk = [row for i, layer in enumerate(model.layers) for row in _walk(str(i), layer, 0)]
+    for index, layer, depth in walk:
+        # A container (a block with sub-layers) gets a row with its totals, then a row per sub-layer:
+        # each row counts its whole subtree, and the totals below add up the top-level rows only.
+        trainable = int(sum(p.data.size for _, p in layer.named_parameters()))
+        frozen = int(sum(b.size for _, b in layer.named_buffers()))
         out_shape = [int(s) for s in layer.out_shape]
+        flops = sum(int(m.flops(1)) for _, m in layer.named_modules())
         layers.append({
-            "index": i,
-            "type": getattr(layer, "kind", type(layer).__name__.lower()),
+            "index": int(index) if index.isdigit() else index,
+            "depth": depth,
+            "type": layer.kind,
             "description": layer.describe(),
             "output_shape": out_shape,
             "params": trainable + frozen,
             "trainable_params": trainable,
-            "flops": int(layer.flops(1)),
+            "flops": flops,
             "activation_elements": int(np.prod(out_shape)),
         })
-    trainable = sum(r["trainable_params"] for r in layers)
-    total = sum(r["params"] for r in layers)
-    flops = sum(r["flops"] for r in layers)
-    act_bytes = sum(r["activation_elements"] for r in layers) * itemsize
+    top = [r for r in layers if r["depth"] == 0]
+    trainable = sum(r["trainable_params"] for r in top)
+    total = sum(r["params"] for r in top)
+    flops = sum(r["flops"] for r in top)
+    # Every leaf's output (a container's output is its last sub-layer's, or an extra sum buffer it owns).
+    leaves = [r for r, (_, m, _) in zip(layers, walk) if not m.children()]
+    act_bytes = sum(r["activation_elements"] for r in leaves) * itemsize
     info = {
         "input_shape": [int(s) for s in model.input_shape],
         "num_classes": int(model.num_classes),
@@ -88,7 +103,8 @@ def _flops(n):
 def format_summary(info):
     """The text table of a :func:`summarize` dict."""
     header = ("#", "layer", "output shape", "params", "FLOPs/image")
-    rows = [(str(r["index"]), r["description"], str(tuple(r["output_shape"])), f"{r['params']:,}",
+    rows = [(str(r["index"]), "  " * r.get("depth", 0) + r["description"], str(tuple(r["output_shape"])),
+             f"{r['params']:,}",
              f"{r['flops']:,}" if r["flops"] else "0") for r in info["layers"]]
     rows.insert(0, ("", "input", str(tuple(info["input_shape"])), "", ""))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
