@@ -1,8 +1,10 @@
 """Loss functions (public API): ``fastcnn.softmax_cross_entropy``."""
+from typing import Tuple
+
 import numpy as np
 
 
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, np.ndarray]:
     """Fused softmax cross-entropy, mean over the batch.
 
     logits: float32 or float64 array (N, K); labels: integer class indices (N,),

@@ -4,12 +4,15 @@ State-dict keys are ``layers.<i>.<name>``, ``<i>`` counting every layer of the
 config (ReLU and flatten too), ``<name>`` one of weight, bias, gamma, beta,
 running_mean, running_var.
 """
+from __future__ import annotations
+
 from collections.abc import Mapping
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import CheckpointError
-from .layers import plan_shapes
+from .layers import Layer, Parameter, plan_shapes
 
 __all__ = ["Sequential", "build_model", "plan_shapes"]
 
@@ -21,7 +24,7 @@ def _spec_get(spec, key, default=None):
 class Sequential:
     """A stack of layers applied in order."""
 
-    def __init__(self, layers, input_shape, dtype="float32", fuse=True):
+    def __init__(self, layers: Sequence[Layer], input_shape: Sequence[int], dtype="float32", fuse: bool = True):
         from .fusion import plan_blocks
 
         self.layers = list(layers)
@@ -41,7 +44,7 @@ class Sequential:
                 layer.index = i
 
     # -- the training step -------------------------------------------------
-    def forward(self, x, training=True):
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         """x: (N, H, W, C) NHWC -> logits (N, num_classes), a fresh array.
 
         In training, dropout layers draw their mask for step ``self.step``; then ``self.step`` is
@@ -68,7 +71,7 @@ class Sequential:
         self._last_forward = (x.shape, x.dtype, bool(training))
         return x.copy()
 
-    def backward(self, dlogits, input_grad=True):
+    def backward(self, dlogits: np.ndarray, input_grad: bool = True) -> Optional[np.ndarray]:
         """Gradient of the loss w.r.t. the logits -> dL/dx (NHWC), a fresh array.
 
         Overwrites every parameter's ``.grad``. With ``input_grad=False`` the
@@ -93,7 +96,7 @@ class Sequential:
             dy = self.blocks[i].backward(dy, need_input_grad=input_grad or i > 0)
         return dy.copy() if input_grad else None
 
-    def predict(self, x, batch_size=256):
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Logits for a large array, in evaluation mode, in batches."""
         out = []
         for start in range(0, len(x), batch_size):
@@ -102,29 +105,29 @@ class Sequential:
 
     # -- parameters and state ---------------------------------------------
     @property
-    def num_classes(self):
+    def num_classes(self) -> int:
         return self.layers[-1].out_shape[0]
 
-    def named_modules(self):
+    def named_modules(self) -> Iterator[Tuple[str, Layer]]:
         """(prefix, layer) for every layer, nested ones included: ("layers.0", conv), ..."""
         for i, layer in enumerate(self.layers):
             yield from layer.named_modules(f"layers.{i}")
 
-    def named_parameters(self):
+    def named_parameters(self) -> Iterator[Tuple[str, Parameter]]:
         for i, layer in enumerate(self.layers):
             yield from layer.named_parameters(f"layers.{i}")
 
-    def parameters(self):
+    def parameters(self) -> List[Parameter]:
         return [p for _, p in self.named_parameters()]
 
-    def named_buffers(self):
+    def named_buffers(self) -> Iterator[Tuple[str, np.ndarray]]:
         for i, layer in enumerate(self.layers):
             yield from layer.named_buffers(f"layers.{i}")
 
-    def num_parameters(self):
+    def num_parameters(self) -> int:
         return sum(p.data.size for p in self.parameters())
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, np.ndarray]:
         """{key: ndarray}: copies of every parameter and buffer."""
         state = {k: p.data.copy() for k, p in self.named_parameters()}
         state.update({k: b.copy() for k, b in self.named_buffers()})
@@ -135,7 +138,7 @@ class Sequential:
         arrays.update(dict(self.named_buffers()))
         return arrays
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Copy arrays into the model in place. Every key must match, with its shape.
 
         ``state``: a mapping of str -> ndarray (a dict, or what np.load gives for an .npz).
@@ -177,7 +180,7 @@ class Sequential:
         return "Sequential(\n" + "\n".join(lines) + "\n)"
 
 
-def build_model(model_cfg, seed=0, fuse=True):
+def build_model(model_cfg, seed: Optional[int] = 0, fuse: bool = True) -> Sequential:
     """A Sequential from a ``model`` config section, initialized from ``seed``.
 
     A plain dict is validated (and given defaults) first, as in a config file.
