@@ -1,0 +1,206 @@
+"""Bit-identical results whatever the thread count, for the conv, dense, loss and optimizer kernels.
+
+The README promises that training gives the same weights for any ``--threads``.
+Each kernel here runs in a subprocess per thread count (NUMBA_NUM_THREADS = 1,
+2, 3, 4; Numba allows more threads than cores) on the same inputs, and the
+outputs are compared byte for byte. An uneven split of the work (3 threads)
+is what exposed the bug this guards against: Adam's update compiled with
+fastmath divided approximately (vrcpps) in the vectorized body of a thread's
+range and exactly in its scalar remainder, so an element's result depended
+on where the thread boundaries fell.
+
+One subprocess per thread count computes every case (``_worker``) and saves
+them to an .npz under tmp_path; the kernels are compiled with cache=True, so
+the later subprocesses load them from Numba's cache. Shapes: the seed
+network's (batch 64, 28x28x1, conv 32 and 64 3x3, dense 1600->128->10) and a
+spread around it: 1 and 3 input channels, odd channel counts (10, 24, 48,
+100), stride 2, padding, dilation, 5x5, 7x7 and 1x1 kernels, every path of
+the conv kernels (im2col / in place / row items), dense sizes that are not
+multiples of the vector length or the row blocks, optimizer parameters from
+1 element to several blocks.
+
+Skipped under NUMBA_DISABLE_JIT (no threads there).
+"""
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+THREADS = (1, 2, 3, 4)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+pytestmark = pytest.mark.skipif(bool(numba.config.DISABLE_JIT), reason="NUMBA_DISABLE_JIT: no threads")
+
+# (name, N, H, W, Cin, Cout, KH, KW, sh, sw, pad (top, bottom, left, right), dh, dw, dtype)
+CONV_CASES = [
+    ("seed_conv1", 64, 28, 28, 1, 32, 3, 3, 1, 1, (0, 0, 0, 0), 1, 1, "float32"),
+    ("seed_conv2", 64, 13, 13, 32, 64, 3, 3, 1, 1, (0, 0, 0, 0), 1, 1, "float32"),
+    ("cin3_direct_partials", 8, 12, 12, 3, 16, 3, 3, 1, 1, (0, 0, 0, 0), 1, 1, "float32"),
+    ("cin3_same", 16, 16, 16, 3, 10, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float32"),
+    ("cin10_cout24_stride2_pad", 8, 15, 15, 10, 24, 3, 3, 2, 2, (1, 1, 1, 1), 1, 1, "float32"),
+    ("cin24_cout48_dilation2", 6, 14, 14, 24, 48, 3, 3, 1, 1, (2, 2, 2, 2), 2, 2, "float32"),
+    ("cin48_cout100_5x5", 4, 12, 12, 48, 100, 5, 5, 1, 1, (2, 2, 2, 2), 1, 1, "float32"),
+    ("cin1_cout10_5x5", 8, 20, 20, 1, 10, 5, 5, 1, 1, (0, 0, 0, 0), 1, 1, "float32"),
+    ("cin3_cout24_7x7_stride2", 4, 32, 32, 3, 24, 7, 7, 2, 2, (3, 3, 3, 3), 1, 1, "float32"),
+    ("cin100_cout48_1x1", 8, 10, 10, 100, 48, 1, 1, 1, 1, (0, 0, 0, 0), 1, 1, "float32"),
+    ("cin24_cout24_1x1_stride2", 8, 11, 11, 24, 24, 1, 1, 2, 2, (0, 0, 0, 0), 1, 1, "float32"),
+    ("cin10_cout10_rect_asym", 5, 17, 13, 10, 10, 3, 2, 2, 1, (2, 1, 0, 1), 1, 2, "float32"),
+    ("cifar_cin3_cout32_same", 16, 32, 32, 3, 32, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float32"),
+    ("f64_cin10_cout24_stride2_pad", 8, 15, 15, 10, 24, 3, 3, 2, 2, (1, 1, 1, 1), 1, 1, "float64"),
+    ("f64_seed_conv2", 16, 13, 13, 32, 64, 3, 3, 1, 1, (0, 0, 0, 0), 1, 1, "float64"),
+]
+# (name, N, I, O, dtype)
+DENSE_CASES = [
+    ("seed_dense1", 64, 1600, 128, "float32"),
+    ("seed_dense2", 64, 128, 10, "float32"),
+    ("odd_37_100_10", 37, 100, 10, "float32"),
+    ("odd_70_50_24", 70, 50, 24, "float32"),
+    ("odd_13_129_48", 13, 129, 48, "float32"),
+    ("odd_1_7_3", 1, 7, 3, "float32"),
+    ("odd_65_33_99", 65, 33, 99, "float32"),
+    ("f64_33_65_16", 33, 65, 16, "float64"),
+]
+# (name, N, K, dtype)
+LOSS_CASES = [("seed", 64, 10, "float32"), ("odd", 37, 100, "float32"), ("f64", 13, 7, "float64")]
+OPTIM_SIZES = (1, 10, 32, 64, 100, 288, 1000, 4097, 100003)
+
+KERNELS = ("conv_forward", "conv_backward_input", "conv_backward_weight", "dense", "loss", "sgd", "adam",
+           "sum_of_squares", "scale_inplace")
+
+
+def _out_size(size, k, stride, before, after, dil):
+    return (size + before + after - dil * (k - 1) - 1) // stride + 1
+
+
+def _worker(path):
+    """Compute every case with this process's thread count; save to the .npz ``path``."""
+    import numba
+
+    from fastcnn.kernels import conv, dense, loss, optim
+
+    out = {"threads": np.array(numba.get_num_threads())}
+    for name, N, H, W, Cin, Cout, KH, KW, sh, sw, pad, dh, dw, dt in CONV_CASES:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((N, H, W, Cin)).astype(dt)
+        w = (rng.standard_normal((KH, KW, Cin, Cout)) / np.sqrt(KH * KW * Cin)).astype(dt)
+        b = rng.standard_normal(Cout).astype(dt)
+        OH = _out_size(H, KH, sh, pad[0], pad[1], dh)
+        OW = _out_size(W, KW, sw, pad[2], pad[3], dw)
+        dy = rng.standard_normal((N, OH, OW, Cout)).astype(dt)
+        args = (sh, sw, pad[0], pad[2], dh, dw)
+        y = np.empty((N, OH, OW, Cout), dt)
+        conv.conv2d_forward(x, w, b, y, *args)
+        dx = np.empty_like(x)
+        conv.conv2d_backward_input(dy, w, dx, *args)
+        gw = np.empty_like(w)
+        gb = np.empty_like(b)
+        conv.conv2d_backward_weight(x, dy, gw, gb, *args)
+        out[f"conv_forward/{name}"] = y
+        out[f"conv_backward_input/{name}"] = dx
+        out[f"conv_backward_weight/{name}/dw"] = gw
+        out[f"conv_backward_weight/{name}/db"] = gb
+    for name, N, I, O, dt in DENSE_CASES:
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal((N, I)).astype(dt)
+        w = (rng.standard_normal((I, O)) / np.sqrt(I)).astype(dt)
+        b = rng.standard_normal(O).astype(dt)
+        dy = rng.standard_normal((N, O)).astype(dt)
+        y = np.empty((N, O), dt)
+        dense.dense_forward(x, w, b, y)
+        dx = np.empty_like(x)
+        dense.dense_backward_input(dy, w, dx)
+        gw = np.empty_like(w)
+        gb = np.empty_like(b)
+        dense.dense_backward_weight(x, dy, gw, gb)
+        for key, val in dict(y=y, dx=dx, dw=gw, db=gb).items():
+            out[f"dense/{name}/{key}"] = val
+    for name, N, K, dt in LOSS_CASES:
+        rng = np.random.default_rng(2)
+        logits = (3 * rng.standard_normal((N, K))).astype(dt)
+        labels = rng.integers(0, K, N).astype(np.int64)
+        dlogits = np.empty_like(logits)
+        value = loss.softmax_cross_entropy_kernel(logits, labels, dlogits)
+        out[f"loss/{name}/value"] = np.array(value)
+        out[f"loss/{name}/dlogits"] = dlogits
+    for n in OPTIM_SIZES:
+        for dt in ("float32", "float64") if n in (100, 4097) else ("float32",):
+            t = np.dtype(dt).type
+            rng = np.random.default_rng(3)
+            p0 = rng.standard_normal(n).astype(dt)
+            g = (0.1 * rng.standard_normal(n)).astype(dt)
+            m0 = (0.01 * rng.standard_normal(n)).astype(dt)
+            v0 = (1e-3 * rng.random(n)).astype(dt)
+            for variant, (mom, damp, wd, nest, first) in {
+                    "plain": (0.0, 0.0, 0.0, False, False), "momentum_first": (0.9, 0.0, 0.0, False, True),
+                    "momentum": (0.9, 0.1, 0.0, False, False), "nesterov_wd": (0.9, 0.0, 5e-4, True, False)}.items():
+                p, buf = p0.copy(), m0.copy()
+                optim.sgd_update(p, g, buf, t(0.05), t(mom), t(damp), t(wd), nest, first)
+                out[f"sgd/{dt}/{n}/{variant}/p"] = p
+                out[f"sgd/{dt}/{n}/{variant}/buf"] = buf
+            # p = 0: the update is stored unrounded by the subtraction, so a last-bit
+            # difference of the quotient shows (the approximate division differed in
+            # ~1% of the elements; with |p| ~ 1 the update's last bits are rounded away).
+            for variant, (wd, decoupled, step, zero_p) in {
+                    "adam_step1": (0.0, False, 1, False), "adam_step7": (0.0, False, 7, False),
+                    "adam_wd": (1e-2, False, 3, False), "adamw": (1e-2, True, 3, False),
+                    "adam_p0_step1": (0.0, False, 1, True), "adam_p0_step7": (0.0, False, 7, True),
+                    "adam_p0_step50": (0.0, False, 50, True), "adamw_p0": (1e-2, True, 50, True)}.items():
+                p, m, v = (np.zeros_like(p0) if zero_p else p0.copy()), m0.copy(), v0.copy()
+                bc1 = 1.0 - 0.9 ** step
+                bc2_sqrt = (1.0 - 0.999 ** step) ** 0.5
+                optim.adam_update(p, g, m, v, t(1e-3), t(0.9), t(0.999), t(1e-8), t(wd), decoupled, t(bc1),
+                                  t(bc2_sqrt))
+                for key, val in dict(p=p, m=m, v=v).items():
+                    out[f"adam/{dt}/{n}/{variant}/{key}"] = val
+            out[f"sum_of_squares/{dt}/{n}"] = np.array(optim.sum_of_squares(g))
+            gs = g.copy()
+            optim.scale_inplace(gs, t(0.3))
+            out[f"scale_inplace/{dt}/{n}"] = gs
+    np.savez(path, **out)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """{threads: {key: array}} from one subprocess per thread count."""
+    d = tmp_path_factory.mktemp("determinism")
+    res = {}
+    for t in THREADS:
+        path = d / f"threads{t}.npz"
+        env = dict(os.environ, NUMBA_NUM_THREADS=str(t), PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
+        code = f"import test_determinism as T; T._worker({str(path)!r})"
+        proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        with np.load(path) as data:
+            res[t] = {k: data[k] for k in data.files}
+        assert int(res[t]["threads"]) == t
+    return res
+
+
+def test_every_case_computed(results):
+    keys = results[1].keys()
+    for kernel in KERNELS:
+        assert any(k.startswith(kernel + "/") for k in keys), kernel
+    assert len(keys) > 200
+    for t in THREADS[1:]:
+        assert results[t].keys() == keys
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bit_identical_for_1_to_4_threads(results, kernel):
+    keys = sorted(k for k in results[1] if k.startswith(kernel + "/"))
+    assert keys
+    differing = []
+    for key in keys:
+        ref = results[1][key]
+        assert np.isfinite(ref).all(), key
+        for t in THREADS[1:]:
+            got = results[t][key]
+            assert got.dtype == ref.dtype and got.shape == ref.shape, key
+            if got.tobytes() != ref.tobytes():
+                differing.append(f"{key} ({t} threads: {int(np.sum(got != ref))} of {ref.size} elements)")
+    assert not differing, "results depend on the thread count:\n" + "\n".join(differing)
