@@ -3,6 +3,10 @@
 Checked against the plain NumPy loops (fastcnn.kernels.reference_conv), a
 central-difference gradient check, and PyTorch's autograd where torch is
 importable.
+
+Also passes under NUMBA_DISABLE_JIT=1 (the kernels run as Python with
+fastcnn.kernels.gemm's NumPy product): the same cases, in about 15 s, so no
+smaller set is needed there. Thread-count determinism: tests/test_determinism.py.
 """
 import numpy as np
 import pytest

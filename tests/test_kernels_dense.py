@@ -1,3 +1,8 @@
+"""Tests of the dense kernels (fastcnn.kernels.dense) against NumPy, central differences and torch.
+
+Also passes under NUMBA_DISABLE_JIT=1 (the kernels run as Python with
+fastcnn.kernels.gemm's NumPy product), with the same shapes.
+"""
 import numpy as np
 import pytest
 

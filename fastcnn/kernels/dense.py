@@ -2,8 +2,8 @@
 
 x (N,I), w (I,O), b (O,), y (N,O).
 
-Where the shapes allow, each product is done by the conv module's register-
-blocked GEMM (``conv._gemm``, one cfunc per dtype): the forward and the
+Where the shapes allow, each product is done by the register-blocked GEMM
+of fastcnn/kernels/gemm.py (``gemm``, one cfunc per dtype): the forward and the
 weight gradient when O is a multiple of the SIMD vector length (x, w, dy
 read in place), the input gradient always (dx.T = w @ dy.T: dy is packed
 transposed, columns padded to the vector length, and each block of dx.T is
@@ -16,60 +16,60 @@ each row of w, once loaded into the L1 cache, is reused ROWS times.
 import numpy as np
 from numba import njit, prange
 
-from fastcnn.kernels.conv import _MR, _NV, _VBYTES, _copy, _ensure_gemm, _fill, _gemm, _prange_only
+from fastcnn.kernels.gemm import MR, NV, VBYTES, copy_vector, ensure_gemm, fill, gemm, prange_only
 
 ROWS = 4
 # GEMM paths: output rows per parallel item (forward: batch rows; weight
 # gradient: rows of dw; input gradient: columns of dx).
-_FWD_ROWS = 4 * _MR
-_BWD_ROWS = 8 * _MR
+_FWD_ROWS = 4 * MR
+_BWD_ROWS = 8 * MR
 
 
 def dense_forward(x, w, b, y):
     """y (N,O) = x @ w + b; y (C-contiguous) overwritten."""
-    _ensure_gemm(y.dtype)
+    ensure_gemm(y.dtype)
     _dense_forward(np.ascontiguousarray(x), np.ascontiguousarray(w), b, y)
 
 
 def dense_backward_input(dy, w, dx):
     """dx (N,I) = dy @ w.T; dx (C-contiguous) overwritten."""
-    _ensure_gemm(dx.dtype)
+    ensure_gemm(dx.dtype)
     _dense_backward_input(np.ascontiguousarray(dy), np.ascontiguousarray(w), dx)
 
 
 def dense_backward_weight(x, dy, dw, db):
     """dw (I,O) = x.T @ dy, db (O,) = dy.sum(0); both overwritten (dw C-contiguous)."""
-    _ensure_gemm(dw.dtype)
+    ensure_gemm(dw.dtype)
     _dense_backward_weight(np.ascontiguousarray(x), np.ascontiguousarray(dy), dw, db)
 
 
-@njit(cache=True, fastmath=True, parallel=_prange_only(), error_model="numpy")
+@njit(cache=True, fastmath=True, parallel=prange_only(), error_model="numpy")
 def _dense_forward(x, w, b, y):
     """y (N,O) = x @ w + b."""
     N, I = x.shape
     O = w.shape[1]
-    VL = _VBYTES // y.itemsize
-    # GEMM items: (column block of _NV vectors, block of _FWD_ROWS rows),
+    VL = VBYTES // y.itemsize
+    # GEMM items: (column block of NV vectors, block of _FWD_ROWS rows),
     # column-block major so each thread keeps its slice of w in cache.
     # Otherwise blocks of ROWS rows. One prange: each is its own gufunc.
-    gemm = O % VL == 0 and I > 0
+    use_gemm = O % VL == 0 and I > 0
     NVt = O // VL
-    ncb = (NVt + _NV - 1) // _NV
+    ncb = (NVt + NV - 1) // NV
     nrb = (N + _FWD_ROWS - 1) // _FWD_ROWS
     xf = x.reshape(-1)
     wf = w.reshape(-1)
     yf = y.reshape(-1)
-    nblocks = ncb * nrb if gemm else (N + ROWS - 1) // ROWS
+    nblocks = ncb * nrb if use_gemm else (N + ROWS - 1) // ROWS
     for blk in prange(nblocks):
-        if gemm:
+        if use_gemm:
             cb = blk // nrb
             n0 = (blk - cb * nrb) * _FWD_ROWS
             n1 = min(N, n0 + _FWD_ROWS)
-            j0 = cb * _NV * VL
-            nv = min(_NV, NVt - cb * _NV)
+            j0 = cb * NV * VL
+            nv = min(NV, NVt - cb * NV)
             for n in range(n0, n1):
-                _copy(y[n, j0:j0 + nv * VL], b[j0:j0 + nv * VL])
-            _gemm(yf, n0 * O + j0, O, xf, n0 * I, I, 1, wf, j0, O, I, 1, 0, 0, n1 - n0, nv)
+                copy_vector(y[n, j0:j0 + nv * VL], b[j0:j0 + nv * VL])
+            gemm(yf, n0 * O + j0, O, xf, n0 * I, I, 1, wf, j0, O, I, 1, 0, 0, n1 - n0, nv)
             continue
         n0 = blk * ROWS
         n1 = min(n0 + ROWS, N)
@@ -140,12 +140,12 @@ def _dense_forward(x, w, b, y):
                         yr[o] += a * wr[o]
 
 
-@njit(cache=True, fastmath=True, parallel=_prange_only(), error_model="numpy")
+@njit(cache=True, fastmath=True, parallel=prange_only(), error_model="numpy")
 def _dense_backward_input(dy, w, dx):
     """dx (N,I) = dy @ w.T: dx[n,i] = sum_o dy[n,o] * w[i,o]."""
     N, O = dy.shape
     I = w.shape[0]
-    VL = _VBYTES // dx.itemsize
+    VL = VBYTES // dx.itemsize
     # dx.T (I, Np) = w (I, O) @ dyT (O, Np), dyT = dy.T with zero columns past N.
     NVt = (N + VL - 1) // VL
     Np = NVt * VL
@@ -161,14 +161,14 @@ def _dense_backward_input(dy, w, dx):
         i0 = blk * RB
         i1 = min(I, i0 + RB)
         acc = np.zeros((RB, Np), dtype=dx.dtype)
-        _gemm(acc.reshape(-1), 0, Np, wf, i0 * O, O, 1, dyTf, 0, Np, O, 1, 0, 0, i1 - i0, NVt)
+        gemm(acc.reshape(-1), 0, Np, wf, i0 * O, O, 1, dyTf, 0, Np, O, 1, 0, 0, i1 - i0, NVt)
         for r in range(i1 - i0):
             ar = acc[r]
             for n in range(N):
                 dx[n, i0 + r] = ar[n]
 
 
-@njit(cache=True, fastmath=True, parallel=_prange_only(), error_model="numpy")
+@njit(cache=True, fastmath=True, parallel=prange_only(), error_model="numpy")
 def _dense_backward_weight(x, dy, dw, db):
     """dw (I,O) = x.T @ dy, db (O,) = dy.sum(0); both overwritten.
 
@@ -178,22 +178,22 @@ def _dense_backward_weight(x, dy, dw, db):
     N, I = x.shape
     O = dy.shape[1]
     zero = dw.dtype.type(0)
-    VL = _VBYTES // dw.itemsize
+    VL = VBYTES // dw.itemsize
     # GEMM (O a multiple of the vector length): blocks of _BWD_ROWS rows,
     # dw[i0:i1] = x[:, i0:i1].T @ dy with A[i, n] = x[n, i] (row stride 1,
     # step I); otherwise blocks of ROWS rows. One prange: each is its own gufunc.
-    gemm = O % VL == 0
+    use_gemm = O % VL == 0
     xf = x.reshape(-1)
     dwf = dw.reshape(-1)
     dyf = dy.reshape(-1)
-    RB = _BWD_ROWS if gemm else ROWS
+    RB = _BWD_ROWS if use_gemm else ROWS
     nblocks = (I + RB - 1) // RB
     for blk in prange(nblocks):
         i0 = blk * RB
         i1 = min(i0 + RB, I)
-        _fill(dwf[i0 * O:i1 * O], zero)
-        if gemm:
-            _gemm(dwf, i0 * O, O, xf, i0, 1, I, dyf, 0, O, N, 1, 0, 0, i1 - i0, O // VL)
+        fill(dwf[i0 * O:i1 * O], zero)
+        if use_gemm:
+            gemm(dwf, i0 * O, O, xf, i0, 1, I, dyf, 0, O, N, 1, 0, 0, i1 - i0, O // VL)
             continue
         if i1 - i0 == 4:
             d0 = dw[i0]
