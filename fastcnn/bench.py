@@ -177,17 +177,11 @@ def _torch_layer_times(layer, inp, dy, torch, repeats, to_torch_input, torch_lay
 
 
 def _torch_step(model, x, labels, cfg, torch, repeats):
+    from .optim import torch_optimizer
     from .torch_reference import to_torch_input, torch_model
 
     net = torch_model(model, torch, channels_last=True)
-    opt_cfg = cfg.train.optimizer
-    if opt_cfg["name"] == "adam":
-        opt = torch.optim.Adam(net.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
-                               eps=opt_cfg["eps"], weight_decay=opt_cfg["weight_decay"])
-    else:
-        opt = torch.optim.SGD(net.parameters(), lr=opt_cfg["lr"], momentum=opt_cfg["momentum"],
-                              dampening=opt_cfg["dampening"], nesterov=opt_cfg["nesterov"],
-                              weight_decay=opt_cfg["weight_decay"])
+    opt = torch_optimizer(torch, net.parameters(), cfg.train.optimizer)
     tx = to_torch_input(x, torch).contiguous(memory_format=torch.channels_last)
     ty = torch.from_numpy(labels)
 

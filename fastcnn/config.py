@@ -12,10 +12,13 @@ import re
 
 import yaml
 
+from .data import DATASET_SPECS, DATASETS
 from .errors import ConfigError
 from .layers import LAYER_TYPES, check_layer_list, plan_shapes
-from .schema import (REQUIRED, boolean, check_section, choice, did_you_mean, integer, join, number, optional,
-                     string, type_name)
+from .optim import OPTIMIZERS
+from .schedules import SCHEDULES, EarlyStopping
+from .schema import (REQUIRED, boolean, check_section, choice, did_you_mean, integer, named_entry, number,
+                     optional, string, type_name)
 
 # --------------------------------------------------------------------------
 # YAML reading. PyYAML implements YAML 1.1, where `1e-3` (no dot) is a string
@@ -109,85 +112,17 @@ SEED_LAYERS = [
     {"type": "dense", "units": 10},
 ]
 
-def _betas(value, path):
-    if not isinstance(value, list) or len(value) != 2:
-        raise ConfigError(path, f"expected a pair [beta1, beta2], got {value!r}")
-    return [number(0.0, 1.0, max_exclusive=True)(v, f"{path}[{i}]") for i, v in enumerate(value)]
-
-
-def _milestones(value, path):
-    if not isinstance(value, list) or not value:
-        raise ConfigError(path, f"expected a non-empty list of epochs, e.g. [30, 60], got {value!r}")
-    epochs = [integer(1)(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if epochs != sorted(set(epochs)):
-        raise ConfigError(path, f"must be strictly increasing, got {epochs}")
-    return epochs
-
-
-EARLY_STOPPING_SCHEMA = {
-    "monitor": (choice("val_loss", "val_accuracy"), "val_loss"),
-    "patience": (integer(1), 5),
-    "min_delta": (number(0.0), 0.0),
-}
+# The options of each optimizer, schedule and early stopping are declared by their classes
+# (fastcnn/optim.py OPTIMIZERS, fastcnn/schedules.py SCHEDULES and EarlyStopping); the datasets by
+# fastcnn/data (DATASET_SPECS: name, fixed image shape and classes, whether data.path is needed).
 
 
 def _early_stopping(value, path):
-    return None if value is None else check_section(value, EARLY_STOPPING_SCHEMA, path)
+    return None if value is None else check_section(value, EarlyStopping.options, path)
 
 
 # Sections that are null (off) by default; --set on one of their keys switches them on.
-OPTIONAL_SECTIONS = {"early_stopping": EARLY_STOPPING_SCHEMA}
-
-
-OPTIMIZER_SCHEMAS = {
-    "adam": {
-        "lr": (number(0.0, min_exclusive=True), 0.001),
-        "betas": (_betas, [0.9, 0.999]),
-        "eps": (number(0.0, min_exclusive=True), 1e-8),
-        "weight_decay": (number(0.0), 0.0),
-    },
-    "adamw": {
-        "lr": (number(0.0, min_exclusive=True), 0.001),
-        "betas": (_betas, [0.9, 0.999]),
-        "eps": (number(0.0, min_exclusive=True), 1e-8),
-        "weight_decay": (number(0.0), 0.01),
-    },
-    "sgd": {
-        "lr": (number(0.0, min_exclusive=True), 0.01),
-        "momentum": (number(0.0), 0.0),
-        "dampening": (number(0.0), 0.0),
-        "nesterov": (boolean, False),
-        "weight_decay": (number(0.0), 0.0),
-    },
-}
-
-SCHEDULE_SCHEMAS = {
-    "none": {},
-    "step": {
-        "step_size": (integer(1), REQUIRED),
-        "gamma": (number(0.0, min_exclusive=True), 0.1),
-    },
-    "multistep": {
-        "milestones": (_milestones, REQUIRED),
-        "gamma": (number(0.0, min_exclusive=True), 0.1),
-    },
-    "cosine": {
-        "warmup_epochs": (number(0.0), 0.0),
-        "min_lr": (number(0.0), 0.0),
-    },
-    "reduce_on_plateau": {
-        "monitor": (choice("val_loss", "val_accuracy"), "val_loss"),
-        "factor": (number(0.0, 1.0, min_exclusive=True, max_exclusive=True), 0.1),
-        "patience": (integer(0), 10),
-        "threshold": (number(0.0), 1e-4),
-        "min_lr": (number(0.0), 0.0),
-    },
-}
-
-DATASETS = ("mnist", "fashion-mnist", "synthetic", "cifar10", "folder", "npz")
-
-# What the file-backed datasets hold, so a mismatching model is reported before any data is read.
-DATASET_SHAPES = {"mnist": ([28, 28, 1], 10), "fashion-mnist": ([28, 28, 1], 10), "cifar10": ([32, 32, 3], 10)}
+OPTIONAL_SECTIONS = {"early_stopping": EarlyStopping.options}
 
 SCHEMA = {
     "seed": (integer(0), 0),
@@ -229,28 +164,10 @@ SCHEMA = {
 TOP_REQUIRED = ("model",)
 
 
-def _named_section(schemas, kind):
-    def check(value, path):
-        if isinstance(value, str):
-            value = {"name": value}
-        if not isinstance(value, dict):
-            raise ConfigError(path, f"expected a mapping with a 'name', got {type_name(value)}")
-        if "name" not in value:
-            raise ConfigError(join(path, "name"), f"required key is missing (one of {', '.join(schemas)})")
-        name = value["name"]
-        if not isinstance(name, str) or name not in schemas:
-            raise ConfigError(join(path, "name"), f"unknown {kind} {name!r}{did_you_mean(name, schemas)}; "
-                              f"known: {', '.join(schemas)}")
-        rest = {k: v for k, v in value.items() if k != "name"}
-        resolved = check_section(rest, schemas[name], path)
-        return {"name": name, **resolved}
-    return check
-
-
 _SPECIAL = {
     "layers": check_layer_list,
-    "optimizer": _named_section(OPTIMIZER_SCHEMAS, "optimizer"),
-    "schedule": _named_section(SCHEDULE_SCHEMAS, "schedule"),
+    "optimizer": named_entry(OPTIMIZERS, "optimizer"),
+    "schedule": named_entry(SCHEDULES, "schedule"),
     "early_stopping": _early_stopping,
 }
 
@@ -298,12 +215,11 @@ def validate(raw):
             raise ConfigError("data", f"expected a mapping, got {type_name(raw['data'])}")
         raise ConfigError("data.dataset", f"required key is missing (one of {', '.join(DATASETS)})")
     cfg = _wrap(check_section(raw, SCHEMA, "", _SPECIAL))
-    if cfg.data.dataset in ("folder", "npz") and cfg.data.path is None:
-        raise ConfigError("data.path", f"required for dataset {cfg.data.dataset!r} (the "
-                                       f"{'folder of class sub-folders' if cfg.data.dataset == 'folder' else '.npz file'})")
-    known = DATASET_SHAPES.get(cfg.data.dataset)
-    if known is not None:
-        shape, classes = known
+    dataset = DATASET_SPECS[cfg.data.dataset]
+    if dataset.path is not None and cfg.data.path is None:
+        raise ConfigError("data.path", f"required for dataset {cfg.data.dataset!r} (the {dataset.path})")
+    if dataset.input_shape is not None:
+        shape, classes = list(dataset.input_shape), dataset.num_classes
         if cfg.model.input_shape != shape:
             raise ConfigError("model.input_shape", f"is {cfg.model.input_shape} but {cfg.data.dataset} images "
                                                    f"are {shape}")
@@ -497,8 +413,9 @@ def _known_at(parts, node=None):
         if isinstance(node.get("type"), str) and node["type"] in LAYER_TYPES:
             keys |= set(LAYER_TYPES[node["type"]].options)
         if isinstance(node.get("name"), str):
-            for schemas in (OPTIMIZER_SCHEMAS, SCHEDULE_SCHEMAS):
-                keys |= set(schemas.get(node["name"], {}))
+            for registry in (OPTIMIZERS, SCHEDULES):
+                if node["name"] in registry:
+                    keys |= set(registry[node["name"]].options)
     return sorted(keys)
 
 
@@ -511,7 +428,7 @@ def _known_key(parts, node):
     if isinstance(node.get("type"), str) and node["type"] in LAYER_TYPES:
         return last in LAYER_TYPES[node["type"]].options
     if isinstance(node.get("name"), str):
-        return any(last in s.get(node["name"], {}) for s in (OPTIMIZER_SCHEMAS, SCHEDULE_SCHEMAS))
+        return any(node["name"] in r and last in r[node["name"]].options for r in (OPTIMIZERS, SCHEDULES))
     return False
 
 

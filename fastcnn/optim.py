@@ -1,27 +1,78 @@
 """Optimizers with PyTorch's update rules: SGD (momentum, Nesterov, weight decay), Adam, AdamW.
 
+An optimizer class is the single home of everything about it:
+
+* ``name``: its ``train.optimizer.name``; ``options``: its options as a schema
+  (``name -> (checker, default)``, fastcnn/schema.py), read by config
+  validation (``train.optimizer``), ``--set`` overrides, the constructor
+  (positional in declaration order or by name) and the README check in the tests;
+* ``torch_optimizer(torch, params, options)``: the torch.optim optimizer with the
+  same update rule and options: the one mapping from a fastcnn optimizer to a
+  PyTorch one (the benchmarks, the scripts and the tests use it);
+* ``step()``: the update, in a Numba kernel imported on first use (validating a
+  config imports this module, and no Numba).
+
+``OPTIMIZERS`` maps every name to its class; ``build_optimizer`` reads it.
+
 An optimizer holds the Parameter objects it was given and updates ``p.data``
 in place from ``p.grad`` on ``step()``. Its state round-trips through
 ``state_dict()`` / ``load_state_dict()`` as flat arrays (checkpoint keys
 ``optim.<name>``).
 """
+from typing import Any, Dict, Mapping, Optional, Type
+
 import numpy as np
 
-from .errors import CheckpointError
-from .kernels import optim as kernels
+from .errors import CheckpointError, ConfigError
+from .layers.base import kernel_module
+from .schema import Schema, boolean, number, resolve_options
+
+kernels = kernel_module("optim")
+
+
+def betas_pair(value, path):
+    """Adam's [beta1, beta2], each in [0, 1) (a tuple is accepted from Python)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(path, f"expected a pair [beta1, beta2], got {value!r}")
+    return [number(0.0, 1.0, max_exclusive=True)(v, f"{path}[{i}]") for i, v in enumerate(value)]
 
 
 class Optimizer:
     """Base: parameters, a learning rate the schedule may change, a step count."""
 
-    def __init__(self, params, lr):
+    name: str = ""              # train.optimizer.name; "" for an abstract base
+    options: Schema = {}        # train.optimizer options: name -> (checker, default)
+    torch_class: str = ""       # the torch.optim class with the same update rule and option names
+
+    def __init__(self, params, *args, **kwargs):
+        # The declared options, with the config file's checks and defaults (ValueError when wrong).
+        self.config: Dict[str, Any] = self.resolve(args, kwargs)
         self.params = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
-        if not lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {lr}")
-        self.lr = float(lr)
+        self.lr = float(self.config["lr"])
         self.step_count = 0
+
+    @classmethod
+    def resolve(cls, args=(), kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """Options (positional in declaration order, or by name; a ``name`` key is ignored) -> all
+        declared options with their defaults; ValueError (TypeError) as for the constructor."""
+        kwargs = {k: v for k, v in (kwargs or {}).items() if k != "name"}
+        return resolve_options(cls.options, tuple(args), kwargs, cls.__name__)
+
+    @classmethod
+    def torch_optimizer(cls, torch, params, options: Optional[Mapping[str, Any]] = None):
+        """The equivalent ``torch.optim`` optimizer over ``params`` for these options (a validated
+        ``train.optimizer`` section, or any subset of the declared options: the rest default)."""
+        if not cls.torch_class:
+            raise NotImplementedError(f"no PyTorch twin for {cls.__name__}")
+        resolved = cls.resolve((), options)
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in resolved.items()}
+        return getattr(torch.optim, cls.torch_class)(params, **kwargs)
+
+    def __repr__(self):
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "lr")
+        return f"{type(self).__name__}(lr={self.lr!r}{', ' if shown else ''}{shown})"
 
     def zero_grad(self):
         for p in self.params:
@@ -66,14 +117,23 @@ class Optimizer:
 class SGD(Optimizer):
     """torch.optim.SGD: d = g + wd*p; buf = momentum*buf + (1-dampening)*d; p -= lr*(d + momentum*buf | buf)."""
 
-    def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
-        super().__init__(params, lr)
-        if momentum < 0 or weight_decay < 0:
-            raise ValueError("momentum and weight_decay must be >= 0")
-        if nesterov and (momentum <= 0 or dampening != 0):
+    name = "sgd"
+    options = {
+        "lr": (number(0.0, min_exclusive=True), 0.01),
+        "momentum": (number(0.0), 0.0),
+        "dampening": (number(0.0), 0.0),
+        "nesterov": (boolean, False),
+        "weight_decay": (number(0.0), 0.0),
+    }
+    torch_class = "SGD"
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        c = self.config
+        if c["nesterov"] and (c["momentum"] <= 0 or c["dampening"] != 0):
             raise ValueError("Nesterov momentum needs momentum > 0 and dampening 0")
-        self.momentum, self.dampening = float(momentum), float(dampening)
-        self.nesterov, self.weight_decay = bool(nesterov), float(weight_decay)
+        self.momentum, self.dampening = float(c["momentum"]), float(c["dampening"])
+        self.nesterov, self.weight_decay = bool(c["nesterov"]), float(c["weight_decay"])
         self.momentum_buffers = [np.zeros_like(p.data) for p in self.params]
 
     def _slots(self):
@@ -91,16 +151,21 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """torch.optim.Adam (L2 weight decay added to the gradient, not AdamW)."""
 
+    name = "adam"
+    options = {
+        "lr": (number(0.0, min_exclusive=True), 0.001),
+        "betas": (betas_pair, [0.9, 0.999]),
+        "eps": (number(0.0, min_exclusive=True), 1e-8),
+        "weight_decay": (number(0.0), 0.0),
+    }
+    torch_class = "Adam"
     decoupled = False
 
-    def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, lr)
-        b1, b2 = betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if eps <= 0 or weight_decay < 0:
-            raise ValueError("eps must be > 0 and weight_decay >= 0")
-        self.beta1, self.beta2, self.eps, self.weight_decay = float(b1), float(b2), float(eps), float(weight_decay)
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        c = self.config
+        (b1, b2), self.eps, self.weight_decay = c["betas"], float(c["eps"]), float(c["weight_decay"])
+        self.beta1, self.beta2 = float(b1), float(b2)
         self.exp_avg = [np.zeros_like(p.data) for p in self.params]
         self.exp_avg_sq = [np.zeros_like(p.data) for p in self.params]
 
@@ -122,10 +187,14 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """torch.optim.AdamW: decoupled weight decay (p *= 1 - lr*wd), default weight_decay 0.01."""
 
+    name = "adamw"
+    options = {**Adam.options, "weight_decay": (number(0.0), 0.01)}
+    torch_class = "AdamW"
     decoupled = True
 
-    def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+# Every optimizer by its train.optimizer.name (the order of the "known: ..." list in errors).
+OPTIMIZERS: Dict[str, Type[Optimizer]] = {cls.name: cls for cls in (Adam, AdamW, SGD)}
 
 
 def clip_grad_norm(params, max_norm):
@@ -141,12 +210,20 @@ def clip_grad_norm(params, max_norm):
     return total
 
 
+def optimizer_class(name) -> Type[Optimizer]:
+    """The class registered as ``name`` (ValueError naming the known ones otherwise)."""
+    cls = OPTIMIZERS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    return cls
+
+
 def build_optimizer(opt_cfg, params):
-    """An optimizer from a validated ``train.optimizer`` section."""
+    """An optimizer from a validated ``train.optimizer`` section (missing options take their defaults)."""
     options = {k: v for k, v in opt_cfg.items() if k != "name"}
-    if opt_cfg["name"] in ("adam", "adamw"):
-        options["betas"] = tuple(options.get("betas", (0.9, 0.999)))
-        return (Adam if opt_cfg["name"] == "adam" else AdamW)(params, **options)
-    if opt_cfg["name"] == "sgd":
-        return SGD(params, **options)
-    raise ValueError(f"unknown optimizer {opt_cfg['name']!r}")
+    return optimizer_class(opt_cfg["name"])(params, **options)
+
+
+def torch_optimizer(torch, params, opt_cfg):
+    """The torch.optim twin of a ``train.optimizer`` section over ``params`` (see Optimizer.torch_optimizer)."""
+    return optimizer_class(opt_cfg["name"]).torch_optimizer(torch, params, opt_cfg)

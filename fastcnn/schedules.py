@@ -14,15 +14,44 @@ resumed run recomputes the same learning rate for every step. The trainer sets
 
 Stateful pieces (plateau, early stopping) round-trip through ``state_dict()``,
 which the trainer stores in the checkpoint's meta.
+
+Each schedule class declares its ``name`` (``train.schedule.name``) and its
+``options`` (a schema, fastcnn/schema.py), read by config validation, ``--set``
+overrides, the constructor and the README check in the tests; ``SCHEDULES`` maps
+every name to its class and ``build_schedule`` reads it. ``EarlyStopping``
+declares the options of ``train.early_stopping`` the same way.
 """
 import bisect
 import math
+from typing import Any, Dict, Type
+
+from .errors import ConfigError
+from .schema import REQUIRED, Schema, choice, integer, number, resolve_options
+
+MONITORS = ("val_loss", "val_accuracy")
+
+
+def milestones_list(value, path):
+    """A non-empty, strictly increasing list of epochs (multistep's milestones)."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, f"expected a non-empty list of epochs, e.g. [30, 60], got {value!r}")
+    epochs = [integer(1)(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if epochs != sorted(set(epochs)):
+        raise ConfigError(path, f"must be strictly increasing, got {epochs}")
+    return epochs
 
 
 class Schedule:
-    def __init__(self, base_lr, total_epochs):
+    """``none``: the base rate. The base of the other schedules."""
+
+    name: str = "none"       # train.schedule.name
+    options: Schema = {}     # train.schedule options: name -> (checker, default)
+
+    def __init__(self, base_lr, total_epochs, *args, **kwargs):
         self.base_lr = float(base_lr)
         self.total_epochs = total_epochs
+        # The declared options, with the config file's checks and defaults (ValueError when wrong).
+        self.config: Dict[str, Any] = resolve_options(type(self).options, args, kwargs, type(self).__name__)
 
     def lr(self, epoch):
         """The learning rate at fractional epoch ``epoch`` (0 = start of training)."""
@@ -39,27 +68,45 @@ class Schedule:
 
 
 class StepSchedule(Schedule):
-    def __init__(self, base_lr, total_epochs, step_size, gamma=0.1):
-        super().__init__(base_lr, total_epochs)
-        self.step_size, self.gamma = step_size, gamma
+    name = "step"
+    options = {
+        "step_size": (integer(1), REQUIRED),
+        "gamma": (number(0.0, min_exclusive=True), 0.1),
+    }
+
+    def __init__(self, base_lr, total_epochs, *args, **kwargs):
+        super().__init__(base_lr, total_epochs, *args, **kwargs)
+        self.step_size, self.gamma = self.config["step_size"], self.config["gamma"]
 
     def lr(self, epoch):
         return self.base_lr * self.gamma ** (int(epoch) // self.step_size)
 
 
 class MultiStepSchedule(Schedule):
-    def __init__(self, base_lr, total_epochs, milestones, gamma=0.1):
-        super().__init__(base_lr, total_epochs)
-        self.milestones, self.gamma = sorted(milestones), gamma
+    name = "multistep"
+    options = {
+        "milestones": (milestones_list, REQUIRED),
+        "gamma": (number(0.0, min_exclusive=True), 0.1),
+    }
+
+    def __init__(self, base_lr, total_epochs, *args, **kwargs):
+        super().__init__(base_lr, total_epochs, *args, **kwargs)
+        self.milestones, self.gamma = sorted(self.config["milestones"]), self.config["gamma"]
 
     def lr(self, epoch):
         return self.base_lr * self.gamma ** bisect.bisect_right(self.milestones, int(epoch))
 
 
 class CosineSchedule(Schedule):
-    def __init__(self, base_lr, total_epochs, warmup_epochs=0.0, min_lr=0.0):
-        super().__init__(base_lr, total_epochs)
-        self.warmup, self.min_lr = float(warmup_epochs), float(min_lr)
+    name = "cosine"
+    options = {
+        "warmup_epochs": (number(0.0), 0.0),
+        "min_lr": (number(0.0), 0.0),
+    }
+
+    def __init__(self, base_lr, total_epochs, *args, **kwargs):
+        super().__init__(base_lr, total_epochs, *args, **kwargs)
+        self.warmup, self.min_lr = float(self.config["warmup_epochs"]), float(self.config["min_lr"])
 
     def lr(self, epoch):
         if epoch < self.warmup:
@@ -70,11 +117,20 @@ class CosineSchedule(Schedule):
 
 
 class PlateauSchedule(Schedule):
-    def __init__(self, base_lr, total_epochs, monitor="val_loss", factor=0.1, patience=10, threshold=1e-4,
-                 min_lr=0.0):
-        super().__init__(base_lr, total_epochs)
-        self.monitor, self.factor, self.patience = monitor, factor, patience
-        self.threshold, self.min_lr = threshold, min_lr
+    name = "reduce_on_plateau"
+    options = {
+        "monitor": (choice(*MONITORS), "val_loss"),
+        "factor": (number(0.0, 1.0, min_exclusive=True, max_exclusive=True), 0.1),
+        "patience": (integer(0), 10),
+        "threshold": (number(0.0), 1e-4),
+        "min_lr": (number(0.0), 0.0),
+    }
+
+    def __init__(self, base_lr, total_epochs, *args, **kwargs):
+        super().__init__(base_lr, total_epochs, *args, **kwargs)
+        c = self.config
+        self.monitor, self.factor, self.patience = c["monitor"], c["factor"], c["patience"]
+        self.threshold, self.min_lr = c["threshold"], c["min_lr"]
         self.current, self.best, self.bad_epochs = self.base_lr, None, 0
 
     def lr(self, epoch):
@@ -104,21 +160,34 @@ class PlateauSchedule(Schedule):
         self.current, self.best, self.bad_epochs = state["current"], state["best"], state["bad_epochs"]
 
 
-SCHEDULES = {"none": Schedule, "step": StepSchedule, "multistep": MultiStepSchedule, "cosine": CosineSchedule,
-             "reduce_on_plateau": PlateauSchedule}
+# Every schedule by its train.schedule.name (the order of the "known: ..." list in errors).
+SCHEDULES: Dict[str, Type[Schedule]] = {cls.name: cls for cls in (Schedule, StepSchedule, MultiStepSchedule,
+                                                                   CosineSchedule, PlateauSchedule)}
 
 
 def build_schedule(schedule_cfg, base_lr, total_epochs):
-    """A schedule from a validated ``train.schedule`` section."""
+    """A schedule from a validated ``train.schedule`` section (missing options take their defaults)."""
+    name = schedule_cfg["name"]
+    cls = SCHEDULES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
     options = {k: v for k, v in schedule_cfg.items() if k != "name"}
-    return SCHEDULES[schedule_cfg["name"]](base_lr, total_epochs, **options)
+    return cls(base_lr, total_epochs, **options)
 
 
 class EarlyStopping:
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs."""
 
-    def __init__(self, monitor="val_loss", patience=5, min_delta=0.0):
-        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+    # train.early_stopping's options (the section is null, i.e. off, by default).
+    options: Schema = {
+        "monitor": (choice(*MONITORS), "val_loss"),
+        "patience": (integer(1), 5),
+        "min_delta": (number(0.0), 0.0),
+    }
+
+    def __init__(self, *args, **kwargs):
+        self.config: Dict[str, Any] = resolve_options(self.options, args, kwargs, type(self).__name__)
+        self.monitor, self.patience, self.min_delta = (self.config[k] for k in ("monitor", "patience", "min_delta"))
         self.best, self.bad_epochs = None, 0
 
     def should_stop(self, metrics):

@@ -104,14 +104,6 @@ def _fastcnn_worker(cfg, args, x, labels):
     return fn, {"threads": threads, "numba": numba.__version__}
 
 
-def _torch_optimizer(torch, params, opt_cfg):
-    if opt_cfg["name"] == "adam":
-        return torch.optim.Adam(params, lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]), eps=opt_cfg["eps"],
-                                weight_decay=opt_cfg["weight_decay"])
-    return torch.optim.SGD(params, lr=opt_cfg["lr"], momentum=opt_cfg["momentum"], dampening=opt_cfg["dampening"],
-                           nesterov=opt_cfg["nesterov"], weight_decay=opt_cfg["weight_decay"])
-
-
 def _torch_worker(cfg, args, x, labels):
     try:
         import torch
@@ -119,6 +111,7 @@ def _torch_worker(cfg, args, x, labels):
         print("PyTorch is not installed (pip install torch==2.13.0)", file=sys.stderr)
         sys.exit(3)
     from fastcnn.model import build_model
+    from fastcnn.optim import torch_optimizer
     from fastcnn.torch_reference import to_torch_input, torch_model
 
     threads = args.threads or available_cores()
@@ -132,7 +125,7 @@ def _torch_worker(cfg, args, x, labels):
     ty = torch.from_numpy(labels)
     if args.mode == "train":
         net.train()
-        opt = _torch_optimizer(torch, net.parameters(), cfg.train.optimizer)
+        opt = torch_optimizer(torch, net.parameters(), cfg.train.optimizer)
         cross_entropy = torch.nn.functional.cross_entropy
 
         def fn():

@@ -163,6 +163,7 @@ def main(argv=None):
     import torch
 
     from fastcnn.data import BatchLoader, load_dataset
+    from fastcnn.optim import torch_optimizer  # the one fastcnn -> torch.optim mapping (imports no Numba)
 
     torch.set_num_threads(threads)
     seed, model_cfg, data_cfg, train_cfg = load_sections(args.config)
@@ -193,13 +194,7 @@ def main(argv=None):
         net = net.to(memory_format=torch.channels_last)
     net.train()
     opt_cfg = train_cfg["optimizer"]
-    if opt_cfg["name"] == "adam":
-        opt = torch.optim.Adam(net.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]), eps=opt_cfg["eps"],
-                               weight_decay=opt_cfg["weight_decay"])
-    else:
-        opt = torch.optim.SGD(net.parameters(), lr=opt_cfg["lr"], momentum=opt_cfg["momentum"],
-                              dampening=opt_cfg["dampening"], nesterov=opt_cfg["nesterov"],
-                              weight_decay=opt_cfg["weight_decay"])
+    opt = torch_optimizer(torch, net.parameters(), opt_cfg)
     loader = BatchLoader(ds.x_train, ds.y_train, batch_size, shuffle=True, seed=seed)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"PyTorch {torch.__version__}: training on {len(ds.x_train)} images ({ds.name}), validating on "

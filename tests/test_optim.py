@@ -1,4 +1,5 @@
-"""Optimizers: SGD and Adam against torch.optim on the same gradients, state round trip, validation."""
+"""Optimizers: SGD, Adam and AdamW against their torch.optim twins on the same gradients, state round trip,
+validation (the options each class declares)."""
 import zlib
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 
 import fastcnn
 from fastcnn.layers import Parameter
+from fastcnn.optim import OPTIMIZERS, build_optimizer
 
 SHAPES = [(3, 3, 2, 4), (4,), (6, 5), (1,)]
 STEPS = 5
@@ -21,11 +23,13 @@ CASES = {
     "sgd_nesterov_weight_decay": ("sgd", dict(lr=0.05, momentum=0.5, nesterov=True, weight_decay=1e-2)),
     "adam": ("adam", dict(lr=1e-3)),
     "adam_weight_decay_betas_eps": ("adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)),
+    "adamw": ("adamw", dict(lr=1e-3)),
+    "adamw_weight_decay_betas_eps": ("adamw", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
 }
 
 
 def make_optimizer(kind, params, options):
-    return (fastcnn.SGD if kind == "sgd" else fastcnn.Adam)(params, **options)
+    return OPTIMIZERS[kind](params, **options)
 
 
 def make_params(rng, dtype):
@@ -47,7 +51,7 @@ def test_matches_torch(case, dtype, lr_change):
     originals = [p.data for p in params]
     tparams = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
     opt = make_optimizer(kind, params, options)
-    topt = (torch.optim.SGD if kind == "sgd" else torch.optim.Adam)(tparams, **options)
+    topt = OPTIMIZERS[kind].torch_optimizer(torch, tparams, options)  # the one fastcnn -> torch.optim mapping
     rtol, atol = TOL[dtype]
     for step in range(STEPS):
         if lr_change and step == 2:  # what a schedule does between steps
@@ -179,3 +183,39 @@ def test_empty_parameter_list_is_an_error():
         fastcnn.SGD([], lr=0.1)
     with pytest.raises(ValueError):
         fastcnn.Adam([], lr=0.1)
+
+
+def test_registry_names_the_classes():
+    assert OPTIMIZERS == {"adam": fastcnn.Adam, "adamw": fastcnn.AdamW, "sgd": fastcnn.SGD}
+    for name, cls in OPTIMIZERS.items():
+        assert cls.name == name
+
+
+def test_options_positional_in_declaration_order_or_by_name_with_defaults():
+    params = make_params(np.random.default_rng(0), "float64")
+    opt = fastcnn.SGD(params, 0.1, 0.9)
+    assert opt.config == {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
+    assert (opt.lr, opt.momentum) == (0.1, 0.9)
+    opt = fastcnn.Adam(params, betas=(0.8, 0.99))
+    assert opt.config["betas"] == [0.8, 0.99] and (opt.beta1, opt.beta2) == (0.8, 0.99) and opt.lr == 0.001
+    assert fastcnn.AdamW(params).weight_decay == 0.01 and fastcnn.AdamW(params).decoupled
+    assert fastcnn.SGD(params).lr == 0.01
+    with pytest.raises(TypeError, match="at most 4 positional"):
+        fastcnn.Adam(params, 0.1, (0.9, 0.99), 1e-8, 0.0, 1)
+    with pytest.raises(TypeError, match="twice"):
+        fastcnn.SGD(params, 0.1, lr=0.2)
+    with pytest.raises(ValueError, match=r"SGD.lr: must be > 0"):
+        fastcnn.SGD(params, lr=0.0)
+    with pytest.raises(ValueError, match=r"Adam.betas\[0\]: must be < 1"):
+        fastcnn.Adam(params, betas=(1.0, 0.999))
+    with pytest.raises(ValueError, match=r"SGD.momentun: unknown key \(did you mean 'momentum'\?\)"):
+        fastcnn.SGD(params, momentun=0.9)
+
+
+def test_build_optimizer_fills_defaults_and_rejects_unknown_names():
+    params = make_params(np.random.default_rng(0), "float64")
+    opt = build_optimizer({"name": "sgd", "lr": 0.5, "momentum": 0.9}, params)
+    assert type(opt) is fastcnn.SGD and opt.config["nesterov"] is False and opt.momentum == 0.9
+    assert type(build_optimizer({"name": "adamw"}, params)) is fastcnn.AdamW
+    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'; known: adam, adamw, sgd"):
+        build_optimizer({"name": "adagrad"}, params)

@@ -6,7 +6,8 @@ import pytest
 
 from fastcnn.layers import Parameter
 from fastcnn.optim import AdamW, clip_grad_norm
-from fastcnn.schedules import CosineSchedule, EarlyStopping, MultiStepSchedule, PlateauSchedule, StepSchedule
+from fastcnn.schedules import (SCHEDULES, CosineSchedule, EarlyStopping, MultiStepSchedule, PlateauSchedule,
+                               Schedule, StepSchedule, build_schedule)
 
 torch = pytest.importorskip("torch", reason="PyTorch (torch==2.13.0) is the reference for these tests")
 
@@ -107,3 +108,39 @@ def test_clip_grad_norm_matches_torch(max_norm):
     assert math.isclose(norm, math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads)), rel_tol=1e-9)
     for p, t in zip(ours, theirs):
         np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_registry_names_the_classes():
+    assert SCHEDULES == {"none": Schedule, "step": StepSchedule, "multistep": MultiStepSchedule,
+                         "cosine": CosineSchedule, "reduce_on_plateau": PlateauSchedule}
+    for name, cls in SCHEDULES.items():
+        assert cls.name == name
+
+
+def test_options_resolved_with_defaults_and_checks():
+    assert StepSchedule(0.1, 10, 3).config == {"step_size": 3, "gamma": 0.1}
+    assert PlateauSchedule(0.1, 10).config == {"monitor": "val_loss", "factor": 0.1, "patience": 10,
+                                               "threshold": 1e-4, "min_lr": 0.0}
+    assert CosineSchedule(0.1, 10).lr(0) == 0.1 and Schedule(0.1, 10).config == {}
+    with pytest.raises(ValueError, match="StepSchedule.step_size: required key is missing"):
+        StepSchedule(0.1, 10)
+    with pytest.raises(ValueError, match=r"MultiStepSchedule.milestones: must be strictly increasing"):
+        MultiStepSchedule(0.1, 10, [5, 2])
+    with pytest.raises(ValueError, match="PlateauSchedule.monitor: must be one of val_loss, val_accuracy"):
+        PlateauSchedule(0.1, 10, monitor="loss")
+
+
+def test_build_schedule_reads_the_registry():
+    s = build_schedule({"name": "multistep", "milestones": [2, 4]}, 1.0, 6)
+    assert type(s) is MultiStepSchedule and s.gamma == 0.1 and s.lr(4) == pytest.approx(0.01)
+    assert type(build_schedule({"name": "none"}, 1.0, 6)) is Schedule
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; known: none, step, multistep, cosine, "
+                                         "reduce_on_plateau"):
+        build_schedule({"name": "linear"}, 1.0, 6)
+
+
+def test_early_stopping_options():
+    assert EarlyStopping().config == {"monitor": "val_loss", "patience": 5, "min_delta": 0.0}
+    assert EarlyStopping("val_accuracy", 2).patience == 2
+    with pytest.raises(ValueError, match="EarlyStopping.patience: must be >= 1"):
+        EarlyStopping(patience=0)

@@ -9,6 +9,8 @@ arrays, a synthetic set; batching; training-data augmentation.
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -18,10 +20,8 @@ from .augment import AUGMENT_KEYS, Augmenter
 from .idx import read_idx, write_idx
 from .loader import BatchLoader, split_validation
 
-__all__ = ["DATASETS", "Dataset", "resolve_root", "load_dataset", "split_validation",
-           "BatchLoader", "Augmenter", "make_augmenter", "read_idx", "write_idx"]
-
-DATASETS = ("mnist", "fashion-mnist", "synthetic", "cifar10", "folder", "npz")
+__all__ = ["DATASETS", "DATASET_SPECS", "DatasetSpec", "Dataset", "resolve_root", "load_dataset",
+           "split_validation", "BatchLoader", "Augmenter", "make_augmenter", "read_idx", "write_idx"]
 
 
 def resolve_root(root=None):
@@ -84,10 +84,97 @@ def _first_n(x, y, n, key, where):
     return np.ascontiguousarray(x[:n]), y[:n].copy()
 
 
+# --------------------------------------------------------------------------
+# The datasets. Each is declared once, below: its name, what is fixed about it,
+# what it needs, and its loader. Config validation reads the declarations
+# (data.dataset's choices, data.path, the model's shape against the images')
+# before any data is read; load_dataset reads them to load. The loaders import
+# their readers on first use: importing this package imports no reader.
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset as ``data.dataset`` names it."""
+
+    name: str
+    load: Callable  # (request) -> (x_train, y_train, x_test, y_test, class_names, mean, std)
+    input_shape: Optional[Tuple[int, int, int]] = None  # the images' (height, width, channels) when fixed
+    num_classes: Optional[int] = None                   # the number of classes when fixed
+    path: Optional[str] = None  # what data.path must name ("folder of class sub-folders"); None: not used
+
+
+def _load_mnist(r):
+    from .mnist import SPECS, load_mnist
+
+    x_tr, y_tr, x_te, y_te, class_names = load_mnist(
+        r.name, resolve_root(r.root) / r.name, num_train=r.num_train, num_test=r.num_test, download=r.download,
+        progress=r.progress, mirrors=r.mirrors, checksums=r.checksums, timeout=r.timeout,
+    )
+    return x_tr, y_tr, x_te, y_te, class_names, (SPECS[r.name].mean,), (SPECS[r.name].std,)
+
+
+def _load_cifar10(r):
+    from .cifar10 import MEAN, STD, load_cifar10
+
+    x_tr, y_tr, x_te, y_te, class_names = load_cifar10(
+        resolve_root(r.root) / r.name, num_train=r.num_train, num_test=r.num_test, download=r.download,
+        progress=r.progress, mirrors=r.mirrors, checksums=r.checksums, timeout=r.timeout)
+    return x_tr, y_tr, x_te, y_te, class_names, MEAN, STD
+
+
+def _load_synthetic(r):
+    from .synthetic import make_synthetic
+
+    x_tr, y_tr, x_te, y_te, class_names = make_synthetic(
+        r.input_shape, r.num_classes,
+        num_train=512 if r.num_train is None else r.num_train,
+        num_test=128 if r.num_test is None else r.num_test,
+        seed=r.seed,
+    )
+    return x_tr, y_tr, x_te, y_te, class_names, None, None
+
+
+def _load_folder(r):
+    from .folder import load_image_folder
+
+    x_tr, y_tr, x_te, y_te, class_names, mean, std = load_image_folder(r.path, r.input_shape, resize=r.resize)
+    if r.num_classes is not None and r.num_classes != len(class_names):
+        raise DataError(f"{r.path} has {len(class_names)} class folders ({', '.join(class_names)}) but "
+                        f"the model's num_classes is {r.num_classes}")
+    return (*_first_splits(r, x_tr, y_tr, x_te, y_te), class_names, mean, std)
+
+
+def _load_npz(r):
+    from .arrays import load_npz
+
+    x_tr, y_tr, x_te, y_te, class_names, mean, std = load_npz(
+        r.path, input_shape=r.input_shape, num_classes=r.num_classes)
+    return (*_first_splits(r, x_tr, y_tr, x_te, y_te), class_names, mean, std)
+
+
+def _first_splits(r, x_tr, y_tr, x_te, y_te):
+    x_tr, y_tr = _first_n(x_tr, y_tr, r.num_train, "num_train", f"the training split of {r.path}")
+    x_te, y_te = _first_n(x_te, y_te, r.num_test, "num_test", f"the test split of {r.path}")
+    return x_tr, y_tr, x_te, y_te
+
+
+DATASET_SPECS: Dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    DatasetSpec("mnist", _load_mnist, input_shape=(28, 28, 1), num_classes=10),
+    DatasetSpec("fashion-mnist", _load_mnist, input_shape=(28, 28, 1), num_classes=10),
+    DatasetSpec("synthetic", _load_synthetic),
+    DatasetSpec("cifar10", _load_cifar10, input_shape=(32, 32, 3), num_classes=10),
+    DatasetSpec("folder", _load_folder, path="folder of class sub-folders"),
+    DatasetSpec("npz", _load_npz, path=".npz file"),
+)}
+
+# The names (data.dataset's choices, in this order).
+DATASETS: Tuple[str, ...] = tuple(DATASET_SPECS)
+
+
 def load_dataset(name, root=None, *, input_shape=None, num_classes=None, num_train=None, num_test=None,
                  seed=0, download=True, progress=True, mirrors=None, checksums=None, timeout=None,
                  path=None, resize=False, augment=None):
-    """Load a dataset by name (see :data:`DATASETS`).
+    """Load a dataset by name (see :data:`DATASETS`; declared in :data:`DATASET_SPECS`).
 
     ``mnist`` / ``fashion-mnist`` / ``cifar10``: the files under
     ``resolve_root(root)/<name>``, downloaded when missing and ``download``.
@@ -114,54 +201,18 @@ def load_dataset(name, root=None, *, input_shape=None, num_classes=None, num_tra
 
     timeout = _dl.DEFAULT_TIMEOUT if timeout is None else timeout
     augmenter = make_augmenter(augment, seed)
-    mean = std = None
-    if name == "synthetic":
-        from .synthetic import make_synthetic
-
-        x_tr, y_tr, x_te, y_te, class_names = make_synthetic(
-            input_shape, num_classes,
-            num_train=512 if num_train is None else num_train,
-            num_test=128 if num_test is None else num_test,
-            seed=seed,
-        )
-    elif name in ("mnist", "fashion-mnist", "cifar10"):
-        folder = resolve_root(root) / name
-        if name == "cifar10":
-            from .cifar10 import MEAN, STD, load_cifar10
-
-            x_tr, y_tr, x_te, y_te, class_names = load_cifar10(
-                folder, num_train=num_train, num_test=num_test, download=download, progress=progress,
-                mirrors=mirrors, checksums=checksums, timeout=timeout)
-            mean, std = MEAN, STD
-        else:
-            from .mnist import SPECS, load_mnist
-
-            x_tr, y_tr, x_te, y_te, class_names = load_mnist(
-                name, folder, num_train=num_train, num_test=num_test, download=download,
-                progress=progress, mirrors=mirrors, checksums=checksums, timeout=timeout,
-            )
-            mean, std = (SPECS[name].mean,), (SPECS[name].std,)
-        _check_model(name, x_tr, class_names, input_shape, num_classes)
-    elif name in ("folder", "npz"):
-        if path is None or str(path) == "":
-            what = "a folder of class sub-folders" if name == "folder" else "a .npz file"
-            raise DataError(f"the {name} dataset needs data.path ({what})")
-        if name == "folder":
-            from .folder import load_image_folder
-
-            x_tr, y_tr, x_te, y_te, class_names, mean, std = load_image_folder(path, input_shape, resize=resize)
-            if num_classes is not None and num_classes != len(class_names):
-                raise DataError(f"{path} has {len(class_names)} class folders ({', '.join(class_names)}) but "
-                                f"the model's num_classes is {num_classes}")
-        else:
-            from .arrays import load_npz
-
-            x_tr, y_tr, x_te, y_te, class_names, mean, std = load_npz(
-                path, input_shape=input_shape, num_classes=num_classes)
-        x_tr, y_tr = _first_n(x_tr, y_tr, num_train, "num_train", f"the training split of {path}")
-        x_te, y_te = _first_n(x_te, y_te, num_test, "num_test", f"the test split of {path}")
-    else:
+    spec = DATASET_SPECS.get(name) if isinstance(name, str) else None
+    if spec is None:
         raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if spec.path is not None and (path is None or str(path) == ""):
+        raise DataError(f"the {name} dataset needs data.path (a {spec.path})")
+    request = SimpleNamespace(name=name, root=root, path=path, input_shape=input_shape, num_classes=num_classes,
+                              num_train=num_train, num_test=num_test, seed=seed, download=download,
+                              progress=progress, mirrors=mirrors, checksums=checksums, timeout=timeout,
+                              resize=resize)
+    x_tr, y_tr, x_te, y_te, class_names, mean, std = spec.load(request)
+    if spec.input_shape is not None:  # a fixed-shape dataset: the model must fit its images
+        _check_model(name, x_tr, class_names, input_shape, num_classes)
     return Dataset(
         name=name,
         x_train=x_tr,
