@@ -251,3 +251,16 @@ def test_dataset_declarations():
             wrong = dict(raw, model=dict(raw["model"], num_classes=spec.num_classes + 1))
             with pytest.raises(ConfigError, match=f"model.num_classes: is {spec.num_classes + 1} but"):
                 validate(wrong)
+
+
+def test_mnist_declaration_matches_the_files():
+    from conftest import mnist_root
+
+    from fastcnn.data import load_dataset
+
+    root = mnist_root()
+    if root is None:
+        pytest.skip("no MNIST files ($FASTCNN_DATA)")
+    spec = DATASET_SPECS["mnist"]
+    ds = load_dataset("mnist", root, num_train=8, num_test=8, download=False, progress=False)
+    assert ds.input_shape == spec.input_shape and ds.num_classes == spec.num_classes
