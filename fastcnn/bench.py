@@ -84,7 +84,7 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
         else:
             torch.set_num_threads(n_threads)
     log(f"fastcnn bench: batch {batch_size}, {n_threads} thread(s), {cpu_name()}")
-    warm_up(cfg.model, log=log, optimizer=cfg.train.optimizer["name"])
+    warm_up(cfg.model, log=log, optimizer=cfg.train.optimizer)
 
     model = build_model(cfg.model, seed=cfg.seed)
     rng = np.random.default_rng(0)

@@ -54,11 +54,12 @@ def compile_stats() -> tuple[int, int]:
     return compiled, loaded
 
 
-def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, optimizer: str = "adam",
+def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, optimizer: Any = "adam",
             clip: bool = False) -> float:
     """Compile (or load from cache) every kernel a training step uses, on a throwaway copy of the model.
 
-    Only the named optimizer's kernel (and the clipping kernels if ``clip``) are
+    ``optimizer``: a name or the run's ``train.optimizer`` mapping (its options pick the kernel paths,
+    e.g. SGD with momentum). Only that optimizer's kernel (and the clipping kernels if ``clip``) are
     compiled: every kernel costs a second or two of a cold start.
 
     The real model's state (batch-norm running statistics) is untouched.
@@ -94,9 +95,7 @@ def _warm_up_step(model_cfg, batch, optimizer, clip):
     from .step import train_step
 
     scratch = build_model(model_cfg, seed=0)
-    options = {"name": optimizer, "lr": 0.001}
-    if optimizer == "sgd":
-        options["momentum"] = 0.9
+    options = dict(optimizer) if isinstance(optimizer, dict) else {"name": optimizer}
     opt = build_optimizer(options, scratch.parameters())
     x = np.zeros((batch, *scratch.input_shape), scratch.dtype)
     labels = np.zeros(batch, np.int64)

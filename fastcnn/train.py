@@ -21,7 +21,7 @@ from . import __version__
 from .config import ConfigError, to_dict, to_yaml
 from .errors import UserError
 from .evaluate import evaluate
-from .runtime import compile_stats, set_threads, warm_up  # noqa: F401 - compile_stats: the old import path
+from .runtime import set_threads, warm_up
 from .step import StepResult, named_layers, train_step
 
 
@@ -356,7 +356,7 @@ class Trainer:
             f.write(to_yaml(cfg))
         self.log(f"Training on {len(x_train)} images ({ds.name}), validating on {len(x_val)}; "
                  f"{self.model.num_parameters():,} parameters; {self.threads} thread(s); output {self.out_dir}")
-        warm_up(cfg.model, log=self.log, optimizer=cfg.train.optimizer["name"],
+        warm_up(cfg.model, log=self.log, optimizer=cfg.train.optimizer,
                 clip=cfg.train.clip_grad_norm is not None)
         self.augmenter = ds.augmenter  # training batches only; None when data.augment enables nothing
 

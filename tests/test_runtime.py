@@ -30,13 +30,13 @@ def test_warm_up_compiles_or_loads_every_kernel_of_a_step_and_touches_no_model()
     model = fastcnn.build_model(cfg.model, seed=0)
     state = model.state_dict()
     lines = []
-    seconds = warm_up(cfg.model, log=lines.append, optimizer="sgd", clip=True)
+    seconds = warm_up(cfg.model, log=lines.append, optimizer={"name": "sgd", "momentum": 0.9}, clip=True)
     assert seconds >= 0 and lines
     assert lines[-1].startswith(("Compiled ", "Kernels loaded from cache"))
     # Everything a step and an evaluation need is ready now: another warm-up compiles nothing.
     before = compile_stats()
     lines.clear()
-    warm_up(cfg.model, log=lines.append, optimizer="sgd", clip=True)
+    warm_up(cfg.model, log=lines.append, optimizer={"name": "sgd", "momentum": 0.9}, clip=True)
     assert compile_stats()[0] == before[0] and lines[-1].startswith("Kernels loaded from cache")
     for key, value in model.state_dict().items():
         assert np.array_equal(value, state[key]), key

@@ -64,7 +64,7 @@ def test_cli_summary_text_and_json(capsys):
 
 
 def test_cli_summary_compiles_no_kernel(capsys):
-    from fastcnn.train import compile_stats
+    from fastcnn.runtime import compile_stats
 
     before = compile_stats()
     code, _, err = run_cli(["summary", MNIST_BN], capsys)
