@@ -26,6 +26,20 @@ EXAMPLES = {
     "flatten": [({}, (3, 4, 2))],
     "dense": [({"units": 5}, (7,)), ({"units": 3, "bias": False}, (4,))],
     "dropout": [({"rate": 0.3}, (4, 5, 3))],
+    "residual": [
+        ({"body": [{"type": "conv2d", "filters": 3, "kernel_size": 3, "padding": "same"}, {"type": "batchnorm"},
+                   {"type": "relu"}, {"type": "conv2d", "filters": 3, "kernel_size": 3, "padding": 1}]}, (5, 4, 3)),
+        ({"body": [{"type": "conv2d", "filters": 4, "kernel_size": 3, "stride": 2, "padding": 1, "bias": False},
+                   {"type": "batchnorm"}, {"type": "relu"}, {"type": "conv2d", "filters": 4, "kernel_size": 3,
+                                                             "padding": "same"}],
+          "shortcut": [{"type": "conv2d", "filters": 4, "kernel_size": 1, "stride": 2, "bias": False},
+                       {"type": "batchnorm"}]}, (6, 5, 2)),
+        ({"repeat": 2, "activation": "none",
+          "body": [{"type": "residual", "body": [{"type": "conv2d", "filters": 2, "kernel_size": 1},
+                                                 {"type": "relu"}, {"type": "maxpool2d", "pool_size": 3,
+                                                                    "stride": 1, "padding": 1}]},
+                   {"type": "batchnorm"}]}, (4, 4, 2)),
+    ],
 }
 
 
@@ -68,8 +82,8 @@ def test_declaration_is_consistent(kind):
         out_shape = layer.output_shape(in_shape, "x")
         layer.build(in_shape, np.random.default_rng(0), np.float64)
         assert layer.out_shape == tuple(out_shape)
-        built = {name: p.data.shape for name, p in layer.params.items()}
-        built.update({name: b.shape for name, b in layer.buffers.items()})
+        built = {name: p.data.shape for name, p in layer.named_parameters()}  # a container's: its sub-layers'
+        built.update({name: b.shape for name, b in layer.named_buffers()})
         assert built == {k: tuple(v) for k, v in layer.parameter_shapes(in_shape).items()}
         assert layer.flops(3) == 3 * layer.flops(1) >= 0
         if layer.params.get("weight") is not None:
@@ -112,18 +126,19 @@ def test_forward_and_backward_match_the_torch_twin(kind, rng):
     for options, in_shape in EXAMPLES[kind]:
         layer = cls(**options)
         layer.build(in_shape, np.random.default_rng(1), np.float64)
-        for p in layer.params.values():  # non-trivial parameters (batch norm starts at 1 and 0)
+        params, buffers = dict(layer.named_parameters()), dict(layer.named_buffers())  # nested ones too
+        for p in params.values():  # non-trivial parameters (batch norm starts at 1 and 0)
             p.data[...] = rng.uniform(0.5, 1.5, p.data.shape) * rng.choice([-1, 1], p.data.shape)
         # Dropout draws its own masks in torch: compare evaluation mode (the identity) there.
         training = not getattr(layer, "uses_step", False)
         x = rng.standard_normal((4, *in_shape))
-        saved = {k: v.copy() for k, v in layer.buffers.items()}
+        saved = {k: v.copy() for k, v in buffers.items()}
         y = layer.forward(x, training=training).copy()
         g = rng.standard_normal(y.shape)
         dx = layer.backward(g).copy()
-        grads = {name: p.grad.copy() for name, p in layer.params.items()}
+        grads = {name: p.grad.copy() for name, p in params.items()}
         for k, v in saved.items():  # the twin starts from the same running statistics
-            layer.buffers[k][...] = v
+            buffers[k][...] = v
         loss, xt, yt = _torch_loss(layer, torch, x, g, training)
         loss.backward()
         y_t = yt.detach().numpy()
@@ -133,14 +148,14 @@ def test_forward_and_backward_match_the_torch_twin(kind, rng):
         dx_t = dx_t.transpose(0, 2, 3, 1) if dx_t.ndim == 4 else dx_t
         np.testing.assert_allclose(dx, dx_t, rtol=1e-9, atol=1e-9, err_msg=f"{kind} input gradient")
         eps = 1e-6
-        for name, p in layer.params.items():
+        for name, p in params.items():
             v = rng.standard_normal(p.data.shape)
             base = p.data.copy()
             losses = []
             for sign in (1, -1):
                 p.data[...] = base + sign * eps * v
                 for k, b in saved.items():
-                    layer.buffers[k][...] = b
+                    buffers[k][...] = b
                 losses.append(float(_torch_loss(layer, torch, x, g, training)[0].detach()))
             p.data[...] = base
             expected = (losses[0] - losses[1]) / (2 * eps)

@@ -1,0 +1,260 @@
+"""residual: ``activation(body(x) + shortcut(x))``, optionally ``repeat`` copies in a row.
+
+Config (DESIGN.md section 8)::
+
+    - type: residual
+      repeat: 2                 # copies in a row, each with its own weights (default 1)
+      body: [...]               # required, a non-empty list of layers (may hold residual blocks)
+      shortcut: identity        # default; or a list of layers, e.g. a 1x1 stride-2 conv + batchnorm
+      activation: relu          # after the add: relu (default) or none
+
+Both branches must give the same shape; config validation says otherwise, naming the block
+(``model.layers[3]``), the copy and both shapes. Every copy applies the same ``body`` and
+``shortcut`` specs to its input (the previous copy's output), so a shape that changes in copy 0
+(a strided body with a projection shortcut) must also work for copy 1's smaller input.
+
+Sub-layers and keys. Copy ``r`` (from 0) holds ``body[j]`` and ``shortcut[j]`` as children named
+``<r>.body.<j>`` and ``<r>.shortcut.<j>``: state-dict keys are ``layers.<i>.<r>.body.<j>.<name>``
+and ``layers.<i>.<r>.shortcut.<j>.<name>``, nested blocks extending the path the same way; the
+summary shows one row per sub-layer under the block's row. ``parameter_shapes`` lists every
+copy's sub-layer parameters under these relative keys, so config validation's model-size check
+counts them. The block's own FLOPs are 0 (the add, an elementwise op, counts 0 as ReLU does);
+its sub-layers' are counted on their own rows.
+
+Building: sub-layers are built with the model's rng, init scheme and dtype, in a fixed order:
+copy 0 body[0], body[1], ..., then copy 0 shortcut[0], ..., then copy 1 likewise. Each branch
+runs through ``fastcnn.fusion.plan_blocks`` (batchnorm+relu, relu+maxpool fused inside the body
+as at the top level).
+
+Forward, copy by copy: ``b = body(x)``, ``s = x`` (identity) or ``shortcut(x)``; the sum
+``b + s`` is written into a buffer the block owns for that copy, then ReLU'd in place
+(activation relu). That buffer is the copy's output (the next copy's input, or the block's
+output): valid until the next forward, as the protocol asks.
+
+Backward, copy by copy from the last: ``g = dy * (y > 0)`` (ReLU's gradient read from the
+copy's output, which is <= 0 exactly where the sum was; NaN passes, as torch) into a buffer
+the block owns; ``g`` goes to both branches (none writes into it), and ``dx = dx_body +
+dx_shortcut`` (``dx_shortcut = g`` for the identity) is added into another buffer the block owns
+per copy, never into one received (a branch may hand back ``g`` itself). With
+``need_input_grad=False`` copy 0's branches skip their input gradients.
+
+Dropout inside a block: ``fastcnn.model.build_model`` gives every dropout nested in a container
+the model seed and an index unique in the model: the top-level layers keep their positions
+``0 .. L-1`` (L = len(model.layers)); nested ones get ``L, L+1, ...`` in ``named_modules()``
+order (depth first: copy 0 body, copy 0 shortcut, copy 1, ...). ``Sequential`` sets their
+``.step`` like any layer with ``uses_step``. A block built on its own (outside build_model)
+numbers its nested dropouts 0, 1, ... in the same order, seed 0.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..schema import REQUIRED, choice, integer
+from .base import Layer, kernel_module
+
+activation_kernels = kernel_module("activation")
+
+
+def _layer_list(value, path):
+    from . import check_layer_list  # the package imports this module while it is being built
+
+    return check_layer_list(value, path)
+
+
+def _body(value, path):
+    return _layer_list(value, path)
+
+
+def _shortcut(value, path):
+    if value == "identity":
+        return value
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, f"must be 'identity' or a non-empty list of layers; got {value!r}")
+    return _layer_list(value, path)
+
+
+def _strip(message: str, path: str) -> str:
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+class Residual(Layer):
+    kind = "residual"
+    options = {
+        "body": (_body, REQUIRED),
+        "shortcut": (_shortcut, "identity"),
+        "activation": (choice("relu", "none"), "relu"),
+        "repeat": (integer(1), 1),
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c = self.config
+        self.body_specs = list(c["body"])
+        self.shortcut_specs = None if c["shortcut"] == "identity" else list(c["shortcut"])
+        self.activation = c["activation"]
+        self.repeat = c["repeat"]
+        self.copies: List[Tuple[list, list]] = []  # per copy: (body layers, shortcut layers or [])
+
+    # -- declaration -------------------------------------------------------
+    @staticmethod
+    def _branch_shapes(specs, in_shape, path, branch, copy_note):
+        """[(layer, in, out), ...] through one branch; a sub-layer's ConfigError names its config
+        path (``model.layers[3].body[1]``), plus the copy when the block repeats."""
+        from . import layer_from_config
+
+        plan, shape = [], tuple(in_shape)
+        for j, spec in enumerate(specs):
+            layer = layer_from_config(spec)
+            sub_path = f"{path}.{branch}[{j}]"
+            try:
+                out = tuple(layer.output_shape(shape, sub_path))
+            except ConfigError as e:
+                if not copy_note:
+                    raise
+                raise ConfigError(e.path, f"{_strip(str(e), e.path)} ({copy_note})") from None
+            plan.append((layer, shape, out))
+            shape = out
+        return plan, shape
+
+    def _plan(self, in_shape, path="residual"):
+        """Per copy: (in_shape, body plan, shortcut plan or None, out_shape)."""
+        plans, shape = [], tuple(in_shape)
+        for r in range(self.repeat):
+            note = f"copy {r} of {self.repeat}, input {shape}" if self.repeat > 1 else ""
+            body, b_out = self._branch_shapes(self.body_specs, shape, path, "body", note)
+            if self.shortcut_specs is None:
+                short, s_out = None, shape
+            else:
+                short, s_out = self._branch_shapes(self.shortcut_specs, shape, path, "shortcut", note)
+            if b_out != s_out:
+                what = "identity shortcut (its input)" if short is None else "shortcut"
+                hint = (" (a projection shortcut, e.g. [{type: conv2d, filters: C, kernel_size: 1, stride: S, "
+                        "bias: false}, {type: batchnorm}], can match them)" if short is None else "")
+                raise ConfigError(path, f"copy {r} (of {self.repeat}): the body gives {b_out} but the {what} "
+                                        f"gives {s_out} for input {shape}; both branches must give the same "
+                                        f"shape{hint}")
+            plans.append((shape, body, short, b_out))
+            shape = b_out
+        return plans
+
+    def output_shape(self, in_shape, path="residual"):
+        return self._plan(in_shape, path)[-1][3]
+
+    def parameter_shapes(self, in_shape):
+        shapes = {}
+        for r, (_, body, short, _) in enumerate(self._plan(in_shape)):
+            for branch, plan in (("body", body), ("shortcut", short or [])):
+                for j, (layer, s_in, _) in enumerate(plan):
+                    for name, shape in layer.parameter_shapes(s_in).items():
+                        shapes[f"{r}.{branch}.{j}.{name}"] = tuple(shape)
+        return shapes
+
+    def flops(self, batch):
+        return 0  # the add; the sub-layers count on their own (summary rows, named_modules())
+
+    def describe(self):
+        text = "residual" + (f" x{self.repeat}" if self.repeat > 1 else "")
+        if self.shortcut_specs is None:
+            text += " identity"
+        else:
+            text += " shortcut " + "+".join(spec["type"] for spec in self.shortcut_specs)
+        if self.activation == "none":
+            text += ", no activation"
+        return text
+
+    def children(self):
+        out = []
+        for r, (body, short) in enumerate(self.copies):
+            out += [(f"{r}.body.{j}", layer) for j, layer in enumerate(body)]
+            out += [(f"{r}.shortcut.{j}", layer) for j, layer in enumerate(short)]
+        return out
+
+    # -- building ----------------------------------------------------------
+    def build(self, in_shape, rng, dtype):
+        from ..fusion import plan_blocks
+
+        super().build(in_shape, rng, dtype)
+        self.copies, self._runs, self.copy_shapes = [], [], []
+        for shape, body, short, out in self._plan(in_shape):
+            built = []
+            for plan in (body, short or []):
+                layers = []
+                for layer, s_in, _ in plan:
+                    layer.init = self.init
+                    layer.build(s_in, rng, self.dtype)
+                    layers.append(layer)
+                built.append(layers)
+            self.copies.append((built[0], built[1]))
+            self._runs.append((plan_blocks(built[0]), plan_blocks(built[1]) if short is not None else None))
+            self.copy_shapes.append((shape, out))
+        # Nested dropout: distinct mask indices within the block (build_model then numbers them model-wide).
+        stepped = [m for _, m in self.named_modules() if m is not self and getattr(m, "uses_step", False)]
+        for n, m in enumerate(stepped):
+            m.index = n
+
+    # -- running -----------------------------------------------------------
+    def forward(self, x, training):
+        self._begin_forward(x, training)
+        relu = self.activation == "relu"
+        for r, (body, short) in enumerate(self._runs):
+            b = x
+            for block in body:
+                b = block.forward(b, training)
+            s = x
+            for block in short or ():
+                s = block.forward(s, training)
+            y = self._buffer(f"y{r}", b.shape)
+            np.add(b, s, out=y)
+            if relu:
+                flat = y.reshape(-1)
+                activation_kernels.relu_forward(flat, flat)
+            x = y
+        return x
+
+    def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
+        relu = self.activation == "relu"
+        for r in range(len(self._runs) - 1, -1, -1):
+            body, short = self._runs[r]
+            need = need_input_grad or r > 0
+            if relu:
+                g = self._buffer(f"g{r}", dy.shape)
+                activation_kernels.relu_backward(self._scratch[f"y{r}"].reshape(-1), dy.reshape(-1), g.reshape(-1))
+            else:
+                g = dy
+            db = g
+            for k in range(len(body) - 1, -1, -1):
+                db = body[k].backward(db, need_input_grad=need or k > 0)
+            ds = g
+            for k in range(len(short or ()) - 1, -1, -1):
+                ds = short[k].backward(ds, need_input_grad=need or k > 0)
+            if not need:
+                return None
+            dx = self._buffer(f"dx{r}", (dy.shape[0], *self.copy_shapes[r][0]))
+            np.add(db, ds, out=dx)
+            dy = dx
+        return dy
+
+    # -- PyTorch twin --------------------------------------------------------
+    def torch_module(self, torch):
+        nn = torch.nn
+        relu = self.activation == "relu"
+
+        class ResidualCopy(nn.Module):
+            """activation(body(x) + shortcut(x)); state-dict keys body.<j>.*, shortcut.<j>.*."""
+
+            def __init__(self, body, short):
+                super().__init__()
+                self.body = nn.Sequential(*[layer.torch_module(torch) for layer in body])
+                self.shortcut = nn.Sequential(*[layer.torch_module(torch) for layer in short]) if short else None
+
+            def forward(self, x):
+                y = self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+                return torch.relu(y) if relu else y
+
+        # Keys <r>.body.<j>.*: fastcnn's (with torch's names and layouts for the tensors).
+        return nn.Sequential(*[ResidualCopy(body, short) for body, short in self.copies])
