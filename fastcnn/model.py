@@ -201,7 +201,8 @@ def build_model(model_cfg, seed: Optional[int] = 0, fuse: bool = True) -> Sequen
         layers.append(layer)
     # Dropout nested in a container (a residual body): the model seed and an index unique in the model,
     # after the top-level positions: len(layers), len(layers) + 1, ... in named_modules() order.
-    nested = [m for layer in layers for _, m in layer.named_modules() if m is not layer and getattr(m, "uses_step", False)]
+    nested = [m for layer in layers for _, m in layer.named_modules()
+              if m is not layer and getattr(m, "uses_step", False)]
     for n, m in enumerate(nested):
         m.seed, m.index = (0 if seed is None else int(seed)), len(layers) + n
     return Sequential(layers, _spec_get(model_cfg, "input_shape", (28, 28, 1)), dtype, fuse=fuse)
