@@ -13,13 +13,20 @@ def window_output_size(size, kernel, stride, pad_before, pad_after, dilation=1):
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def same_padding(kernel, dilation=1):
-    """(before, after) padding that keeps the size with stride 1.
+def same_padding(kernel, dilation=1, stride=1, size=None):
+    """(before, after) padding of TensorFlow/Keras ``same``: output size ceil(size / stride).
 
-    Total padding dilation*(k-1); the odd pixel goes after (bottom/right), as
-    PyTorch and Keras do.
+    Total padding max((out - 1)*stride + dilation*(k - 1) + 1 - size, 0), half (rounded
+    down) before, the odd pixel after (bottom/right). With stride 1 that is dilation*(k-1)
+    whatever the size (PyTorch's ``same``); another stride needs the input ``size``.
     """
-    total = dilation * (kernel - 1)
+    if stride == 1:
+        total = dilation * (kernel - 1)
+    else:
+        if size is None:
+            raise ValueError("same padding with a stride other than 1 depends on the input size")
+        out = -(-size // stride)
+        total = max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)
     return total // 2, total - total // 2
 
 

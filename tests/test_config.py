@@ -60,8 +60,6 @@ def test_resolved_config_round_trips_through_yaml():
     (_minimal(model={"layers": [{"type": "flatten"}, {"type": "dense", "units": 7}]}), "model.layers",
      "num_classes"),
     (_minimal(model={"layers": [{"type": "dense", "units": 10}]}), "model.layers[0]", "flatten"),
-    (_minimal(model={"layers": [{"type": "conv2d", "filters": 4, "kernel_size": 3, "stride": 2,
-                                 "padding": "same"}]}), "model.layers[0].padding", "stride 1"),
     (_minimal(data={"dataset": "imagenet"}), "data.dataset", "must be one of"),
     (_minimal(data={"dataset": "mnist", "batch_size": 0}), "data.batch_size", ">= 1"),
     (_minimal(data={"dataset": "mnist", "validation": 1.5}), "data.validation", "fraction"),

@@ -16,7 +16,8 @@ from conftest import REPO
 # A small configuration of each layer type and the per-sample input shape to build it for.
 EXAMPLES = {
     "conv2d": [({"filters": 5, "kernel_size": 3, "stride": 2, "padding": 1}, (7, 6, 3)),
-               ({"filters": 4, "kernel_size": [2, 3], "padding": "same", "dilation": 2, "bias": False}, (6, 7, 2))],
+               ({"filters": 4, "kernel_size": [2, 3], "padding": "same", "dilation": 2, "bias": False}, (6, 7, 2)),
+               ({"filters": 3, "kernel_size": [4, 3], "padding": "same", "stride": [2, 3]}, (7, 8, 2))],
     "maxpool2d": [({"pool_size": 3, "stride": 2, "padding": 1}, (7, 6, 3)), ({}, (6, 6, 2))],
     "avgpool2d": [({"pool_size": [2, 3], "stride": [1, 2]}, (5, 8, 2))],
     "global_avgpool": [({}, (4, 5, 3))],

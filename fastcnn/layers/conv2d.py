@@ -30,13 +30,11 @@ class Conv2D(Layer):
         self.padding = c["padding"]
         self.use_bias = c["bias"]
 
-    def _pads(self, path):
-        """(top, bottom, left, right)."""
+    def _pads(self, in_shape):
+        """(top, bottom, left, right) for a (H, W, C) input."""
         if self.padding == "same":
-            if self.stride != (1, 1):
-                raise ConfigError(f"{path}.padding", f"'same' needs stride 1, got stride {list(self.stride)}")
-            top, bottom = same_padding(self.kernel[0], self.dilation[0])
-            left, right = same_padding(self.kernel[1], self.dilation[1])
+            top, bottom = same_padding(self.kernel[0], self.dilation[0], self.stride[0], in_shape[0])
+            left, right = same_padding(self.kernel[1], self.dilation[1], self.stride[1], in_shape[1])
             return top, bottom, left, right
         if self.padding == "valid":
             return 0, 0, 0, 0
@@ -46,7 +44,7 @@ class Conv2D(Layer):
     def output_shape(self, in_shape, path="conv2d"):
         require_rank(in_shape, 3, path, "conv2d")
         h, w, _ = in_shape
-        top, bottom, left, right = self._pads(path)
+        top, bottom, left, right = self._pads(in_shape)
         oh = window_output_size(h, self.kernel[0], self.stride[0], top, bottom, self.dilation[0])
         ow = window_output_size(w, self.kernel[1], self.stride[1], left, right, self.dilation[1])
         if oh < 1 or ow < 1:
@@ -63,7 +61,7 @@ class Conv2D(Layer):
 
     def build(self, in_shape, rng, dtype):
         super().build(in_shape, rng, dtype)
-        self.pads = self._pads("conv2d")
+        self.pads = self._pads(in_shape)
         kh, kw = self.kernel
         cin = in_shape[2]
         weight, bias = init_weight_and_bias(rng, (kh, kw, cin, self.filters), self.filters if self.use_bias else 0,
