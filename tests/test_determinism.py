@@ -9,6 +9,10 @@ fastmath divided approximately (vrcpps) in the vectorized body of a thread's
 range and exactly in its scalar remainder, so an element's result depended
 on where the thread boundaries fell.
 
+A kernel must also compute the same bits whether its process compiled it or
+loaded it from Numba's cache (``test_fresh_compile_gives_the_cached_kernels_results``):
+otherwise the first run of a config would differ from the next ones.
+
 One subprocess per thread count computes every case (``_worker``) and saves
 them to an .npz under tmp_path; the kernels are compiled with cache=True, so
 the later subprocesses load them from Numba's cache. Shapes: the seed
@@ -76,14 +80,16 @@ def _out_size(size, k, stride, before, after, dil):
     return (size + before + after - dil * (k - 1) - 1) // stride + 1
 
 
-def _worker(path):
-    """Compute every case with this process's thread count; save to the .npz ``path``."""
+def _worker(path, groups=("conv", "dense", "loss", "optim"), dtypes=("float32", "float64")):
+    """Compute every case of ``groups`` and ``dtypes`` with this process's thread count; save to the .npz ``path``."""
     import numba
 
     from fastcnn.kernels import conv, dense, loss, optim
 
     out = {"threads": np.array(numba.get_num_threads())}
-    for name, N, H, W, Cin, Cout, KH, KW, sh, sw, pad, dh, dw, dt in CONV_CASES:
+    for name, N, H, W, Cin, Cout, KH, KW, sh, sw, pad, dh, dw, dt in CONV_CASES if "conv" in groups else ():
+        if dt not in dtypes:
+            continue
         rng = np.random.default_rng(0)
         x = rng.standard_normal((N, H, W, Cin)).astype(dt)
         w = (rng.standard_normal((KH, KW, Cin, Cout)) / np.sqrt(KH * KW * Cin)).astype(dt)
@@ -103,7 +109,9 @@ def _worker(path):
         out[f"conv_backward_input/{name}"] = dx
         out[f"conv_backward_weight/{name}/dw"] = gw
         out[f"conv_backward_weight/{name}/db"] = gb
-    for name, N, I, O, dt in DENSE_CASES:
+    for name, N, I, O, dt in DENSE_CASES if "dense" in groups else ():
+        if dt not in dtypes:
+            continue
         rng = np.random.default_rng(1)
         x = rng.standard_normal((N, I)).astype(dt)
         w = (rng.standard_normal((I, O)) / np.sqrt(I)).astype(dt)
@@ -118,7 +126,9 @@ def _worker(path):
         dense.dense_backward_weight(x, dy, gw, gb)
         for key, val in dict(y=y, dx=dx, dw=gw, db=gb).items():
             out[f"dense/{name}/{key}"] = val
-    for name, N, K, dt in LOSS_CASES:
+    for name, N, K, dt in LOSS_CASES if "loss" in groups else ():
+        if dt not in dtypes:
+            continue
         rng = np.random.default_rng(2)
         logits = (3 * rng.standard_normal((N, K))).astype(dt)
         labels = rng.integers(0, K, N).astype(np.int64)
@@ -126,8 +136,8 @@ def _worker(path):
         value = loss.softmax_cross_entropy_kernel(logits, labels, dlogits)
         out[f"loss/{name}/value"] = np.array(value)
         out[f"loss/{name}/dlogits"] = dlogits
-    for n in OPTIM_SIZES:
-        for dt in ("float32", "float64") if n in (100, 4097) else ("float32",):
+    for n in OPTIM_SIZES if "optim" in groups else ():
+        for dt in [d for d in (("float32", "float64") if n in (100, 4097) else ("float32",)) if d in dtypes]:
             t = np.dtype(dt).type
             rng = np.random.default_rng(3)
             p0 = rng.standard_normal(n).astype(dt)
@@ -163,22 +173,37 @@ def _worker(path):
     np.savez(path, **out)
 
 
+def _run_worker(path, threads, groups=None, dtypes=None, **env_extra):
+    """_worker in a subprocess with NUMBA_NUM_THREADS=threads; {key: array}."""
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join([ROOT, TESTS]), **env_extra)
+    args = repr(str(path))
+    if groups is not None:
+        args += f", groups={tuple(groups)!r}"
+    if dtypes is not None:
+        args += f", dtypes={tuple(dtypes)!r}"
+    proc = subprocess.run([sys.executable, "-c", f"import test_determinism as T; T._worker({args})"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with np.load(path) as data:
+        res = {k: data[k] for k in data.files}
+    assert int(res["threads"]) == threads
+    return res
+
+
+def _differences(ref, got):
+    out = []
+    for key in sorted(ref):
+        assert got[key].dtype == ref[key].dtype and got[key].shape == ref[key].shape, key
+        if got[key].tobytes() != ref[key].tobytes():
+            out.append(f"{key} ({int(np.sum(got[key] != ref[key]))} of {ref[key].size} elements)")
+    return out
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """{threads: {key: array}} from one subprocess per thread count."""
     d = tmp_path_factory.mktemp("determinism")
-    res = {}
-    for t in THREADS:
-        path = d / f"threads{t}.npz"
-        env = dict(os.environ, NUMBA_NUM_THREADS=str(t), PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
-        code = f"import test_determinism as T; T._worker({str(path)!r})"
-        proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        with np.load(path) as data:
-            res[t] = {k: data[k] for k in data.files}
-        assert int(res[t]["threads"]) == t
-    return res
+    return {t: _run_worker(d / f"threads{t}.npz", t) for t in THREADS}
 
 
 def test_every_case_computed(results):
@@ -192,15 +217,35 @@ def test_every_case_computed(results):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bit_identical_for_1_to_4_threads(results, kernel):
-    keys = sorted(k for k in results[1] if k.startswith(kernel + "/"))
-    assert keys
-    differing = []
-    for key in keys:
-        ref = results[1][key]
-        assert np.isfinite(ref).all(), key
-        for t in THREADS[1:]:
-            got = results[t][key]
-            assert got.dtype == ref.dtype and got.shape == ref.shape, key
-            if got.tobytes() != ref.tobytes():
-                differing.append(f"{key} ({t} threads: {int(np.sum(got != ref))} of {ref.size} elements)")
+    ref = {k: v for k, v in results[1].items() if k.startswith(kernel + "/")}
+    assert ref
+    for key, val in ref.items():
+        assert np.isfinite(val).all(), key
+    differing = [f"{t} threads: {d}" for t in THREADS[1:] for d in _differences(ref, results[t])]
     assert not differing, "results depend on the thread count:\n" + "\n".join(differing)
+
+
+def test_fresh_compile_gives_the_cached_kernels_results(tmp_path):
+    """A kernel just compiled and the same kernel loaded from Numba's cache compute the same bits.
+
+    They are not the same machine code: the compiling process runs a parfor's
+    gufunc as optimized on its own, a process loading the cache runs it as
+    optimized again after linking into the kernel. Under fastmath, LLVM may
+    then contract a multiply and an add into an FMA in one and not the other
+    (AdamW's ``p * shrink - update`` did, with fastmath={"contract"}): the first
+    run of a config would not reproduce the next ones. Here a private, empty
+    cache directory: the first subprocess compiles (and writes the cache), the
+    second loads. The kernels compiled with fastmath or vectorized element-wise
+    loops: dense, loss, optimizer updates, float32 (the conv kernels do their
+    arithmetic in the microkernel's explicit FMAs; they and float64 were
+    checked the same way once: a cold compile of everything takes minutes).
+    """
+    groups = ("dense", "loss", "optim")
+    cache = tmp_path / "numba_cache"
+    cache.mkdir()
+    fresh = _run_worker(tmp_path / "fresh.npz", 2, groups, ("float32",), NUMBA_CACHE_DIR=str(cache))
+    assert any(cache.rglob("*.nbi")), "the first subprocess wrote no cache"
+    cached = _run_worker(tmp_path / "cached.npz", 2, groups, ("float32",), NUMBA_CACHE_DIR=str(cache))
+    assert fresh.keys() == cached.keys() and len(fresh) > 100
+    differing = _differences(fresh, cached)
+    assert not differing, "fresh compile and cache load differ:\n" + "\n".join(differing)

@@ -5,31 +5,36 @@ arrive already cast to the parameter's dtype, so float32 stays float32.
 PyTorch's update rules (torch.optim.SGD / Adam, weight decay added to the
 gradient, PyTorch's semantics).
 
-Determinism whatever the thread count. Each element's result must not depend
-on which code path computes it, and the paths (LLVM's vectorized loop body
-and its scalar remainder) sit at the edges of whatever range a thread gets:
+Determinism whatever the thread count, and whether the kernel was just
+compiled or loaded from Numba's cache. Each element's result must not depend
+on which code computes it:
 
 * the parallel loops run over fixed blocks of ``BLOCK`` elements (never a
-  split that depends on the number of threads), so an element is in the
-  vector body or the remainder of its block independently of the threads;
-* ``FASTMATH`` allows only FMA contraction: with ``fastmath=True`` ('arcp',
-  'afn') LLVM lowers a vectorized float32 division to an approximate
-  reciprocal (vrcpps + one Newton step) while the scalar remainder divides
-  exactly (vdivss), so Adam's update of one element changed with the thread
-  count (found as: 1 epoch of configs/mnist.yaml, 1 vs 3 threads, 24 of 26
-  arrays different). Division and sqrt stay IEEE (correctly rounded), as in
-  PyTorch.
+  split that depends on the number of threads), each through views indexed
+  from 0 (so LLVM sees non-negative indices and vectorizes the loop);
+* no fastmath: with ``fastmath=True`` ('arcp') LLVM lowered the vectorized
+  float32 division to an approximate reciprocal (vrcpps + one Newton step)
+  while the scalar remainder divided exactly (vdivss), so Adam's update of
+  an element changed with the thread count (found as: 1 epoch of
+  configs/mnist.yaml, 1 vs 3 threads, 24 of 26 arrays different). Even
+  'contract' alone is unsafe: whether ``p * shrink - update`` (AdamW) became
+  one FMA depended on how far LLVM optimized the loop, which differs between
+  the compiling process (the parfor's gufunc optimized on its own) and a
+  process loading the cache (the gufunc optimized again, linked into the
+  kernel). Strict IEEE arithmetic leaves LLVM nothing to choose; division
+  and sqrt are correctly rounded, as in PyTorch, and the loops still
+  vectorize (element-wise: no reassociation needed).
+
+``sum_of_squares`` sums in float64 per fixed chunk, then the chunks in order.
 """
 import numpy as np
 from numba import njit, prange
 
 # Elements per parallel item (fixed: not derived from the thread count).
 BLOCK = 4096
-# FMA contraction only: no approximate reciprocal / sqrt, NaN and Inf keep their IEEE meaning.
-FASTMATH = {"contract"}  # a set (Numba refuses a frozenset)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
 def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_step):
     """p -= lr * d, d from grad + weight decay, momentum buffer, optional Nesterov.
 
@@ -39,22 +44,28 @@ def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first
     one = p.dtype.type(1)
     n = p.size
     for blk in prange((n + BLOCK - 1) // BLOCK):
-        for i in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
-            d = g[i] + weight_decay * p[i]
+        # Views indexed from 0: LLVM sees non-negative indices and vectorizes.
+        s = blk * BLOCK
+        e = min(n, s + BLOCK)
+        pb = p[s:e]
+        gb = g[s:e]
+        bb = buf[s:e]
+        for i in range(e - s):
+            d = gb[i] + weight_decay * pb[i]
             if momentum != 0:
                 if first_step:
                     b = d
                 else:
-                    b = momentum * buf[i] + (one - dampening) * d
-                buf[i] = b
+                    b = momentum * bb[i] + (one - dampening) * d
+                bb[i] = b
                 if nesterov:
                     d = d + momentum * b
                 else:
                     d = b
-            p[i] -= lr * d
+            pb[i] -= lr * d
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
 def adam_update(p, g, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, decoupled, bias_correction1,
                 bias_correction2_sqrt):
     """Adam / AdamW: p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps). All arrays (n,).
@@ -67,17 +78,23 @@ def adam_update(p, g, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, 
     shrink = one - lr * weight_decay
     n = p.size
     for blk in prange((n + BLOCK - 1) // BLOCK):
-        for i in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+        s = blk * BLOCK
+        e = min(n, s + BLOCK)
+        pb = p[s:e]
+        gb = g[s:e]
+        mb = exp_avg[s:e]
+        vb = exp_avg_sq[s:e]
+        for i in range(e - s):
             if decoupled:
-                p[i] *= shrink
-                d = g[i]
+                pb[i] *= shrink
+                d = gb[i]
             else:
-                d = g[i] + weight_decay * p[i]
-            m = beta1 * exp_avg[i] + (one - beta1) * d
-            v = beta2 * exp_avg_sq[i] + (one - beta2) * d * d
-            exp_avg[i] = m
-            exp_avg_sq[i] = v
-            p[i] -= step_size * m / (np.sqrt(v) / bias_correction2_sqrt + eps)
+                d = gb[i] + weight_decay * pb[i]
+            m = beta1 * mb[i] + (one - beta1) * d
+            v = beta2 * vb[i] + (one - beta2) * d * d
+            mb[i] = m
+            vb[i] = v
+            pb[i] -= step_size * m / (np.sqrt(v) / bias_correction2_sqrt + eps)
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
@@ -97,10 +114,12 @@ def sum_of_squares(g):
     return total
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
 def scale_inplace(g, factor):
     """g *= factor (factor already in g's dtype)."""
     n = g.size
     for blk in prange((n + BLOCK - 1) // BLOCK):
-        for i in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
-            g[i] *= factor
+        s = blk * BLOCK
+        gb = g[s:min(n, s + BLOCK)]
+        for i in range(gb.size):
+            gb[i] *= factor
