@@ -1,16 +1,20 @@
 """Time the conv kernels on the seed network's shapes.
 
 Usage: python scripts/bench_conv.py [--threads 2] [--repeat 20] [--dtype float32] [--batch 64]
-                                    [--only conv2] [--torch]
+                                    [--only conv2] [--torch] [--cold]
 
 Prints the median (and best) time and GFLOP/s (2*N*OH*OW*KH*KW*Cin*Cout per kernel) of
 forward, backward-input and backward-weight for conv1 and conv2 of the seed
 network, after one warm-up call (which also reports the first-call time:
-compile, or load from Numba's cache).
+compile, or load from Numba's cache). ``--cold`` compiles from scratch into a
+temporary, empty NUMBA_CACHE_DIR (the project's cache is neither read nor
+touched), so the first-call times are cold compile times.
 """
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -41,8 +45,23 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="override the batch size of every shape")
     ap.add_argument("--only", default=None, help="comma-separated shape names (conv1,conv2)")
     ap.add_argument("--torch", action="store_true", help="also time torch's conv2d (NCHW) for comparison")
+    ap.add_argument("--cold", action="store_true",
+                    help="compile from scratch (a temporary, empty NUMBA_CACHE_DIR; the project's cache is untouched)")
     args = ap.parse_args()
+    if args.cold:
+        if "numba" in sys.modules:
+            raise SystemExit("--cold must be set before numba is imported")
+        cache = tempfile.mkdtemp(prefix="bench_conv_cold_")
+        os.environ["NUMBA_CACHE_DIR"] = cache
+        try:
+            run(args)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    else:
+        run(args)
 
+
+def run(args):
     t0 = time.perf_counter()
     import fastcnn  # noqa: F401  (before numba: keeps BLAS single-threaded, as the CLI does)
     import numba
@@ -54,7 +73,8 @@ def main():
     rng = np.random.default_rng(0)
     first = True
     print(f"threads {args.threads}, dtype {dtype}, NUMBA_CPU_FEATURES "
-          f"{'set' if os.environ.get('NUMBA_CPU_FEATURES') else 'unset'}")
+          f"{'set' if os.environ.get('NUMBA_CPU_FEATURES') else 'unset'}"
+          f"{', cold (empty cache)' if args.cold else ''}")
     for name, (N, H, W, Cin, Cout, K) in SHAPES.items():
         if args.only and name not in args.only.split(","):
             continue
