@@ -154,6 +154,7 @@ SCHEMA = {
         "threads": (threads_value, None),
         "on_nan": (choice("stop", "skip"), "stop"),
         "clip_grad_norm": (optional(number(0.0, min_exclusive=True)), None),
+        "label_smoothing": (number(0.0, 1.0, max_exclusive=True), 0.0),
         "early_stopping": (None, None),  # checked by _early_stopping
     },
     "output": {

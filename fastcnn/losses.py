@@ -4,8 +4,12 @@ from typing import Tuple
 import numpy as np
 
 
-def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, np.ndarray]:
+def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray,
+                          label_smoothing: float = 0.0) -> Tuple[float, np.ndarray]:
     """Fused softmax cross-entropy, mean over the batch.
+
+    ``label_smoothing`` eps in [0, 1): PyTorch's ``cross_entropy(..., label_smoothing=eps)``,
+    ``(1 - eps) * CE(label) + eps * mean over classes of -log p``.
 
     logits: float32 or float64 array (N, K); labels: integer class indices (N,),
     each in [0, K). Numerically stable (log-sum-exp).
@@ -37,10 +41,14 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> Tuple[float
         i = int(np.argmax(bad))
         raise ValueError(f"labels: value {labels[i]} at index {i} is outside [0, {k})")
 
+    eps = float(label_smoothing)
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"label_smoothing: must be in [0, 1), got {label_smoothing!r}")
+
     from fastcnn.kernels.loss import softmax_cross_entropy_kernel
 
     logits = np.ascontiguousarray(logits)
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     dlogits = np.empty_like(logits)
-    loss = softmax_cross_entropy_kernel(logits, labels, dlogits)
+    loss = softmax_cross_entropy_kernel(logits, labels, dlogits, eps)
     return float(loss), dlogits

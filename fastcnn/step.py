@@ -39,11 +39,12 @@ class StepResult:
 
 
 def train_step(model: Any, opt: Any, x: np.ndarray, y: np.ndarray, *,
-               clip_grad_norm: float | None = None) -> StepResult:
+               clip_grad_norm: float | None = None, label_smoothing: float = 0.0) -> StepResult:
     """Forward (training mode), softmax cross-entropy, backward, optional gradient clipping, optimizer step.
 
     ``x``: a batch (N, H, W, C); ``y``: its N integer labels. ``clip_grad_norm``: scale the
     gradients to this global L2 norm at most before the step (``train.clip_grad_norm``).
+    ``label_smoothing``: the loss's (``train.label_smoothing``; see softmax_cross_entropy).
 
     The step is not taken when the loss or a gradient holds a NaN or Inf: the result's ``fault``
     says which (naming the parameter), the weights and the optimizer state are unchanged, the
@@ -57,7 +58,7 @@ def train_step(model: Any, opt: Any, x: np.ndarray, y: np.ndarray, *,
     from .losses import softmax_cross_entropy
 
     logits = model.forward(x, training=True)
-    loss, dlogits = softmax_cross_entropy(logits, y)
+    loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing)
     count = len(y)
     if not np.isfinite(loss):
         return StepResult(loss, 0, count, f"the loss is {loss}")

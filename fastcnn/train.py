@@ -420,7 +420,8 @@ class Trainer:
             self.opt.lr = self.schedule.lr(epoch + b / len(loader))
             self.nan_policy.before_step()
             self.model.step = epoch * len(loader) + b  # dropout masks: a function of the position
-            result = train_step(self.model, self.opt, xb, yb, clip_grad_norm=clip)
+            result = train_step(self.model, self.opt, xb, yb, clip_grad_norm=clip,
+                                label_smoothing=self.cfg.train.label_smoothing)
             if result.ok:
                 add_step(sums, result)
             else:

@@ -128,3 +128,54 @@ def test_against_torch(dtype):
     t = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
     assert loss == pytest.approx(lossT.item(), rel=t["rtol"])
     np.testing.assert_allclose(d, lt.grad.numpy(), **t)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.35])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+def test_label_smoothing_matches_torch(eps, dtype, tol, rng):
+    """Loss and gradient against torch.nn.functional.cross_entropy(label_smoothing=eps)."""
+    torch = pytest.importorskip("torch")
+    from fastcnn import softmax_cross_entropy
+
+    logits = (rng.standard_normal((13, 7)) * 4).astype(dtype)
+    labels = rng.integers(0, 7, 13)
+    loss, dlogits = softmax_cross_entropy(logits, labels, label_smoothing=eps)
+    assert dlogits.dtype == dtype
+    t = torch.tensor(logits.astype(np.float64), requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(t, torch.from_numpy(labels), label_smoothing=eps)
+    ref.backward()
+    assert abs(loss - ref.item()) <= tol * max(1.0, abs(ref.item()))
+    np.testing.assert_allclose(dlogits, t.grad.numpy(), rtol=tol * 10, atol=tol)
+
+
+def test_label_smoothing_central_differences(rng):
+    """float64 central differences with a random upstream gradient on the smoothed loss."""
+    from fastcnn import softmax_cross_entropy
+
+    logits = rng.standard_normal((5, 4))
+    labels = rng.integers(0, 4, 5)
+    _, d = softmax_cross_entropy(logits, labels, label_smoothing=0.2)
+    eps = 1e-6
+    num = np.zeros_like(logits)
+    for i in np.ndindex(*logits.shape):
+        old = logits[i]
+        logits[i] = old + eps
+        plus = softmax_cross_entropy(logits, labels, label_smoothing=0.2)[0]
+        logits[i] = old - eps
+        minus = softmax_cross_entropy(logits, labels, label_smoothing=0.2)[0]
+        logits[i] = old
+        num[i] = (plus - minus) / (2 * eps)
+    np.testing.assert_allclose(d, num, rtol=1e-6, atol=1e-9)
+
+
+def test_label_smoothing_zero_is_bit_identical_and_bad_values_refused(rng):
+    from fastcnn import softmax_cross_entropy
+
+    logits = rng.standard_normal((9, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 9)
+    a, da = softmax_cross_entropy(logits, labels)
+    b, db = softmax_cross_entropy(logits, labels, label_smoothing=0.0)
+    assert a == b and da.tobytes() == db.tobytes()
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            softmax_cross_entropy(logits, labels, label_smoothing=bad)

@@ -71,3 +71,29 @@ def test_early_stopping_stops(tmp_path):
     records = _records(tmp_path / "es")
     assert 2 <= len(records) < 30
     assert load_checkpoint(tmp_path / "es" / "last.npz").meta["stopped_early"] is True
+
+
+def test_label_smoothing_reaches_the_training_step(tmp_path):
+    """train.label_smoothing changes the training loss (and so the weights) exactly as train_step with the
+    same eps does; the validation loss stays the plain cross-entropy."""
+    import fastcnn
+    from fastcnn.data import BatchLoader, load_dataset
+    from fastcnn.optim import build_optimizer
+
+    cfg = load_config(SMALL, [f"output.dir={tmp_path / 's'}", "train.epochs=1", "train.label_smoothing=0.2"])
+    Trainer(cfg, progress=False, log=lambda *a: None).run()
+    trained = load_checkpoint(str(tmp_path / "s" / "last.npz")).model
+    model = fastcnn.build_model(cfg.model, seed=cfg.seed)
+    opt = build_optimizer(cfg.train.optimizer, model.parameters())
+    d = cfg.data
+    ds = load_dataset(d.dataset, d.root, input_shape=tuple(cfg.model.input_shape), num_classes=cfg.model.num_classes,
+                      num_train=d.num_train, num_test=d.num_test, seed=cfg.seed, progress=False)
+    loader = BatchLoader(ds.x_train, ds.y_train, d.batch_size, shuffle=True, seed=cfg.seed)
+    for b, (xb, yb) in enumerate(loader.epoch_batches(0)):
+        model.step = b
+        assert fastcnn.train_step(model, opt, xb, yb, label_smoothing=0.2).ok
+    assert all(np.array_equal(v, trained[k]) for k, v in model.state_dict().items())
+    plain = load_config(SMALL, [f"output.dir={tmp_path / 'p'}", "train.epochs=1"])
+    Trainer(plain, progress=False, log=lambda *a: None).run()
+    other = load_checkpoint(str(tmp_path / "p" / "last.npz")).model
+    assert not np.array_equal(other["layers.0.weight"], trained["layers.0.weight"])
