@@ -68,8 +68,9 @@ DENSE_CASES = [
     ("odd_65_33_99", 65, 33, 99, "float32"),
     ("f64_33_65_16", 33, 65, 16, "float64"),
 ]
-# (name, N, K, dtype)
-LOSS_CASES = [("seed", 64, 10, "float32"), ("odd", 37, 100, "float32"), ("f64", 13, 7, "float64")]
+# (name, N, K, dtype, label smoothing)
+LOSS_CASES = [("seed", 64, 10, "float32", 0.0), ("odd", 37, 100, "float32", 0.0), ("smoothing", 37, 100, "float32", 0.1),
+              ("f64", 13, 7, "float64", 0.0), ("f64_smoothing", 13, 7, "float64", 0.2)]
 OPTIM_SIZES = (1, 10, 32, 64, 100, 288, 1000, 4097, 100003)
 
 KERNELS = ("conv_forward", "conv_backward_input", "conv_backward_weight", "dense", "loss", "sgd", "adam",
@@ -126,14 +127,14 @@ def _worker(path, groups=("conv", "dense", "loss", "optim"), dtypes=("float32", 
         dense.dense_backward_weight(x, dy, gw, gb)
         for key, val in dict(y=y, dx=dx, dw=gw, db=gb).items():
             out[f"dense/{name}/{key}"] = val
-    for name, N, K, dt in LOSS_CASES if "loss" in groups else ():
+    for name, N, K, dt, eps in LOSS_CASES if "loss" in groups else ():
         if dt not in dtypes:
             continue
         rng = np.random.default_rng(2)
         logits = (3 * rng.standard_normal((N, K))).astype(dt)
         labels = rng.integers(0, K, N).astype(np.int64)
         dlogits = np.empty_like(logits)
-        value = loss.softmax_cross_entropy_kernel(logits, labels, dlogits)
+        value = loss.softmax_cross_entropy_kernel(logits, labels, dlogits, np.dtype(dt).type(eps))
         out[f"loss/{name}/value"] = np.array(value)
         out[f"loss/{name}/dlogits"] = dlogits
     for n in OPTIM_SIZES if "optim" in groups else ():
