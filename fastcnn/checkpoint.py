@@ -4,26 +4,32 @@ Keys: ``layers.<i>.<name>`` (model state; ``layers.<i>.<...>.<name>`` for nested
 ``optim.<...>`` (optimizer state),
 ``meta`` (JSON: resolved config, epoch, step, metrics, RNG state, version).
 Written atomically (temporary file in the same folder, fsync, rename), read
-with ``allow_pickle=False``: a checkpoint never runs code.
+with ``allow_pickle=False``: a checkpoint never runs code. Reading checks
+before it allocates (see :func:`open_checkpoint`): a hostile file is refused
+with one line, never inflated or allocated first. Non-finite numbers in the
+meta are stored as ``{"__float__": "nan"}`` (strict JSON) and read back as floats.
 """
 import io
-import json
 import os
 import tempfile
 
 import numpy as np
 
-from . import __version__
+from . import __version__, faults
 from .errors import CheckpointError
+from .safeio import NotRegularFile, UnsafeFile, dumps_meta, inspect_npz, json_loads_bounded, open_regular
 
 FORMAT_VERSION = 1
+MAX_META_CHARS = 16 << 20  # a meta of a few thousand epochs of history is well under 1 MB
 
 
 def atomic_write_bytes(path, data):
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half of one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    name = os.path.basename(path)
+    faults.hit(f"write:{name}", path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
         # mkstemp makes the file private (0600); give it the permissions any other new file gets.
         umask = os.umask(0)
@@ -33,6 +39,7 @@ def atomic_write_bytes(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        faults.hit(f"tmp:{name}", path)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -58,7 +65,7 @@ def save_checkpoint(path, model_state, optim_state=None, meta=None):
     meta = dict(meta or {})
     meta.setdefault("fastcnn_version", __version__)
     meta.setdefault("format", FORMAT_VERSION)
-    arrays["meta"] = np.array(json.dumps(meta))
+    arrays["meta"] = np.array(dumps_meta(meta))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
@@ -71,53 +78,119 @@ class Checkpoint:
         self.path, self.model, self.optim, self.meta = path, model, optim, meta
 
 
-def load_checkpoint(path):
-    """Read a checkpoint; CheckpointError (one clear line) for anything that is not a good one."""
+class CheckpointFile:
+    """An opened, inspected checkpoint whose arrays are not read yet.
+
+    ``meta`` (dict) and ``shapes`` ({key: shape} of every array, from the .npy
+    headers) are known; :meth:`check_shapes` compares them with a model before
+    anything is allocated; :meth:`load` reads the arrays (and closes the file).
+    """
+
+    def __init__(self, path, f, meta, shapes, dtypes):
+        self.path, self._f, self.meta, self.shapes, self.dtypes = path, f, meta, shapes, dtypes
+
+    def check_shapes(self, expected, prefix=""):
+        """CheckpointError naming the first key of ``expected`` ({key: shape}) stored with another shape."""
+        for key, shape in expected.items():
+            stored = self.shapes.get(prefix + key)
+            if stored is not None and tuple(stored) != tuple(shape):
+                raise CheckpointError(f"{prefix}{key}: shape {tuple(stored)} in the state, {tuple(shape)} "
+                                      f"in the model")
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def load(self):
+        """Read the arrays: a Checkpoint. Their sizes were checked when the file was opened."""
+        path = self.path
+        try:
+            with np.load(self._f, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files if key != "meta"}
+        except Exception as e:  # noqa: BLE001 - untrusted bytes: zipfile and numpy raise many kinds
+            raise CheckpointError(f"{path}: not a valid checkpoint (unreadable or truncated: "
+                                  f"{type(e).__name__}: {str(e)[:200]})".replace("\n", " ")) from None
+        finally:
+            self.close()
+        model = {k: v for k, v in arrays.items() if k.startswith("layers.")}
+        optim = {k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")}
+        for key, value in model.items():
+            if value.dtype.kind != "f":
+                raise CheckpointError(f"{path}: {key} has dtype {value.dtype}, expected floats")
+        return Checkpoint(path, model, optim, self.meta)
+
+
+def open_checkpoint(path):
+    """Open and check a checkpoint without reading its arrays: a CheckpointFile (CheckpointError if bad).
+
+    Only a regular file is opened (a FIFO or a device is refused, never read);
+    every member must be an .npy array (never a pickle) whose header agrees
+    with its size, and all of them together may inflate to little more than
+    the file's size (a zip bomb is refused before any inflating); the meta is
+    at most MAX_META_CHARS characters of JSON nested at most MAX_JSON_DEPTH deep.
+    """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint file is empty: {path}")
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        f, size = open_regular(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except NotRegularFile as e:
+        if os.path.isdir(path):
+            raise CheckpointError(f"checkpoint path is a folder, not a file: {path}") from None
+        raise CheckpointError(f"{path}: {e}; a checkpoint is an .npz file") from None
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    if magic != b"PK\x03\x04":
-        raise CheckpointError(f"{path}: not a fastcnn checkpoint (not an .npz archive)")
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise CheckpointError(f"{path}: not a fastcnn checkpoint (a single .npy array, not an .npz)")
-            arrays = {key: data[key] for key in data.files}
-    except CheckpointError:
+        if size == 0:
+            raise CheckpointError(f"checkpoint file is empty: {path}")
+        if f.read(4) != b"PK\x03\x04":
+            raise CheckpointError(f"{path}: not a fastcnn checkpoint (not an .npz archive)")
+        f.seek(0)
+        try:
+            index = inspect_npz(f, size, limits={"meta": 4 * MAX_META_CHARS})
+        except UnsafeFile as e:
+            raise CheckpointError(f"{path}: not a valid checkpoint ({e})") from None
+        if "meta" not in index.arrays:
+            raise CheckpointError(f"{path}: not a fastcnn checkpoint (no 'meta' entry)")
+        shape, dtype = index.arrays["meta"]
+        if dtype.kind != "U" or shape != ():
+            raise CheckpointError(f"{path}: corrupt 'meta' entry (expected a JSON string, got an array of "
+                                  f"{dtype} {shape})")
+        meta = _read_meta(f, path)
+        shapes = {k: s for k, (s, _) in index.arrays.items() if k != "meta"}
+        dtypes = {k: d for k, (_, d) in index.arrays.items() if k != "meta"}
+        f.seek(0)
+        return CheckpointFile(path, f, meta, shapes, dtypes)
+    except BaseException:
+        f.close()
         raise
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise CheckpointError(f"{path}: holds object arrays (pickled data); refusing to load it") from None
-        raise CheckpointError(f"{path}: not a valid checkpoint ({e})") from None
-    except Exception as e:  # noqa: BLE001 - untrusted bytes: zipfile and numpy raise many kinds
+
+
+def _read_meta(f, path):
+    f.seek(0)
+    try:
+        with np.load(f, allow_pickle=False) as data:
+            text = str(data["meta"][()])
+    except Exception as e:  # noqa: BLE001 - untrusted bytes
         raise CheckpointError(f"{path}: not a valid checkpoint (unreadable or truncated: "
                               f"{type(e).__name__}: {str(e)[:200]})".replace("\n", " ")) from None
-    for key, value in arrays.items():
-        if not isinstance(value, np.ndarray):  # a zip member that is not an .npy file
-            raise CheckpointError(f"{path}: entry {key!r} is not an array; not a fastcnn checkpoint")
-    if "meta" not in arrays:
-        raise CheckpointError(f"{path}: not a fastcnn checkpoint (no 'meta' entry)")
     try:
-        meta_array = arrays.pop("meta")
-        if meta_array.dtype.kind != "U" or meta_array.shape != ():
-            raise ValueError(f"expected a JSON string, got an array of {meta_array.dtype} {meta_array.shape}")
-        meta = json.loads(str(meta_array[()]))
+        meta = json_loads_bounded(text)
         if not isinstance(meta, dict):
             raise ValueError("meta is not a JSON object")
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: corrupt 'meta' entry ({e})") from None
-    model = {k: v for k, v in arrays.items() if k.startswith("layers.")}
-    optim = {k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")}
-    for key, value in model.items():
-        if value.dtype.kind != "f":
-            raise CheckpointError(f"{path}: {key} has dtype {value.dtype}, expected floats")
-    return Checkpoint(path, model, optim, meta)
+        raise CheckpointError(f"{path}: corrupt 'meta' entry ({str(e)[:200]})") from None
+    return meta
+
+
+def load_checkpoint(path):
+    """Read a checkpoint; CheckpointError (one clear line) for anything that is not a good one."""
+    return open_checkpoint(path).load()

@@ -3,7 +3,6 @@
 Nothing heavy is imported at module level: ``fastcnn --help`` answers at once
 and no kernel is compiled until a command needs it.
 """
-import json
 import signal
 import sys
 import time
@@ -18,8 +17,29 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 1
 
 
+MAX_LINE = 600  # characters of one error line (a 100 kB --set value is not echoed back in full)
+
+
 def _error(message):
-    click.echo(f"Error: {message}", err=True)
+    click.echo(f"Error: {_shorten(str(message))}", err=True)
+
+
+def _shorten(message, limit=MAX_LINE):
+    """Each line of ``message`` cut to ``limit`` characters (the middle elided)."""
+    lines = []
+    for line in message.splitlines() or [""]:
+        if len(line) > limit:
+            cut = len(line) - limit
+            line = f"{line[:limit * 2 // 3]} [... {cut:,} characters ...] {line[-(limit // 3):]}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _json(value):
+    """Strict JSON for --json output: NaN and infinities are null, never a bare NaN."""
+    from .safeio import dumps_json
+
+    return dumps_json(value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,16 +67,19 @@ def cli():
               help="Override a config key, e.g. --set train.epochs=1 --set model.layers[0].filters=16. Repeatable.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None,
               help="Continue from a checkpoint (RUN_DIR/last.npz), mid-epoch too.")
-@click.option("--overwrite", is_flag=True, help="Replace the checkpoints of an earlier run in output.dir.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier run in output.dir (once this run has written its first checkpoint).")
 @click.option("--threads", type=int, default=None, help="Kernel threads (default: train.threads, else all cores).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (log lines only).")
 def train(config, overrides, resume, overwrite, threads, no_progress):
     """Train the network described in the YAML file CONFIG.
 
     Writes metrics.jsonl, last.npz, best.npz (best validation accuracy) and
-    the resolved config.yaml to output.dir. Ctrl-C finishes the current step,
-    saves last.npz and prints the command that resumes. A run never replaces
-    another run's checkpoints unless --overwrite (or --resume) says so.
+    the resolved config.yaml to output.dir, which it locks: a second run on the
+    same folder is refused. Ctrl-C finishes the current step, saves last.npz
+    and prints the command that resumes. A run never replaces another run's
+    checkpoints unless --overwrite (or --resume) says so, and --overwrite
+    replaces them only once the new run has written its first checkpoint.
     """
     from .config import load_config
     from .train import Trainer
@@ -65,7 +88,7 @@ def train(config, overrides, resume, overwrite, threads, no_progress):
         overrides = (*overrides, f"train.threads={threads}")
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=not no_progress, log=click.echo,
-                      started=_STARTED)
+                      started=_STARTED, ignore_signals_after_stop=True)
     result = trainer.run()
     if result["best_accuracy"] is not None:
         click.echo(f"Best validation accuracy {result['best_accuracy']:.4f}; "
@@ -75,14 +98,18 @@ def train(config, overrides, resume, overwrite, threads, no_progress):
 @cli.command(name="eval")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
-              help="Folder holding the datasets (default: the checkpoint's data.root, $FASTCNN_DATA, the cache).")
+              help="Folder holding the datasets (default: $FASTCNN_DATA, else the cache; never the checkpoint's "
+                   "data.root).")
+@click.option("--data-path", type=click.Path(), default=None,
+              help="The folder or .npz file of a folder/npz dataset (default: the checkpoint's data.path, "
+                   "only read).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (accuracy, loss, per_class_accuracy, confusion_matrix).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Also draw the confusion matrix to this PNG (needs matplotlib: pip install 'fastcnn[plot]').")
-def eval_(checkpoint, data_root, batch_size, threads, as_json, plot_path):
+def eval_(checkpoint, data_root, data_path, batch_size, threads, as_json, plot_path):
     """Score a trained CHECKPOINT on its dataset's test split.
 
     Prints accuracy, loss, per-class accuracy and the confusion matrix
@@ -95,7 +122,8 @@ def eval_(checkpoint, data_root, batch_size, threads, as_json, plot_path):
 
         require_matplotlib()          # fail before the evaluation, not after it
         check_writable(plot_path)
-    result = evaluate_checkpoint(checkpoint, data_root=data_root, batch_size=batch_size, threads=threads)
+    result = evaluate_checkpoint(checkpoint, data_root=data_root, batch_size=batch_size, threads=threads,
+                                 data_path=data_path, log=lambda line: click.echo(line, err=True))
     if plot_path is not None:
         from .plots import plot_confusion
 
@@ -103,10 +131,11 @@ def eval_(checkpoint, data_root, batch_size, threads, as_json, plot_path):
                        title=f"{result['dataset']} test set: {result['count']:,} images, "
                              f"accuracy {result['accuracy']:.2%}")
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(_json(result))
         return
     click.echo(f"{result['dataset']} test set, {result['count']} images")
-    click.echo(f"accuracy {result['accuracy']:.4f}   loss {result['loss']:.4f}")
+    loss = result["loss"]
+    click.echo(f"accuracy {result['accuracy']:.4f}   loss {'nan' if loss is None else f'{loss:.4f}'}")
     click.echo("per-class accuracy:")
     for name, acc in zip(result["class_names"], result["per_class_accuracy"]):
         click.echo(f"  {name:>12}  {'-' if acc is None else f'{acc:.4f}'}")
@@ -134,7 +163,7 @@ def bench(config, batch_size, threads, repeats, compare, as_json):
     report = run_bench(config, batch_size=batch_size, threads=threads, repeats=repeats, compare=compare,
                        log=(lambda *_: None) if as_json else click.echo)
     if as_json:
-        click.echo(json.dumps(report))
+        click.echo(_json(report))
     else:
         print_report(report, click.echo)
 
@@ -157,7 +186,7 @@ def summary(config, overrides, batch_size, as_json):
     cfg = load_config(config, overrides)
     model = build_model(cfg.model, seed=cfg.seed, fuse=False)
     info = summarize(model, batch_size=batch_size if batch_size is not None else cfg.data.batch_size)
-    click.echo(json.dumps(info) if as_json else format_summary(info))
+    click.echo(_json(info) if as_json else format_summary(info))
 
 
 @cli.command()
@@ -192,7 +221,7 @@ def predict(checkpoint, inputs, top_k, resize, invert, no_normalize, batch_size,
     for note in result["notes"]:
         click.echo(f"Note: {note}", err=True)
     if as_json:
-        click.echo(json.dumps(result["predictions"]))
+        click.echo(_json(result["predictions"]))
     else:
         click.echo(format_predictions(result["predictions"]))
 
@@ -216,9 +245,16 @@ def main(argv=None):
     """Console entry point: user mistakes -> one line and exit 2; interrupts -> 130/143."""
     from .errors import UserError
 
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        # Before training installs its own handler (and after), SIGTERM stops like Ctrl-C: exit 143, one
+        # line, the cleanup of `finally` blocks run (a lock released, a staging folder removed).
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="fastcnn", standalone_mode=False)
-    except click.exceptions.Abort:  # click's name for a KeyboardInterrupt it caught
+    except click.exceptions.Abort as e:  # click's name for a KeyboardInterrupt it caught
+        if isinstance(e.__cause__ or e.__context__, Terminated):
+            _error("terminated")
+            sys.exit(143)
         _error("interrupted")
         sys.exit(130)
     except click.ClickException as e:
@@ -228,12 +264,19 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except UserError as e:
         _error(str(e))
-        sys.exit(EXIT_USER_ERROR)
+        # OutputError while saving after a signal: 130/143, as the signal would have given.
+        sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
+    except Terminated:
+        _error("terminated")
+        sys.exit(143)
     except KeyboardInterrupt:
         _error("interrupted")
         sys.exit(130)
     except MemoryError:
-        _error("out of memory: try a smaller data.batch_size, data.num_train or model")
+        _error(_out_of_memory_message(argv))
+        sys.exit(EXIT_USER_ERROR)
+    except RecursionError:
+        _error("input nested too deeply to process (a hostile or damaged file?)")
         sys.exit(EXIT_USER_ERROR)
     except Exception as e:  # noqa: BLE001 - the last line of defence
         from .train import Interrupted, TrainingDiverged
@@ -250,6 +293,26 @@ def main(argv=None):
             sys.exit(e.code)
         raise
     sys.exit(0)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which handles it itself)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _out_of_memory_message(argv):
+    """Out of memory, said without guessing a cause it cannot know (input files are bounded before reading)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command == "train":
+        return ("out of memory while training: the model, data.batch_size or data.num_train may be too large "
+                "for this machine")
+    if command in ("eval", "predict", "bench"):
+        return f"out of memory in fastcnn {command}: try a smaller --batch-size"
+    return "out of memory"
 
 
 def _resume_args(checkpoint):

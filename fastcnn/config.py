@@ -265,20 +265,10 @@ def validate_section(name, raw):
 def load_config(path, overrides=()):
     """Read a YAML file, apply ``KEY=VALUE`` overrides, validate. Returns a Section."""
     path = os.fspath(path)
-    try:
-        if os.path.isdir(path):
-            raise ConfigError("", f"config path is a folder, not a YAML file: {path}")
-        if os.path.getsize(path) > MAX_CONFIG_BYTES:
-            raise ConfigError("", f"{path}: {os.path.getsize(path):,} bytes is too large for a config file "
-                                  f"(at most {MAX_CONFIG_BYTES:,})")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ConfigError("", f"config file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError("", f"{path}: not a text (UTF-8) YAML file (byte {e.start} is not UTF-8)") from None
-    except OSError as e:
-        raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
+    text = _read_config_text(path)
+    for item in overrides:  # a --set value is YAML too: the same bounds before it is parsed
+        _check_yaml_size(item.partition("=")[2], "--set " + _echo(item.partition("=")[0], 80))
+    _check_yaml_size(text, path)
     try:
         raw = parse_yaml(text)
     except _DuplicateKey as e:
@@ -291,6 +281,8 @@ def load_config(path, overrides=()):
         if context and cmark:
             problem += f" ({context} started at line {cmark.line + 1})"
         raise ConfigError("", f"{path}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError("", f"{path}: the YAML nests too deeply") from None
     if raw is None:
         raise ConfigError("", f"{path}: the config file is empty")
     if not isinstance(raw, dict):
@@ -299,6 +291,92 @@ def load_config(path, overrides=()):
     for item in overrides:
         apply_override(raw, item)
     return validate(raw)
+
+
+def _read_config_text(path):
+    """A config file's text: a regular file (never a FIFO, which would block, or a device, which never
+    ends) of at most MAX_CONFIG_BYTES bytes, read through one descriptor."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"config path is a folder, not a YAML file: {path}") from None
+    except OSError as e:
+        raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError("", f"config path is a folder, not a YAML file: {path}")
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a device" if
+                    stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+            raise ConfigError("", f"{path}: is {kind}, not a YAML file (configs are read from regular files)")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("", f"{path}: {st.st_size:,} bytes is too large for a config file "
+                                  f"(at most {MAX_CONFIG_BYTES:,})")
+        try:
+            os.set_blocking(fd, True)
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as e:
+            raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("", f"{path}: more than {MAX_CONFIG_BYTES:,} bytes; too large for a config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{path}: not a text (UTF-8) YAML file (byte {e.start} is not UTF-8)") from None
+
+
+MAX_YAML_NODES = 1_000_000  # values after expanding YAML aliases (a "billion laughs" file has 10**9)
+
+
+def _check_yaml_size(text, where):
+    """ConfigError when the YAML would expand (aliases) to more than MAX_YAML_NODES values or nests too deeply.
+
+    Counted on the node graph, each shared (aliased) node once per use, before anything is built.
+    """
+    if "*" not in text:  # no alias: the text's own size bounds it
+        return
+    try:
+        root = yaml.compose(text, Loader=ConfigLoader)
+    except (yaml.YAMLError, RecursionError):
+        return  # parse_yaml reports it
+    sizes, open_nodes = {}, set()
+    stack = [(root, False)] if root is not None else []
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if key in sizes and not done:
+            continue
+        if not done and key in open_nodes:
+            raise ConfigError("", f"{where}: a YAML alias refers to a value that contains it (a recursive "
+                                  f"structure); configs cannot be recursive")
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if not done:
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+            continue
+        open_nodes.discard(key)
+        sizes[key] = 1 + sum(sizes.get(id(c), 1) for c in children)
+        if sizes[key] > MAX_YAML_NODES:
+            raise ConfigError("", f"{where}: the YAML expands to more than {MAX_YAML_NODES:,} values "
+                                  f"(nested aliases); refusing to build it")
+
+
+def _echo(value, limit=200):
+    """A value for an error message: its repr, cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text):,} characters)"
+    return text
 
 
 def _parse_key_path(key):
@@ -340,7 +418,7 @@ def _schema_has(parts, raw):
 def apply_override(raw, item):
     """Apply one ``KEY=VALUE`` (VALUE parsed as YAML) to the raw mapping in place."""
     if "=" not in item:
-        raise ConfigError("--set", f"expected KEY=VALUE, got {item!r}")
+        raise ConfigError("--set", f"expected KEY=VALUE, got {_echo(repr(item))}")
     key, _, text = item.partition("=")
     key = key.strip()
     parts = _parse_key_path(key)

@@ -6,22 +6,59 @@ import os
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointFile, open_checkpoint
 from .config import validate
 from .errors import CheckpointError, ConfigError
 
 
-def model_from_checkpoint(checkpoint):
-    """(config, model) rebuilt from a loaded checkpoint's meta and arrays."""
-    from .model import build_model
-
+def config_from_checkpoint(checkpoint):
+    """The validated config saved in a checkpoint's meta (CheckpointError when absent or invalid)."""
     raw = checkpoint.meta.get("config")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{checkpoint.path}: no config in its meta; not a fastcnn training checkpoint")
     try:
-        cfg = validate(raw)
+        return validate(raw)
     except ConfigError as e:
         raise CheckpointError(f"{checkpoint.path}: its saved config is invalid ({e})") from None
+
+
+def check_parameter_shapes(cfg, opened: CheckpointFile) -> None:
+    """The model the saved config describes must be the one whose arrays the file holds.
+
+    Checked from the config's shape plan and the file's .npy headers, before any model is built:
+    a meta declaring a model of hundreds of millions of parameters beside a small file is refused
+    without allocating it.
+    """
+    from .layers import plan_shapes
+
+    for i, (layer, in_shape, _) in enumerate(plan_shapes(cfg.model)):
+        for name, shape in layer.parameter_shapes(in_shape).items():
+            key = f"layers.{i}.{name}"
+            stored = opened.shapes.get(key)
+            if stored is None:
+                raise CheckpointError(f"{opened.path}: its saved config describes {key} of shape {tuple(shape)}, "
+                                      f"which the file does not hold")
+            if tuple(stored) != tuple(shape):
+                raise CheckpointError(f"{opened.path}: {key}: shape {tuple(stored)} in the file, {tuple(shape)} "
+                                      f"in its saved config")
+
+
+def load_model_checkpoint(path):
+    """(checkpoint, config, model) of a checkpoint file, every size checked before it is allocated."""
+    with open_checkpoint(path) as opened:
+        cfg = config_from_checkpoint(opened)
+        check_parameter_shapes(cfg, opened)
+        checkpoint = opened.load()
+    cfg, model = model_from_checkpoint(checkpoint, cfg)
+    return checkpoint, cfg, model
+
+
+def model_from_checkpoint(checkpoint, cfg=None):
+    """(config, model) rebuilt from a loaded checkpoint's meta and arrays."""
+    from .model import build_model
+
+    if cfg is None:
+        cfg = config_from_checkpoint(checkpoint)
     model = build_model(cfg.model, seed=cfg.seed)
     try:
         model.load_state_dict(checkpoint.model)
@@ -69,18 +106,29 @@ def metrics_from_confusion(confusion, total_loss: float | None = None) -> dict:
 
 
 def evaluate_checkpoint(path: str | os.PathLike, data_root: str | None = None, batch_size: int = 500,
-                        threads: int | None = None) -> dict:
+                        threads: int | None = None, data_path: str | None = None, log=None) -> dict:
     """Test-set metrics of a checkpoint: accuracy, loss, per-class accuracy, count, dataset, class names,
-    confusion_matrix (rows: true class, columns: predicted class)."""
-    from .data import load_dataset
+    confusion_matrix (rows: true class, columns: predicted class).
+
+    The data is found where the caller says: ``data_root`` (else $FASTCNN_DATA, else the user cache)
+    and, for folder/npz datasets, ``data_path`` (else the checkpoint's data.path, which is only read).
+    A checkpoint's own data.root is ignored: a file never decides where folders are created or
+    downloads go.
+    """
+    from .data import load_dataset, resolve_root
     from .runtime import set_threads
 
-    checkpoint = load_checkpoint(path)
-    cfg, model = model_from_checkpoint(checkpoint)
+    checkpoint, cfg, model = load_model_checkpoint(path)
     set_threads(threads, key="--threads")
     d = cfg.data
-    extra = {key: d[key] for key in ("path", "resize") if d.get(key) is not None}  # folder / npz datasets
-    ds = load_dataset(d.dataset, data_root if data_root is not None else d.root,
+    saved_root = d.get("root")
+    if data_root is None and saved_root and log is not None and d.dataset in ("mnist", "fashion-mnist", "cifar10"):
+        log(f"Note: reading {d.dataset} from {resolve_root(None)} (the checkpoint's data.root {saved_root!r} is "
+            f"not used; pass --data-root to choose)")
+    extra = {"resize": d.resize} if d.get("resize") is not None else {}
+    if d.get("path") is not None or data_path is not None:  # folder / npz datasets
+        extra["path"] = data_path if data_path is not None else d.path
+    ds = load_dataset(d.dataset, data_root,
                       input_shape=tuple(cfg.model.input_shape), num_classes=cfg.model.num_classes,
                       num_train=d.num_train, num_test=d.num_test, seed=cfg.seed, **extra)
     result = evaluate(model, ds.x_test, ds.y_test, batch_size=batch_size)

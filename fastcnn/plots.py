@@ -48,8 +48,16 @@ def _figure(**kwargs):
 
 
 def _save(fig, path):
+    """Render to memory, then write atomically: a kill never leaves half a PNG."""
+    import io
+
+    from .checkpoint import atomic_write_bytes
+
+    ext = os.path.splitext(os.fspath(path))[1][1:].lower()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format=ext if ext in fig.canvas.get_supported_filetypes() else "png")
     try:
-        fig.savefig(path, dpi=120)
+        atomic_write_bytes(path, buffer.getvalue())
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     return str(path)

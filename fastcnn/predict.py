@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from .errors import UserError
+from .safeio import MAX_IMAGE_PIXELS, MAX_NPY_BYTES, UnsafeFile, file_kind, open_regular, read_npy_bounded
 
 IMAGES_EXTRA = "pip install 'fastcnn[images]'"
 NPY_SUFFIXES = (".npy",)
@@ -97,6 +98,8 @@ def _check_file(path):
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):
         raise InputError(f"{path}: is a folder, not an image or .npy file")
+    if not os.path.isfile(path):  # a FIFO would block the read forever, a device never end
+        raise InputError(f"{path}: {file_kind(os.stat(path).st_mode)}, not an image or .npy file")
 
 
 def _convert_channels(x, channels, path):
@@ -154,25 +157,31 @@ def _to_unit(arr, path):
 
 
 def read_npy(path, input_shape):
-    """An .npy file -> float32 (N, H, W, C') in pixel units, before channel/size fitting."""
+    """An .npy file -> float32 (N, H, W, C') in pixel units, before channel/size fitting.
+
+    The header is checked against the file's size before anything is allocated: a header declaring
+    more data than the file holds is refused, never allocated.
+    """
     _check_file(path)
     try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
+        f, size = open_regular(path, MAX_NPY_BYTES)
+    except UnsafeFile as e:
+        raise InputError(f"{path}: {e}") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if magic[:4] == b"PK\x03\x04":
-        raise InputError(f"{path}: is an .npz archive; save one array with np.save")
-    if magic != b"\x93NUMPY":
-        raise InputError(f"{path}: not a valid .npy array (no NumPy header)")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise InputError(f"{path}: holds object arrays (pickled data); refusing to load it") from None
-        raise InputError(f"{path}: not a valid .npy array ({e})") from None
-    except (OSError, EOFError) as e:
-        raise InputError(f"{path}: cannot read it as .npy ({e})") from None
+    with f:
+        magic = f.read(6)
+        if magic[:4] == b"PK\x03\x04":
+            raise InputError(f"{path}: is an .npz archive; save one array with np.save")
+        if magic != b"\x93NUMPY":
+            raise InputError(f"{path}: not a valid .npy array (no NumPy header)")
+        f.seek(0)
+        try:
+            arr = read_npy_bounded(f, size)
+        except UnsafeFile as e:
+            raise InputError(f"{path}: not a valid .npy array ({e})") from None
+        except (OSError, EOFError) as e:
+            raise InputError(f"{path}: cannot read it as .npy ({e})") from None
     h, w, _ = input_shape
     shape = arr.shape
     if arr.ndim == 2:                                   # one (H, W) image
@@ -205,6 +214,9 @@ def read_image(path, input_shape, resize=False):
     bilinear = getattr(Image, "Resampling", Image).BILINEAR
     try:
         with Image.open(path) as img:
+            if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:  # from the header, before decoding
+                raise InputError(f"{path}: image is {img.size[1]}x{img.size[0]} pixels, more than the "
+                                 f"{MAX_IMAGE_PIXELS:,} an input may have")
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I") and channels == 1:  # 16-bit gray: keep the range
                 arr = np.asarray(img, np.float32)
@@ -257,13 +269,11 @@ def predict_inputs(checkpoint_path, inputs, top_k=3, batch_size=256, resize=Fals
     Returns {"predictions": [{"input", "file", "index", "top": [{"class", "name", "probability"}, ...]}, ...],
     "notes": [str, ...]} with ``top`` sorted by probability, ``top_k`` long (at most num_classes).
     """
-    from .checkpoint import load_checkpoint
-    from .evaluate import model_from_checkpoint
+    from .evaluate import load_model_checkpoint
 
     if not inputs:
         raise UserError("no input given: pass image files (PNG/JPEG) or .npy arrays")
-    checkpoint = load_checkpoint(checkpoint_path)
-    cfg, model = model_from_checkpoint(checkpoint)
+    checkpoint, cfg, model = load_model_checkpoint(checkpoint_path)
     input_shape = tuple(int(s) for s in cfg.model.input_shape)
     labels, x = load_inputs(inputs, input_shape, resize=resize)
     notes = []

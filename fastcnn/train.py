@@ -5,23 +5,34 @@ NaN/Inf check, optional clipping, optimizer step; a script calling it over the
 batches of ``fastcnn.data.BatchLoader`` trains as ``fastcnn train`` does.
 Around it the trainer adds the learning-rate schedule, augmentation, the NaN
 policy (``train.on_nan``), metrics.jsonl and checkpoints (last.npz, best.npz).
+
+The output folder is the run's alone (fastcnn/rundir.py: a lock, --overwrite by
+folder swap). An epoch ends with best.npz (when the validation accuracy
+improved), then last.npz, then metrics.jsonl, each written atomically, so a
+kill at any instant leaves files that agree: metrics.jsonl is the history of
+last.npz or one epoch short of it, best.npz is the best epoch of last.npz's
+history or of the epoch being finished (which a resume recomputes bit for bit).
+A resume rewrites metrics.jsonl from the checkpoint's history.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
+import stat
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, faults
 from .config import ConfigError, to_dict, to_yaml
 from .errors import UserError
 from .evaluate import evaluate
+from .rundir import RUN_FILES, OutputError, RunFolder, RunLock, describe_oserror
 from .runtime import set_threads, warm_up
+from .safeio import dumps_json, file_kind
 from .step import StepResult, named_layers, train_step
 
 
@@ -42,9 +53,12 @@ class _StopFlag:
     atomically, so that never leaves a broken file).
     """
 
-    def __init__(self):
+    def __init__(self, ignore_after: bool = False):
         self.signum = None
         self._old = {}
+        # The CLI exits right after a stop: further signals are then ignored rather than restored to
+        # Python's default (which would raise KeyboardInterrupt while it prints the resume command).
+        self.ignore_after = ignore_after
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -61,20 +75,8 @@ class _StopFlag:
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            signal.signal(sig, signal.SIG_IGN if self.ignore_after and self.signum is not None else old)
         return False
-
-
-def prepare_output_dir(path):
-    """Create the output folder and prove it is writable, before any training."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"output.dir: cannot write to {path}: {e.strerror or e}") from None
 
 
 def load_data(cfg, progress=True):
@@ -105,6 +107,7 @@ class TrainingDiverged(Exception):
 
 
 CHECKPOINT_FILES = ("last.npz", "best.npz")
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
 def _checked_meta(meta, path):
@@ -138,20 +141,25 @@ def _checked_meta(meta, path):
     for key in ("schedule", "early_stopping"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             fail(key, "must be a mapping")
+    run_id = meta.get("run_id")
+    if run_id is not None and (not isinstance(run_id, str) or not run_id.isalnum() or len(run_id) > 64):
+        fail("run_id", "must be a short alphanumeric string")
+    out["run_id"] = run_id
     return out
 
 
 class NanPolicy:
     """``train.on_nan`` for a step whose loss or gradient holds a NaN or Inf.
 
-    ``stop``: TrainingDiverged (the last good checkpoint stays). ``skip``: the step is
-    dropped and counted, and the batch-norm running statistics its forward updated are
-    restored (``before_step`` saves them).
+    ``stop``: TrainingDiverged, whose message says which checkpoints are kept (``kept()``).
+    ``skip``: the step is dropped and counted, and the batch-norm running statistics its forward
+    updated are restored (``before_step`` saves them).
     """
 
-    def __init__(self, model: Any, on_nan: str, skipped: int = 0):
+    def __init__(self, model: Any, on_nan: str, skipped: int = 0, kept: Callable[[], str] | None = None):
         self.skip = on_nan == "skip"
         self.skipped = skipped
+        self.kept = kept or (lambda: "the last good checkpoint is kept")
         self._buffers = [b for _, b in model.named_buffers()]
         self._saved = [np.empty_like(b) for b in self._buffers] if self.skip else []
 
@@ -162,8 +170,8 @@ class NanPolicy:
     def on_fault(self, fault: str, where: str) -> str:
         """Raise TrainingDiverged (stop) or undo the step's side effects (skip): the line to print."""
         if not self.skip:
-            raise TrainingDiverged(f"training diverged at {where}: {fault}; the last good "
-                                   f"checkpoint is kept (train.on_nan: skip skips such steps)")
+            raise TrainingDiverged(f"training diverged at {where}: {fault}; {self.kept()} "
+                                   f"(train.on_nan: skip skips such steps)")
         for src, dst in zip(self._saved, self._buffers):
             np.copyto(dst, src)
         self.skipped += 1
@@ -194,23 +202,40 @@ def epoch_record(epoch: int, step: int, running: dict, val: dict, lr: float, ski
     }
 
 
-def append_metrics(path: str, record: dict) -> None:
-    """One JSON line per epoch."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def metrics_text(history: list) -> str:
+    """metrics.jsonl's content: one strict-JSON line per epoch record (NaN/Inf as null)."""
+    return "".join(dumps_json(record) + "\n" for record in history)
+
+
+def best_epoch(history: list) -> int | None:
+    """The epoch (counted from 1) best.npz holds for this history: the first with the highest val_accuracy."""
+    best, epoch = None, None
+    for record in history:
+        value = record.get("val_accuracy") if isinstance(record, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and (
+                best is None or value > best):
+            best, epoch = value, record.get("epoch")
+    return epoch
 
 
 class Trainer:
     """Runs ``cfg.train.epochs`` epochs; writes metrics.jsonl, last.npz, best.npz and config.yaml."""
 
     def __init__(self, cfg: Any, resume: str | None = None, overwrite: bool = False, progress: bool = True,
-                 log: Callable[[str], Any] = print, started: float | None = None):
+                 log: Callable[[str], Any] = print, started: float | None = None,
+                 ignore_signals_after_stop: bool = False):
         self.cfg = cfg
+        self.ignore_signals_after_stop = ignore_signals_after_stop
         self.resume = resume
         self.overwrite = overwrite
         self.progress = progress
         self.log = log
         self.started = started if started is not None else time.perf_counter()
+        self.folder: RunFolder | None = None
+        self.run_id = None
+        # What each checkpoint in output.dir holds, in words, once this run wrote (or resumed from) it.
+        self.on_disk: dict = {"last.npz": None, "best.npz": None}
+        self._stop = None
 
     # -- checkpoints -----------------------------------------------------------
     @property
@@ -228,6 +253,8 @@ class Trainer:
             # The batch order is a pure function of (seed, epoch) and nothing else draws random numbers
             # during training, so (epoch, batch) above is the whole RNG state.
             "rng": {"loader_seed": self.cfg.seed},
+            # Which run wrote it: last.npz, best.npz and config.yaml of one folder always name the same run.
+            "run_id": self.run_id,
             # What `fastcnn predict` needs to preprocess new images as the training data was.
             "class_names": list(self.dataset.class_names),
             "data_stats": ({"mean": [float(v) for v in np.ravel(self.dataset.mean)],
@@ -236,18 +263,71 @@ class Trainer:
         }
 
     def _save(self, name: str, epoch: int, batch_in_epoch: int, running: dict | None) -> str:
+        """Write checkpoint ``name`` atomically; OutputError (one line, what is intact) when it fails."""
         from .checkpoint import save_checkpoint
 
-        path = os.path.join(self.out_dir, name)
-        save_checkpoint(path, self.model.state_dict(), self.opt.state_dict(),
-                        self.checkpoint_meta(epoch, batch_in_epoch, running))
-        return path
+        path = self.folder.file(name)
+        try:
+            save_checkpoint(path, self.model.state_dict(), self.opt.state_dict(),
+                            self.checkpoint_meta(epoch, batch_in_epoch, running))
+        except OSError as e:
+            raise self._output_error(path, e) from None
+        self.on_disk[name] = (f"epoch {epoch}, batch {batch_in_epoch}" if batch_in_epoch
+                              else f"end of epoch {epoch}" if name == "last.npz" else f"epoch {epoch}")
+        return self.folder.final(name)
 
-    def _save_epoch_end(self, epoch: int, improved: bool) -> None:
-        """last.npz after every epoch, best.npz when the validation accuracy improved."""
-        self._save("last.npz", epoch + 1, 0, None)
-        if improved:
-            self._save("best.npz", epoch + 1, 0, None)
+    def _write_text(self, name: str, text: str) -> None:
+        """Write a text file of the run atomically; OutputError when it fails."""
+        from .checkpoint import atomic_write_bytes
+
+        path = self.folder.file(name)
+        try:
+            atomic_write_bytes(path, text.encode("utf-8"))
+        except OSError as e:
+            raise self._output_error(path, e) from None
+
+    def _write_metrics(self) -> None:
+        """metrics.jsonl from the history (rewritten whole, atomically: never a torn or repeated line)."""
+        self._write_text("metrics.jsonl", metrics_text(self.history))
+
+    def _commit(self) -> None:
+        """--overwrite: once the first checkpoint is written, the new run's folder replaces the old one."""
+        if self.folder.committed:
+            return
+        try:
+            self.folder.commit()
+        except OSError as e:
+            raise self._output_error(self.folder.path, e, "replace the earlier run in") from None
+        self.log(f"Replaced the earlier run in {self.out_dir} (--overwrite)")
+
+    def _kept(self) -> str:
+        """Which checkpoints of output.dir are intact, in words (for error messages)."""
+        if self.folder is None:
+            return "nothing was written"
+        if not self.folder.committed:
+            return f"the earlier run in {self.out_dir} is untouched"
+        parts = [f"{name} ({what})" for name, what in self.on_disk.items() if what]
+        if not parts:
+            return f"no checkpoint was written yet; {self.out_dir} holds none"
+        return " and ".join(parts) + (" are" if len(parts) > 1 else " is") + f" intact in {self.out_dir}"
+
+    def _output_error(self, path: str, e: OSError, verb: str = "write") -> OutputError:
+        signum = self._stop.signum if self._stop is not None else None
+        reason = describe_oserror(e, path)
+        if "no longer exists" in reason:
+            kept = "the checkpoints written so far moved with it"
+        else:
+            for name in CHECKPOINT_FILES:  # one replaced by something else meanwhile is not intact
+                if self.on_disk[name] and self.folder is not None and not os.path.isfile(self.folder.file(name)):
+                    self.on_disk[name] = None
+            kept = self._kept()
+        prefix = f"interrupted by {SIGNAL_NAMES.get(signum, signum)}, but " if signum else ""
+        message = f"{prefix}cannot {verb} {path}: {reason}; {kept}"
+        resume_from = next((n for n in CHECKPOINT_FILES if self.on_disk[n]), None)
+        if resume_from and self.folder is not None and self.folder.committed and not signum \
+                and "no longer exists" not in reason:
+            message += f" (continue with --resume {os.path.join(self.out_dir, resume_from)})"
+        return OutputError(message, exit_code=128 + signum if signum else 2)
 
     # -- setup -------------------------------------------------------------------
     def _needs_drop_last(self, n_train: int) -> bool:
@@ -266,32 +346,72 @@ class Trainer:
             return True
         return False
 
-    def _check_output(self) -> None:
-        """Never silently replace another run's checkpoints."""
-        existing = [n for n in CHECKPOINT_FILES if os.path.exists(os.path.join(self.out_dir, n))]
-        if not existing or self.resume:
-            return
-        if not self.overwrite:
-            raise UserError(f"output.dir: {self.out_dir} already holds a run ({', '.join(existing)}); pass "
-                            f"--overwrite to replace it, --resume {os.path.join(self.out_dir, 'last.npz')} to "
+    def _check_output(self) -> str:
+        """How this run will use output.dir ('fresh', 'resume' or 'overwrite'); nothing is written yet.
+
+        Never silently replaces another run's checkpoints; a file or folder in the way is an error now,
+        not a traceback after the first epoch.
+        """
+        out = self.out_dir
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise UserError(f"output.dir: {out} is {self._kind(out)}, not a folder; pass --set output.dir=OTHER")
+        if os.path.isdir(out):
+            RunLock(out).check_free()  # a live run there: say so before anything else
+        present = [n for n in RUN_FILES if os.path.lexists(os.path.join(out, n))]
+        checkpoints = [n for n in CHECKPOINT_FILES if n in present]
+        if self.resume:
+            mode = "resume"
+        elif checkpoints and not self.overwrite:
+            raise UserError(f"output.dir: {out} already holds a run ({', '.join(checkpoints)}); pass "
+                            f"--overwrite to replace it, --resume {os.path.join(out, 'last.npz')} to "
                             f"continue it, or --set output.dir=OTHER")
-        for name in (*CHECKPOINT_FILES, "metrics.jsonl"):
-            path = os.path.join(self.out_dir, name)
-            if os.path.exists(path):
-                os.unlink(path)
+        elif present and self.overwrite:
+            mode = "overwrite"
+        else:
+            mode = "fresh"
+        if mode != "overwrite":
+            for name in present:
+                path = os.path.join(out, name)
+                if os.path.islink(path) or not os.path.isfile(path):
+                    raise UserError(f"output.dir: {path} is {self._kind(path)}, not a file; move it away"
+                                    + (" (or pass --overwrite)" if mode == "fresh" else ""))
+        return mode
+
+    @staticmethod
+    def _kind(path: str) -> str:
+        if os.path.islink(path):
+            return "a symbolic link"
+        try:
+            mode = os.stat(path).st_mode
+            return "a file" if stat.S_ISREG(mode) else file_kind(mode)
+        except OSError:
+            return "unreadable"
 
     def _load(self):
         """Data, model and optimizer; the checkpoint's state when resuming. Returns the loaded pieces."""
-        from .checkpoint import load_checkpoint
+        from .checkpoint import open_checkpoint
+        from .errors import CheckpointError
         from .model import build_model
         from .optim import build_optimizer
         from .schedules import EarlyStopping, build_schedule
 
         cfg = self.cfg
-        checkpoint = load_checkpoint(self.resume) if self.resume else None
-        # Model and checkpoint are checked before any data is read.
-        self.model = build_model(cfg.model, seed=cfg.seed)
-        self.opt = build_optimizer(cfg.train.optimizer, self.model.parameters())
+        # The checkpoint's meta and array shapes are checked before any data is read, and before
+        # its arrays are: they must fit the model this config describes.
+        opened = open_checkpoint(self.resume) if self.resume else None
+        try:
+            self.model = build_model(cfg.model, seed=cfg.seed)
+            self.opt = build_optimizer(cfg.train.optimizer, self.model.parameters())
+            checkpoint = None
+            if opened is not None:
+                try:
+                    opened.check_shapes({k: v.shape for k, v in self.model._state_arrays().items()})
+                except CheckpointError as e:
+                    raise UserError(f"--resume {self.resume}: does not match the config's model: {e}") from None
+                checkpoint = opened.load()
+        finally:
+            if opened is not None:
+                opened.close()
         self.schedule = build_schedule(cfg.train.schedule, cfg.train.optimizer["lr"], cfg.train.epochs)
         es = cfg.train.early_stopping
         self.early_stopping = EarlyStopping(**es) if es else None
@@ -309,6 +429,7 @@ class Trainer:
             self.position = (checked["epoch"], checked["batch"], checked["running"])
             self.best_accuracy = checked["best_accuracy"]
             self.history = checked["history"]
+            self.run_id = checked["run_id"]
             skipped_steps = checked["skipped_steps"]
             meta = checkpoint.meta
             try:
@@ -323,9 +444,93 @@ class Trainer:
             if saved_threads is not None and saved_threads != self.threads:
                 self.log(f"Note: the checkpoint was written with {saved_threads} thread(s), this run uses "
                          f"{self.threads}")
+        if self.run_id is None:
+            self.run_id = uuid.uuid4().hex[:16]
         # Batch-norm running statistics are restored when a step is skipped (on_nan: skip).
-        self.nan_policy = NanPolicy(self.model, cfg.train.on_nan, skipped_steps)
+        self.nan_policy = NanPolicy(self.model, cfg.train.on_nan, skipped_steps, kept=self._kept)
         return load_data(cfg, self.progress)
+
+    def _open_output(self, mode: str) -> None:
+        """Lock output.dir (or stage an --overwrite beside it), clean leftovers, reconcile a resumed run."""
+        self.folder = RunFolder(self.out_dir, mode)
+        try:
+            self.folder.open()
+        except OSError as e:
+            self.folder.close()
+            raise UserError(f"output.dir: cannot write to {self.out_dir}: {describe_oserror(e, self.out_dir)}"
+                            ) from None
+        except BaseException:
+            self.folder.close()
+            raise
+        for note in self.folder.notes:
+            self.log(f"Note: {self.out_dir}: {note}")
+        out = self.out_dir
+        if mode == "fresh":
+            # Another run may have finished here between the check and the lock.
+            checkpoints = [n for n in CHECKPOINT_FILES if os.path.lexists(os.path.join(out, n))]
+            if checkpoints:
+                raise UserError(f"output.dir: {out} already holds a run ({', '.join(checkpoints)}), written "
+                                f"while this one started; pass --overwrite to replace it or --set "
+                                f"output.dir=OTHER")
+            for name in RUN_FILES:  # files of an earlier start that never wrote a checkpoint
+                path = os.path.join(out, name)
+                if os.path.isfile(path):
+                    try:
+                        os.unlink(path)
+                    except OSError as e:
+                        raise self._output_error(path, e, "remove") from None
+        elif mode == "resume":
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        """A resumed run's files agree with the checkpoint it resumes from, before it trains on.
+
+        metrics.jsonl is rewritten from the checkpoint's history (an epoch appended by a run killed
+        before its checkpoint, or missing because the kill came after it, is set right); best.npz is
+        restored from last.npz when a kill came between the two writes of an older version.
+        """
+        from .checkpoint import atomic_write_bytes, open_checkpoint
+
+        out = self.out_dir
+        last = os.path.join(out, "last.npz")
+        epoch, batch, _ = self.position
+        resumed_here = os.path.exists(last) and os.path.samefile(self.resume, last)
+        if resumed_here:
+            self.on_disk["last.npz"] = f"epoch {epoch}, batch {batch}" if batch else f"end of epoch {epoch}"
+        best = os.path.join(out, "best.npz")
+        best_meta = None
+        if os.path.isfile(best):
+            try:
+                with open_checkpoint(best) as opened:
+                    best_meta = opened.meta
+            except UserError:
+                best_meta = None
+        want = best_epoch(self.history)
+        have = best_meta.get("epoch") if isinstance(best_meta, dict) else None
+        if resumed_here and want is not None and want == epoch and not batch and (
+                not isinstance(have, int) or have < want):
+            try:
+                with open(last, "rb") as f:
+                    atomic_write_bytes(best, f.read())
+            except OSError as e:
+                raise self._output_error(best, e) from None
+            self.log(f"Note: best.npz was behind last.npz (an interrupted save); restored it from last.npz "
+                     f"(epoch {want})")
+            have = want
+        if isinstance(have, int):
+            self.on_disk["best.npz"] = f"epoch {have}"
+        old = None
+        try:
+            with open(os.path.join(out, "metrics.jsonl"), "rb") as f:
+                old = f.read(1 << 24).decode("utf-8", "replace")
+        except OSError:
+            pass
+        new = metrics_text(self.history)
+        if old != new:
+            self._write_metrics()
+            if old:
+                self.log(f"Note: metrics.jsonl rewritten from the checkpoint's history ({len(self.history)} "
+                         f"epoch(s); it held {old.count(chr(10))} line(s))")
 
     def _prepare(self):
         """Everything before the first step: output checks, model, data, config.yaml, kernels.
@@ -337,32 +542,27 @@ class Trainer:
         cfg = self.cfg
         self.threads = set_threads(cfg.train.threads)
         self.out_dir = cfg.output.dir
-        self._check_output()
+        mode = self._check_output()
         x_train, y_train, x_val, y_val, ds = self._load()
         self.dataset = ds
-        # Everything the run needs is loaded and checked: only now create the output folder, so a
-        # failed start leaves nothing behind (its writability is still checked before any training).
-        prepare_output_dir(self.out_dir)
         start_epoch, start_batch, running = self.position
         self.loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, reuse=True,
                                   drop_last=self._needs_drop_last(len(x_train)))
         if start_batch > len(self.loader):
             raise UserError(f"--resume {self.resume}: saved at batch {start_batch} of an epoch of "
                             f"{len(self.loader)} batches (data.batch_size or data.num_train changed since)")
+        # Everything the run needs is loaded and checked: only now create (and lock) the output folder,
+        # so a failed start leaves nothing behind and never touches an earlier run.
+        self._open_output(mode)
         if self.resume:
             self.log(f"Resuming from {self.resume}: epoch {start_epoch + 1}, batch {start_batch}")
-
-        with open(os.path.join(self.out_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(to_yaml(cfg))
+        self._write_text("config.yaml", f"# fastcnn {__version__}, run {self.run_id}\n" + to_yaml(cfg))
+        faults.hit("start:after-config")
         self.log(f"Training on {len(x_train)} images ({ds.name}), validating on {len(x_val)}; "
                  f"{self.model.num_parameters():,} parameters; {self.threads} thread(s); output {self.out_dir}")
         warm_up(cfg.model, log=self.log, optimizer=cfg.train.optimizer,
                 clip=cfg.train.clip_grad_norm is not None)
         self.augmenter = ds.augmenter  # training batches only; None when data.augment enables nothing
-
-        self.metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
-        if not self.resume and os.path.exists(self.metrics_path):
-            os.unlink(self.metrics_path)
         return x_val, y_val, start_epoch, start_batch, running
 
     # -- the loop ----------------------------------------------------------------
@@ -370,8 +570,16 @@ class Trainer:
         """Train; returns {'history', 'best_accuracy', 'output_dir', 'skipped_steps'}.
 
         Raises Interrupted after saving when a signal stopped it, TrainingDiverged for a NaN/Inf
-        with ``train.on_nan: stop``, UserError for a bad config, checkpoint or output folder.
+        with ``train.on_nan: stop`` (or an epoch whose every step was skipped), UserError for a bad
+        config, checkpoint or output folder (OutputError when writing the output fails).
         """
+        try:
+            return self._run()
+        finally:
+            if self.folder is not None:
+                self.folder.close()
+
+    def _run(self) -> dict:
         x_val, y_val, start_epoch, start_batch, running = self._prepare()
         self._first_step_logged = False
         epochs = self.cfg.train.epochs
@@ -379,11 +587,17 @@ class Trainer:
             self.log("This run already stopped early; nothing to resume")
             start_epoch = epochs
         last = os.path.join(self.out_dir, "last.npz")
-        with _StopFlag() as stop:
+        with _StopFlag(self.ignore_signals_after_stop) as stop:
+            self._stop = stop
             for epoch in range(start_epoch, epochs):
                 first = start_batch if epoch == start_epoch else 0
                 sums = self._train_epoch(epoch, first, running or new_running(), stop)
                 running = None
+                if not sums["seen"] and len(self.loader):
+                    raise TrainingDiverged(
+                        f"every step of epoch {epoch + 1} was skipped (train.on_nan: skip; "
+                        f"{self.skipped_steps} step(s) skipped in all): the model no longer trains; "
+                        f"{self._kept()}")
                 self._end_epoch(epoch, sums, x_val, y_val)
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, last)
@@ -394,6 +608,8 @@ class Trainer:
                     break
             if epochs == start_epoch and not self.resume:
                 self._save("last.npz", epochs, 0, None)
+                self._write_metrics()
+                self._commit()
             self._plot_curves()
             if stop.signum is not None:  # arrived after the last step: everything is saved already
                 raise Interrupted(stop.signum, last)
@@ -438,7 +654,10 @@ class Trainer:
             if stop.signum is not None:
                 bar.close()
                 sums["seconds"] += time.perf_counter() - t_epoch
-                raise Interrupted(stop.signum, self._save("last.npz", epoch, b + 1, sums))
+                faults.hit("signal-save:before")
+                path = self._save("last.npz", epoch, b + 1, sums)
+                self._commit()
+                raise Interrupted(stop.signum, path)
         bar.close()
         sums["seconds"] += time.perf_counter() - t_epoch
         return sums
@@ -448,7 +667,7 @@ class Trainer:
         from .plots import save_curves
 
         try:
-            path = save_curves(self.out_dir)
+            path = save_curves(self.folder.write_dir)
         except Exception as e:  # noqa: BLE001 - the checkpoints are saved; a plot must not fail the run
             self.log(f"Warning: could not draw curves.png: {e}")
             return
@@ -456,18 +675,29 @@ class Trainer:
             self.log(f"Curves: {path}")
 
     def _end_epoch(self, epoch: int, sums: dict, x_val: np.ndarray, y_val: np.ndarray) -> None:
-        """Validate, log, append to metrics.jsonl, save last.npz (and best.npz if improved)."""
+        """Validate, log; save best.npz (if improved), then last.npz, then metrics.jsonl.
+
+        That order keeps the files in agreement at every instant (see the module doc); a resume from
+        last.npz redoes the epoch bit for bit, so a best.npz a kill left one epoch ahead is what the
+        resumed run writes again.
+        """
         val = evaluate(self.model, x_val, y_val)
         record = epoch_record(epoch, self.opt.step_count, sums, val, self.opt.lr, self.skipped_steps)
         self.history.append(record)
-        append_metrics(self.metrics_path, record)
         improved = self.best_accuracy is None or val["accuracy"] > self.best_accuracy
         if improved:
             self.best_accuracy = val["accuracy"]
         self.schedule.epoch_end(record)
         if self.early_stopping is not None and self.early_stopping.should_stop(record):
             self.stopped_early = True
-        self._save_epoch_end(epoch, improved)
+        if improved:
+            self._save("best.npz", epoch + 1, 0, None)
+        faults.hit("epoch-end:after-best")
+        self._save("last.npz", epoch + 1, 0, None)
+        faults.hit("epoch-end:after-last")
+        self._write_metrics()
+        faults.hit("epoch-end:after-metrics")
+        self._commit()
         self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs}: train loss {record['train_loss']:.4f} "
                  f"acc {record['train_accuracy']:.4f} | val loss {val['loss']:.4f} acc {val['accuracy']:.4f} | "
                  f"{record['images_per_sec']:.0f} img/s, {sums['seconds']:.1f} s" + (" (best)" if improved else ""))

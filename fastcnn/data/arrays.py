@@ -116,23 +116,54 @@ def load_npz(path, *, input_shape=None, num_classes=None):
     Returns ``(x_train, y_train, x_test, y_test, class_names, mean, std)``:
     float32 NHWC images, int64 labels, the per-channel statistics used.
     """
+    from fastcnn.safeio import NotRegularFile, ObjectArray, UnsafeFile, inspect_npz, npy_header, open_regular
+
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: file not found (data.path of the npz dataset)")
     if path.is_dir():
         raise DataError(f"{path}: is a folder, expected a .npz file with {', '.join(NPZ_KEYS)}")
     try:
-        z = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise DataError(f"{path}: holds pickled data, which is never loaded; save the arrays with "
-                            f"np.savez") from None
-        raise DataError(f"{path}: not a .npz file ({e})") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from None
-    if isinstance(z, np.ndarray):
-        raise DataError(f"{path}: holds a single array; expected a .npz archive with {', '.join(NPZ_KEYS)} "
-                        f"(np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...))")
+        f, size = open_regular(path)
+    except NotRegularFile as e:
+        raise DataError(f"{path}: {e}; expected a .npz file with {', '.join(NPZ_KEYS)}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    with f:
+        magic = f.read(6)
+        f.seek(0)
+        if magic == b"\x93NUMPY":
+            try:
+                npy_header(f)
+            except ObjectArray:
+                raise DataError(f"{path}: holds pickled data, which is never loaded; save the arrays with "
+                                f"np.savez") from None
+            except UnsafeFile as e:
+                raise DataError(f"{path}: not a .npz file ({e})") from None
+            raise DataError(f"{path}: holds a single array; expected a .npz archive with {', '.join(NPZ_KEYS)} "
+                            f"(np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...))")
+        # Every entry's header is checked against its size before anything is inflated (no zip bomb,
+        # no header declaring more than the file holds, no pickles).
+        try:
+            inspect_npz(f, size)
+        except ObjectArray as e:
+            raise DataError(f"{path}: {e.key} is an object array; only numeric arrays are read "
+                            f"(pickled data is never loaded)") from None
+        except UnsafeFile as e:
+            raise DataError(f"{path}: not a readable .npz file ({e})") from None
+        f.seek(0)
+        try:
+            z = np.load(f, allow_pickle=False)
+        except ValueError as e:
+            raise DataError(f"{path}: not a .npz file ({e})") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            raise DataError(f"{path}: not a readable .npz file ({e})") from None
+        if isinstance(z, np.ndarray):
+            raise DataError(f"{path}: holds a single array; expected a .npz archive with {', '.join(NPZ_KEYS)}")
+        return _load_npz_members(path, z, input_shape, num_classes)
+
+
+def _load_npz_members(path, z, input_shape, num_classes):
     with z:
         have = list(z.files)
         missing = [k for k in NPZ_KEYS if k not in have]

@@ -98,9 +98,14 @@ def _holdout(labels, fraction=HOLDOUT_FRACTION, seed=HOLDOUT_SEED):
 
 
 def _read(Image, path, h, w, c, resize):
+    from fastcnn.safeio import MAX_IMAGE_PIXELS
+
     mode = "L" if c == 1 else "RGB"
     try:
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:  # from the header, before decoding
+                raise DataError(f"{path}: image is {im.size[1]}x{im.size[0]} pixels, more than the "
+                                f"{MAX_IMAGE_PIXELS:,} a training image may have")
             im = im.convert(mode)
             if im.size != (w, h):
                 if not resize:

@@ -46,40 +46,85 @@ _KIND_TO_TYPE = {
 _MAX_NDIM = 16  # IDX allows 255; anything above this is surely not an IDX file
 
 
-def read_file(path, what):
-    """A data file's bytes; DataError naming the file (``what``: the kind of file expected)."""
+MAX_DATA_FILE = 1 << 30  # bytes of one data file (IDX, CIFAR-10 batch), on disk or after gunzip
+
+
+def read_file(path, what, limit=MAX_DATA_FILE):
+    """A data file's bytes; DataError naming the file (``what``: the kind of file expected).
+
+    Only a regular file of at most ``limit`` bytes is read (a FIFO would block, a device never end).
+    """
+    from fastcnn.safeio import NotRegularFile, UnsafeFile, read_regular
+
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_regular(path, limit)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, expected {what}") from None
+    except NotRegularFile as e:
+        raise DataError(f"{path}: {e}, expected {what}") from None
+    except UnsafeFile as e:
+        raise DataError(f"{path}: {e} for {what}") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def _read_bytes(path):
-    """The file's content, gunzipped if it starts with the gzip magic."""
-    data = read_file(path, "an IDX file")
-    if data[:2] == GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except EOFError:
-            raise DataError(f"{path}: truncated gzip file (the compressed stream ends early)") from None
-        except (OSError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt gzip file ({e})") from None
-    return data
+class _Bytes:
+    """Reads a file's content in pieces: plain, or gunzipped as it is read (never more than asked)."""
+
+    def __init__(self, data):
+        self.gzip = data[:2] == GZIP_MAGIC
+        self.data, self.pos = data, 0
+        if self.gzip:
+            self.d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self.tail = data
+
+    def read(self, n):
+        if not self.gzip:
+            out = self.data[self.pos:self.pos + n]
+            self.pos += len(out)
+            return out
+        out = bytearray()
+        while len(out) < n:
+            if self.d.eof:
+                rest = self.d.unused_data
+                if rest[:2] == GZIP_MAGIC:  # a further gzip member
+                    self.d, self.tail = zlib.decompressobj(16 + zlib.MAX_WBITS), rest
+                    continue
+                if rest.strip(b"\0"):
+                    raise zlib.error("data after the end of the gzip stream")
+                break
+            if not self.tail:
+                raise EOFError
+            chunk = self.d.decompress(self.tail, n - len(out))
+            self.tail = self.d.unconsumed_tail
+            out += chunk
+            if not chunk and not self.tail and not self.d.eof:
+                raise EOFError
+        return bytes(out)
 
 
 def read_idx(path, *, expect_magic=None):
     """Read an IDX file (gzip or raw) into a native-endian, writable ndarray.
 
     ``expect_magic``: if given (e.g. 2051 for images, 2049 for labels), a file
-    with any other magic number is an error.
+    with any other magic number is an error. A gzip file is inflated only as far
+    as its header says (at most MAX_DATA_FILE bytes): a gzip bomb is refused,
+    not inflated.
     """
     path = os.fspath(path)
-    data = _read_bytes(path)
+    stream = _Bytes(read_file(path, "an IDX file"))
+    try:
+        return _parse_idx(path, stream, expect_magic)
+    except EOFError:
+        raise DataError(f"{path}: truncated gzip file (the compressed stream ends early)") from None
+    except (OSError, zlib.error) as e:
+        raise DataError(f"{path}: corrupt gzip file ({e})") from None
+
+
+def _parse_idx(path, stream, expect_magic):
+    data = stream.read(4)
     if len(data) < 4:
         raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, expected at least 4)")
     magic = int.from_bytes(data[:4], "big")
@@ -90,6 +135,7 @@ def read_idx(path, *, expect_magic=None):
     if expect_magic is not None and magic != expect_magic:
         raise DataError(f"{path}: wrong IDX magic number {magic}, expected {expect_magic}")
     header_len = 4 + 4 * ndim
+    data += stream.read(4 * ndim)
     if len(data) < header_len:
         raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, expected {header_len})")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
@@ -98,13 +144,18 @@ def read_idx(path, *, expect_magic=None):
     for s in shape:
         count *= s
     body_len = count * dtype.itemsize
-    got = len(data) - header_len
-    if got < body_len:
+    if header_len + body_len > MAX_DATA_FILE:
+        raise DataError(f"{path}: its IDX header declares shape {shape} ({body_len:,} bytes), more than the "
+                        f"{MAX_DATA_FILE:,} bytes a data file may hold")
+    body = stream.read(body_len)
+    if len(body) < body_len:
         raise DataError(f"{path}: truncated IDX file: shape {shape} needs {body_len} bytes of data, "
-                        f"the file has {got}")
-    if got > body_len:
-        raise DataError(f"{path}: {got - body_len} unexpected bytes after the IDX data of shape {shape}")
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=header_len).reshape(shape)
+                        f"the file has {len(body)}")
+    extra = stream.read(1 << 20)
+    if extra:
+        more = "+" if len(extra) == 1 << 20 else ""
+        raise DataError(f"{path}: {len(extra)}{more} unexpected bytes after the IDX data of shape {shape}")
+    arr = np.frombuffer(body, dtype=dtype, count=count).reshape(shape)
     # astype copies: the result is writable, native-endian and owns its memory.
     return arr.astype(dtype.newbyteorder("="))
 
