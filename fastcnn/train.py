@@ -361,6 +361,12 @@ class Trainer:
         checkpoints = [n for n in CHECKPOINT_FILES if n in present]
         if self.resume:
             mode = "resume"
+            others = self._other_runs(checkpoints)
+            if others and self.overwrite:
+                mode = "overwrite"  # the resumed run replaces the other one once it has saved
+            elif others:
+                raise UserError(f"output.dir: {out} holds another run than the one resumed ({', '.join(others)}); "
+                                f"pass --overwrite to replace it with the resumed run, or --set output.dir=OTHER")
         elif checkpoints and not self.overwrite:
             raise UserError(f"output.dir: {out} already holds a run ({', '.join(checkpoints)}); pass "
                             f"--overwrite to replace it, --resume {os.path.join(out, 'last.npz')} to "
@@ -376,6 +382,28 @@ class Trainer:
                     raise UserError(f"output.dir: {path} is {self._kind(path)}, not a file; move it away"
                                     + (" (or pass --overwrite)" if mode == "fresh" else ""))
         return mode
+
+    def _other_runs(self, checkpoints: list) -> list:
+        """The checkpoints of output.dir written by another run than the checkpoint resumed (by run id)."""
+        from .checkpoint import open_checkpoint
+
+        def run_id(path):
+            try:
+                with open_checkpoint(path) as opened:
+                    value = opened.meta.get("run_id")
+            except UserError:
+                return None
+            return value if isinstance(value, str) else None
+
+        mine = run_id(self.resume) if os.path.isfile(self.resume) else None
+        if mine is None:
+            return []  # an older checkpoint without a run id (or a bad one, which _load reports)
+        others = []
+        for name in checkpoints:
+            theirs = run_id(os.path.join(self.out_dir, name))
+            if theirs is not None and theirs != mine:
+                others.append(f"{name} of run {theirs}")
+        return others
 
     @staticmethod
     def _kind(path: str) -> str:
@@ -481,6 +509,8 @@ class Trainer:
                         raise self._output_error(path, e, "remove") from None
         elif mode == "resume":
             self._reconcile()
+        elif self.history:  # a resumed run replacing another one (--overwrite): its metrics, in the staging folder
+            self._write_metrics()
 
     def _reconcile(self) -> None:
         """A resumed run's files agree with the checkpoint it resumes from, before it trains on.

@@ -84,6 +84,12 @@ class Soak:
             self.fail(f"{label}: {p}")
         return not problems
 
+    def epochs_left(self, out_dir):
+        """Epoch ends the next (resumed) run will reach: the N of a fault at a point's N-th time."""
+        last = os.path.join(out_dir, "last.npz")
+        done = load_checkpoint(last).meta["epoch"] if os.path.isfile(last) else 0
+        return max(1, self.args.epochs - done)
+
     @staticmethod
     def resume_args(out_dir):
         for name in ("last.npz", "best.npz"):
@@ -105,12 +111,13 @@ class Soak:
     def one_fault(self, out_dir, kind):
         """Inject one fault into a run (resumed when there is something to resume); check the result."""
         resume = self.resume_args(out_dir)
+        existed = os.path.isdir(out_dir)
         a, rng = self.args, self.rng
         expect = {0}
         second, first_ended = None, False
         if kind == "kill-point":
             point = rng.choice(KILL_POINTS)
-            nth = 1 if point.startswith("start:") else rng.randint(1, a.epochs)
+            nth = 1 if point.startswith("start:") else rng.randint(1, self.epochs_left(out_dir))
             label = f"kill@{point}#{nth}"
             if point == "signal-save:before":
                 proc = self.start(out_dir, *resume, fault=f"kill@{point}")
@@ -122,7 +129,7 @@ class Soak:
                 expect = {-9, 0}
         elif kind == "full-disk":
             name = rng.choice(DISK_FILES)
-            nth = 1 if name == "config.yaml" else rng.randint(1, a.epochs)
+            nth = 1 if name == "config.yaml" else rng.randint(1, self.epochs_left(out_dir))
             label = f"enospc@write:{name}#{nth}"
             proc = self.start(out_dir, *resume, fault=label)
             expect = {2, 0}
@@ -159,7 +166,8 @@ class Soak:
             if second.returncode != 2 or "is in use by another fastcnn run" not in second.stderr:
                 self.fail(f"{label}: the second run was not refused: exit {second.returncode}: "
                           f"{second.stderr.strip()[-300:]}")
-        self.check(out_dir, label)
+        if existed or os.path.isdir(out_dir):  # (a start stopped before its folder existed leaves none)
+            self.check(out_dir, label)
         return proc.returncode == 0
 
     @staticmethod
@@ -196,6 +204,13 @@ class Soak:
         if records(out_dir) != records(ref_dir):
             self.fail(f"{label}: metrics.jsonl differs from the reference's (timings aside)")
 
+    def check_round(self, run_dir, ref_dir, rounds):
+        before = len(self.failures)
+        if self.check(run_dir, f"round {rounds}", complete=True):
+            self.compare(run_dir, ref_dir, f"round {rounds}")
+        print(f"round {rounds} complete: " + ("bit-identical to the reference, nothing left behind"
+                                              if len(self.failures) == before else "FAILED"))
+
     def finish(self, out_dir, label):
         proc = subprocess.run(self.cmd(out_dir, *self.resume_args(out_dir)), cwd=REPO, capture_output=True,
                               text=True, timeout=1800)
@@ -220,22 +235,19 @@ class Soak:
         kinds = ["kill-time", "kill-point", "signal", "double-int", "full-disk", "concurrent"]
         weights = [4, 5, 2, 1, 2, 1]
         faults = a.faults - a.overwrites
-        done, rounds = 0, 0
+        done, rounds, in_round = 0, 0, False
         while done < faults:
             kind = self.rng.choices(kinds, weights)[0]
             finished = self.one_fault(run_dir, kind)
             done += 1
+            in_round = not finished
             if finished:  # the run completed despite the fault: check it, then start the next round
                 rounds += 1
-                if self.check(run_dir, f"round {rounds}", complete=True):
-                    self.compare(run_dir, ref_dir, f"round {rounds}")
-                print(f"round {rounds} complete: bit-identical to the reference")
+                self.check_round(run_dir, ref_dir, rounds)
                 shutil.rmtree(run_dir)
-        if os.path.exists(run_dir) and self.finish(run_dir, "last round"):
+        if in_round and self.finish(run_dir, "last round"):  # resumed once more, without a fault
             rounds += 1
-            if self.check(run_dir, "last round", complete=True):
-                self.compare(run_dir, ref_dir, "last round")
-            print(f"round {rounds} complete: bit-identical to the reference")
+            self.check_round(run_dir, ref_dir, rounds)
 
         for i in range(a.overwrites):  # --overwrite killed at random: the old run or the new one, whole
             target = os.path.join(work, f"overwrite{i}")

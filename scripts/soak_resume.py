@@ -72,8 +72,9 @@ def main():
             return 1
         last = os.path.join(run_dir, "last.npz")
         meta_line = [line for line in err.splitlines() if "Interrupted" in line]
-        print(f"kill {kills}: exit 143, {meta_line[0].strip() if meta_line else 'saved'}")
-        resume = ["--resume", last]
+        # A SIGTERM before the first step stops the run before it saved anything (exit 143 all the same).
+        print(f"kill {kills}: exit 143, {meta_line[0].strip() if meta_line else 'stopped before its first save'}")
+        resume = ["--resume", last] if os.path.exists(last) else []
 
     ref, got = arrays(os.path.join(ref_dir, "last.npz")), arrays(os.path.join(run_dir, "last.npz"))
     differing = [k for k in ref if k not in got or not np.array_equal(ref[k], got[k])]

@@ -22,6 +22,18 @@ from conftest import REPO, SMALL_CONFIG, run_cli
 TIMING = ("images_per_sec", "epoch_seconds")
 
 
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """Python's own SIGINT/SIGTERM handlers around each test: the CLI ignores signals once a run has stopped
+    on one (it is about to exit), which in this process would outlive the test."""
+    def reset():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    reset()
+    yield
+    reset()
+
+
 def argv(out_dir, *extra):
     return ["train", SMALL_CONFIG, "--set", f"output.dir={out_dir}", "--set", "train.epochs=3",
             "--set", "data.num_train=64", "--set", "data.batch_size=16", "--threads", "1", "--no-progress", *extra]

@@ -14,6 +14,18 @@ from fastcnn.rundir import LOCK_NAME, RunInUse, RunLock, config_run_id, verify_r
 from conftest import REPO, SMALL_CONFIG, run_cli
 
 
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """Python's own SIGINT/SIGTERM handlers around each test: the CLI ignores signals once a run has stopped
+    on one (it is about to exit), which in this process would outlive the test."""
+    def reset():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    reset()
+    yield
+    reset()
+
+
 def argv(out_dir, *extra):
     return ["train", SMALL_CONFIG, "--set", f"output.dir={out_dir}", "--set", "train.epochs=2",
             "--set", "data.num_train=64", "--set", "data.batch_size=16", "--threads", "1", "--no-progress", *extra]
@@ -123,16 +135,19 @@ def test_overwrite_that_fails_to_start_keeps_the_earlier_run(earlier_run, capsys
     assert not _staging(out)
 
 
-def test_overwrite_interrupted_before_its_first_checkpoint_keeps_the_earlier_run(earlier_run, capsys, monkeypatch):
+@pytest.mark.parametrize("signum, code, words", [(signal.SIGINT, 130, "interrupted"),
+                                                  (signal.SIGTERM, 143, "terminated")])
+def test_overwrite_interrupted_before_its_first_checkpoint_keeps_the_earlier_run(earlier_run, capsys, monkeypatch,
+                                                                                 signum, code, words):
     from fastcnn import train as train_module
 
-    def warm_up(*args, **kwargs):
-        raise KeyboardInterrupt
+    def warm_up(*args, **kwargs):  # a signal while the kernels load, before training handles signals
+        signal.raise_signal(signum)
 
     monkeypatch.setattr(train_module, "warm_up", warm_up)
     out, before = earlier_run
-    code, _, err = run_cli(argv(out, "--overwrite"), capsys)
-    assert code == 130 and "interrupted" in err
+    got, _, err = run_cli(argv(out, "--overwrite"), capsys)
+    assert got == code and f"Error: {words}" in err and "Traceback" not in err
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
     assert not _staging(out)
 
@@ -165,3 +180,21 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_resume_into_a_folder_of_another_run(earlier_run, tmp_path, capsys):
+    """--resume never writes one run's checkpoints beside another's; with --overwrite it replaces that run."""
+    other, before = earlier_run
+    source = tmp_path / "source"
+    code, _, err = run_cli(argv(source, "--set", "train.epochs=1", "--set", "seed=3"), capsys)
+    assert code == 0, err
+    resumed = argv(other, "--set", "seed=3", "--resume", str(source / "last.npz"))
+    code, _, err = run_cli(resumed, capsys)
+    assert code == 2 and "holds another run than the one resumed (last.npz of run" in one_line(err)
+    assert {n: (other / n).read_bytes() for n in os.listdir(other)} == before
+    code, _, err = run_cli(resumed + ["--overwrite"], capsys)
+    assert code == 0, err
+    assert verify_run(str(other), complete=True) == []
+    last = load_checkpoint(other / "last.npz")
+    assert last.meta["run_id"] == load_checkpoint(source / "last.npz").meta["run_id"]
+    assert [r["epoch"] for r in last.meta["history"]] == [1, 2]
