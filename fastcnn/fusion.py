@@ -12,19 +12,24 @@ Fused runs, first match wins at each position:
 * ``relu -> maxpool2d``               -> ActivationMaxPool2D
 * ``leaky_relu -> maxpool2d`` whose windows do not overlap -> ActivationMaxPool2D
 
-Every other layer is its own block. Results equal the unfused layers exactly,
-except the batch-norm gradients (gamma, beta and the input gradient), whose
-reductions add the same terms in another order (see fastcnn/kernels/fused.py).
+Every other layer is its own block. A block runs the kernels of its layers'
+operations with other flags (fastcnn/kernels/fused.py): the same max-pool
+scan and scatter, activation, batch-norm statistics (BatchNorm.normalization,
+which also updates the running statistics), reductions and input gradient.
+Results equal the unfused layers exactly, except after a max-pool the
+batch-norm gradients (gamma, beta and the input gradient), whose reductions add
+the winners' terms in pooled order.
 """
 import numpy as np
 
-from .kernels import fused
-from .layers.base import checked_gradient
+from .layers.base import checked_gradient, kernel_module
 from .layers.batchnorm import BatchNorm, batchnorm_eval_backward
 from .layers.leaky_relu import LeakyReLU
 from .layers.maxpool2d import MaxPool2D
 from .layers.relu import ReLU
 
+fused = kernel_module("fused")
+pooling = kernel_module("pool")
 
 class Block:
     """Base of fused blocks: the layers it runs and reusable scratch arrays."""
@@ -65,27 +70,6 @@ class Block:
         return f"{type(self).__name__}({', '.join(repr(layer) for layer in self.layers)})"
 
 
-def invstd_and_scale(gamma, var, eps, invstd, scale):
-    """invstd = 1 / sqrt(var + eps), scale = gamma * invstd, in place, correctly rounded.
-
-    In NumPy on purpose, not in a fastmath kernel: there LLVM may turn a float32
-    1/sqrt into an estimate plus a Newton step, different in the last bit from one
-    compiled kernel to another (see fastcnn/kernels/fused.py, batchnorm_stats).
-    """
-    np.add(var, eps, out=invstd)
-    np.sqrt(invstd, out=invstd)
-    np.divide(invstd.dtype.type(1), invstd, out=invstd)
-    np.multiply(gamma, invstd, out=scale)
-
-
-def _pool_args(pool):
-    return (pool.pool[0], pool.pool[1], pool.stride[0], pool.stride[1], pool.pad[0], pool.pad[1])
-
-
-def _overlaps_vertically(pool):
-    return pool.stride[0] < pool.pool[0]
-
-
 class ActivationMaxPool2D(Block):
     """ReLU (or leaky ReLU) then max-pool: one pass forward, one pass backward."""
 
@@ -102,9 +86,9 @@ class ActivationMaxPool2D(Block):
         y = self._buffer("y", (x.shape[0], *self.pool.out_shape), x.dtype)
         self.argmax = self._buffer("argmax", y.shape, np.int32)
         if self.slope is None:
-            fused.relu_maxpool2d_forward(x, y, self.argmax, *_pool_args(self.pool))
+            fused.relu_maxpool2d_forward(x, y, self.argmax, *self.pool.window_args())
         else:
-            fused.leaky_relu_maxpool2d_forward(x, x.dtype.type(self.slope), y, self.argmax, *_pool_args(self.pool))
+            fused.leaky_relu_maxpool2d_forward(x, x.dtype.type(self.slope), y, self.argmax, *self.pool.window_args())
         return y
 
     def backward(self, dy, need_input_grad=True):
@@ -112,20 +96,21 @@ class ActivationMaxPool2D(Block):
         if not need_input_grad:
             return None
         dx = self._buffer("dx", self.x_shape, dy.dtype)
-        slope = dy.dtype.type(0 if self.slope is None else self.slope)
-        fused.maxpool2d_route_backward(dy, self.argmax, slope, dx, self.pool.stride[0], self.pool.pad[0],
-                                       _overlaps_vertically(self.pool))
+        if self.slope is None:  # the MaxPool2D layer's backward: the argmax codes route or not
+            pooling.maxpool2d_backward(dy, self.argmax, dx)
+        else:
+            fused.leaky_relu_maxpool2d_backward(dy, self.argmax, dy.dtype.type(self.slope), dx)
         return dx
 
 
 class BatchNormReLU(Block):
     """Batch norm then ReLU, optionally then max-pool.
 
-    Forward: statistics (two reads of x, as the BatchNorm layer), then one
-    normalize + ReLU (+ pool) pass. Backward: one pass for both reductions
-    (over the pooled tensor when pooling) and one pass writing dx. Running
-    statistics, gamma.grad and beta.grad of the BatchNorm layer are updated
-    exactly as the layer does.
+    Forward: the BatchNorm layer's statistics (BatchNorm.normalization: two reads
+    of x, invstd, the running statistics), then one normalize + ReLU (+ pool)
+    pass. Backward: one pass for both reductions (over the pooled tensor when
+    pooling) and one pass writing dx; gamma.grad and beta.grad of the BatchNorm
+    layer are overwritten as the layer does.
     """
 
     def __init__(self, bn, relu, pool=None):
@@ -144,31 +129,13 @@ class BatchNormReLU(Block):
         dt = x.dtype
         c = x.shape[-1]
         x2 = x.reshape(-1, c)
-        eps = dt.type(bn.eps)
-        gamma, beta = bn.params["gamma"].data, bn.params["beta"].data
+        beta = bn.params["beta"].data
+        mean, scale = bn.normalization(x2, training)  # the layer's statistics (and running statistics)
         if training:
-            m = x2.shape[0]
             self.x = x
-            self.mean = self._buffer("mean", (c,), dt)
-            self.var = self._buffer("var", (c,), dt)
-            self.invstd = self._buffer("invstd", (c,), dt)
-            self.scale = self._buffer("scale", (c,), dt)
             self.beta = self._buffer("beta", (c,), dt)
             self.beta[...] = beta  # the backward recomputes z with the forward's beta
-            fused.batchnorm_stats(x2, self.mean, self.var)
-            invstd_and_scale(gamma, self.var, eps, self.invstd, self.scale)
-            # Running statistics exactly as BatchNorm.forward (the unbiased batch variance).
-            mom = bn.momentum
-            rm, rv = bn.buffers["running_mean"], bn.buffers["running_var"]
-            rm *= 1 - mom
-            rm += mom * self.mean
-            rv *= 1 - mom
-            rv += (mom * m / (m - 1)) * self.var
-            mean, scale = self.mean, self.scale
         else:
-            mean = bn.buffers["running_mean"]
-            scale = self._buffer("eval_scale", (c,), dt)
-            invstd_and_scale(gamma, bn.buffers["running_var"], eps, self._buffer("eval_invstd", (c,), dt), scale)
             self.eval_x = x  # references only, for a backward in evaluation mode (rare: nothing is recomputed
             #                  here; the backward rebuilds what it needs)
         if self.pool is None:
@@ -185,7 +152,7 @@ class BatchNormReLU(Block):
             argmax = self._buffer("eval_argmax", (1, 1, 1, 1), np.int32)
             xsel = self._buffer("eval_xsel", (1, 1, 1, 1), dt)
         fused.batchnorm_relu_maxpool2d_forward(x, mean, scale, beta, y, argmax, xsel, training,
-                                               *_pool_args(self.pool))
+                                               *self.pool.window_args())
         return y
 
     def backward(self, dy, need_input_grad=True):
@@ -200,18 +167,16 @@ class BatchNormReLU(Block):
         dx = self._buffer("dx", x.shape, x.dtype) if need_input_grad else None
         if self.pool is None:
             dx2 = dx.reshape(-1, c) if need_input_grad else x.reshape(-1, c)  # unused placeholder
-            fused.batchnorm_relu_backward(x.reshape(-1, c), dy.reshape(-1, c), gamma.data, self.mean, self.scale,
-                                          self.beta, self.invstd, dx2, gamma.grad, beta.grad, need_input_grad)
+            fused.batchnorm_relu_backward(x.reshape(-1, c), dy.reshape(-1, c), gamma.data, bn.mean, bn.scale,
+                                          self.beta, bn.invstd, dx2, gamma.grad, beta.grad, need_input_grad)
             return dx
         fused.pooled_batchnorm_reduce(dy.reshape(-1, c), self.argmax.reshape(-1, c), self.xsel.reshape(-1, c),
-                                      self.invstd, gamma.grad, beta.grad)
+                                      bn.invstd, gamma.grad, beta.grad)
         if not need_input_grad:
             return None
-        fused.batchnorm_relu_maxpool2d_backward_dx(x, dy, self.argmax, gamma.data, self.mean, self.invstd,
-                                                   gamma.grad, beta.grad, dx, self.pool.stride[0],
-                                                   self.pool.pad[0], _overlaps_vertically(self.pool))
+        fused.batchnorm_relu_maxpool2d_backward_dx(x, dy, self.argmax, gamma.data, bn.mean, bn.invstd, gamma.grad,
+                                                   beta.grad, dx)
         return dx
-
 
     def _eval_backward(self, dy, need_input_grad):
         """Backward after forward(training=False): through the pool's argmax and the ReLU mask
@@ -230,17 +195,14 @@ class BatchNormReLU(Block):
         else:
             # The winners of that forward: the training kernel (same arithmetic) rerun on the same
             # x, running mean and scale, into buffers of its own (the training caches stay).
-            scale = self._buffer("eval_scale2", (c,), dt)
-            invstd_and_scale(bn.params["gamma"].data, bn.buffers["running_var"], dt.type(bn.eps),
-                             self._buffer("eval_invstd2", (c,), dt), scale)
+            mean, scale = bn.normalization(x.reshape(-1, c), False)
             y = self._buffer("eval_y2", dy.shape, dt)
             argmax = self._buffer("eval_argmax2", dy.shape, np.int32)
             xsel = self._buffer("eval_xsel2", dy.shape, dt)
-            fused.batchnorm_relu_maxpool2d_forward(x, bn.buffers["running_mean"], scale, bn.params["beta"].data,
-                                                   y, argmax, xsel, True, *_pool_args(self.pool))
+            fused.batchnorm_relu_maxpool2d_forward(x, mean, scale, bn.params["beta"].data, y, argmax, xsel, True,
+                                                   *self.pool.window_args())
             g = self._buffer("eval_g", x.shape, dt)
-            fused.maxpool2d_route_backward(dy, argmax, dt.type(0), g, self.pool.stride[0], self.pool.pad[0],
-                                           _overlaps_vertically(self.pool))
+            pooling.maxpool2d_backward(dy, argmax, g)
         dx = self._buffer("dx", x.shape, dt) if need_input_grad else None
         return batchnorm_eval_backward(bn, x, g, dx)
 

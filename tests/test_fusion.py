@@ -1,11 +1,12 @@
 """The fusion planner and fused models against the same models run layer by layer.
 
-ReLU/leaky ReLU + max-pool blocks do the unfused arithmetic exactly, so models
-without batch norm must agree bit for bit. Batch-norm blocks differ in two
-places only, both rounding: invstd is computed correctly rounded (the layer's
-fastmath 1/sqrt may differ in the last bit in float32) and, after a pool, the
-gamma/beta reductions add the winners' terms in pooled order. Those models are
-compared with tight tolerances (float64 1e-12, float32 1e-5 relative).
+The blocks run the layers' kernels with other flags (fastcnn/kernels/fused.py),
+so models without a batch norm + ReLU + max-pool block must agree bit for bit,
+batch norm + ReLU blocks (no pool) and unfused BatchNorm layers included (the
+same statistics kernel, the same correctly rounded invstd, the same chunked
+reductions). After a max-pool the batch-norm gradients differ in rounding only:
+the gamma/beta reductions add the winners' terms in pooled order. Those models
+are compared with tight tolerances (float64 1e-12, float32 1e-5 relative).
 """
 import os
 
@@ -225,6 +226,36 @@ def test_first_layer_block_without_input_gradient(rng):
 
 def test_float64_network_with_every_pattern():
     compare_runs(BN_NET, exact=False, batches=[5, 5, 2])
+
+
+# Batch norm without a max-pool after it: exact. conv -> bn -> relu and dense -> bn -> relu are fused
+# (BatchNormReLU without pool), bn -> leaky_relu stays unfused; a batch of 300 gives
+# 300 * 9 * 8 = 21600 rows: many reduction chunks.
+BN_NO_POOL_NET = {
+    "input_shape": [9, 8, 3],
+    "num_classes": 4,
+    "layers": [
+        {"type": "conv2d", "filters": 6, "kernel_size": 3, "padding": "same"},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "conv2d", "filters": 5, "kernel_size": 3},
+        {"type": "batchnorm"},
+        {"type": "leaky_relu"},
+        {"type": "flatten"},
+        {"type": "dense", "units": 8},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "dense", "units": 4},
+    ],
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_batchnorm_network_without_pool_fused_equals_unfused_exactly(dtype):
+    model = fastcnn.build_model(with_dtype(BN_NO_POOL_NET, dtype), seed=0)
+    assert kinds(model.blocks) == ["Conv2D", "BatchNormReLU", "Conv2D", "BatchNorm", "LeakyReLU", "Flatten",
+                                   "Dense", "BatchNormReLU", "Dense"]
+    compare_runs(with_dtype(BN_NO_POOL_NET, dtype), exact=True, batches=[300, 5, 2])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -1,9 +1,15 @@
+"""Batch-norm kernels (fastcnn/kernels/norm.py) as the BatchNorm layer runs them: statistics, invstd
+(layers.batchnorm.invstd_and_scale), the normalize pass; the backward reductions and input gradient.
+
+Small shapes: the tests run as they are under NUMBA_DISABLE_JIT=1 too (the kernels as plain Python).
+"""
 import numba
 import numpy as np
 import pytest
 
 from fastcnn.kernels import norm as K
 from fastcnn.kernels import reference as R
+from fastcnn.layers.batchnorm import invstd_and_scale
 
 from conftest import numerical_grad as central_differences
 
@@ -26,12 +32,23 @@ def params(rng, C, dtype):
 
 
 def train_forward(x, gamma, beta, eps=EPS):
+    """The BatchNorm layer's training forward: statistics, invstd and scale, the normalize pass."""
     M, C = x.shape
     dt = x.dtype.type
     y = np.empty_like(x)
-    mean, var, invstd = (np.empty(C, x.dtype) for _ in range(3))
-    K.batchnorm_forward_train(x, gamma, beta, dt(eps), y, mean, var, invstd)
+    mean, var, invstd, scale = (np.empty(C, x.dtype) for _ in range(4))
+    K.batchnorm_stats(x, mean, var)
+    invstd_and_scale(gamma, var, dt(eps), invstd, scale)
+    K.batchnorm_forward(x, mean, scale, beta, y)
     return y, mean, var, invstd
+
+
+def eval_forward(x, gamma, beta, running_mean, running_var, eps=EPS):
+    y = np.empty_like(x)
+    invstd, scale = np.empty_like(gamma), np.empty_like(gamma)
+    invstd_and_scale(gamma, running_var, x.dtype.type(eps), invstd, scale)
+    K.batchnorm_forward(x, running_mean, scale, beta, y)
+    return y
 
 
 def backward(x, dy, gamma, mean, invstd):
@@ -57,7 +74,8 @@ def test_train_forward_and_backward_match_reference(dtype, shape):
     for a in (y, mean, var, invstd):
         assert a.dtype == dtype
     x64 = x.astype(np.float64)
-    y_ref, mean_ref, var_ref, invstd_ref = R.batchnorm_forward_train(x64, gamma.astype(np.float64), beta.astype(np.float64), EPS)
+    y_ref, mean_ref, var_ref, invstd_ref = R.batchnorm_forward_train(x64, gamma.astype(np.float64),
+                                                                     beta.astype(np.float64), EPS)
     t = tol(dtype)
     np.testing.assert_allclose(mean, mean_ref, **t)
     np.testing.assert_allclose(var, var_ref, **t)
@@ -85,8 +103,7 @@ def test_eval_forward_matches_reference(dtype, shape):
     gamma, beta = params(rng, shape[1], dtype)
     rm = rng.standard_normal(shape[1]).astype(dtype)
     rv = rng.uniform(0.5, 2, shape[1]).astype(dtype)
-    y = np.empty_like(x)
-    K.batchnorm_forward_eval(x, gamma, beta, rm, rv, x.dtype.type(EPS), y)
+    y = eval_forward(x, gamma, beta, rm, rv)
     assert y.dtype == dtype
     np.testing.assert_allclose(y, R.batchnorm_forward_eval(x, gamma, beta, rm, rv, EPS), **tol(dtype))
 
@@ -173,8 +190,7 @@ def test_against_torch(dtype, nhwc):
 
     # eval mode with the running statistics torch just produced
     rm_np, rv_np = rm.numpy().copy(), rv.numpy().copy()
-    y_eval = np.empty_like(x.reshape(-1, C))
-    K.batchnorm_forward_eval(x.reshape(-1, C), gamma, beta, rm_np, rv_np, x.dtype.type(EPS), y_eval)
+    y_eval = eval_forward(x.reshape(-1, C), gamma, beta, rm_np, rv_np)
     with torch.no_grad():
         yt_eval = F.batch_norm(nchw(x), rm, rv, torch.tensor(gamma), torch.tensor(beta), training=False, eps=EPS)
     np.testing.assert_allclose(y_eval.reshape(nhwc), yt_eval.numpy().transpose(0, 2, 3, 1), **t)

@@ -1,3 +1,8 @@
+"""Max and average pooling kernels (fastcnn/kernels/pool.py) with their flags off, as the MaxPool2D,
+AvgPool2D and GlobalAvgPool layers run them, against plain NumPy and PyTorch.
+
+Small shapes: the tests run as they are under NUMBA_DISABLE_JIT=1 too (the kernels as plain Python).
+"""
 import numpy as np
 import pytest
 
@@ -179,36 +184,46 @@ def test_avgpool_gradient_check(case):
     np.testing.assert_allclose(dx, num, rtol=1e-6, atol=1e-8)
 
 
+def global_avgpool(x):
+    """Global average pooling as the GlobalAvgPool layer runs it: average pooling, one H x W window."""
+    n, h, w, c = x.shape
+    y = np.full((n, c), 123.0, x.dtype)
+    K.avgpool2d_forward(x, y.reshape(n, 1, 1, c), h, w, h, w)
+    return y
+
+
+def global_avgpool_backward(dy, shape):
+    n, h, w, c = shape
+    dx = np.full(shape, 123.0, dy.dtype)
+    K.avgpool2d_backward(dy.reshape(n, 1, 1, c), dx, h, w, h, w)
+    return dx
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 1, 1, 4), (3, 4, 4, 1)])
 def test_global_avgpool_matches_reference(dtype, shape):
     rng = np.random.default_rng(4)
     x = rng.standard_normal(shape).astype(dtype)
-    y = np.full((shape[0], shape[3]), 123.0, dtype)
-    K.global_avgpool_forward(x, y)
+    y = global_avgpool(x)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
     assert y.dtype == dtype
     np.testing.assert_allclose(y, R.global_avgpool_forward(x), **tol)
     dy = rng.standard_normal(y.shape).astype(dtype)
-    dx = np.full(shape, 123.0, dtype)
-    K.global_avgpool_backward(dy, dx)
+    dx = global_avgpool_backward(dy, shape)
     assert dx.dtype == dtype
     np.testing.assert_allclose(dx, R.global_avgpool_backward(dy, shape), **tol)
+    # Each pixel's gradient is dy / (H*W) exactly (0 + dy, times the inverse area).
+    inv = dtype(1.0 / (shape[1] * shape[2]))
+    assert np.array_equal(dx, np.broadcast_to((dy * inv)[:, None, None, :], shape))
 
 
 def test_global_avgpool_gradient_check():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 3, 4, 3))
     G = rng.standard_normal((2, 3))
-
-    def f(x):
-        y = np.empty((2, 3))
-        K.global_avgpool_forward(x, y)
-        return float(np.sum(y * G))
-
-    dx = np.empty_like(x)
-    K.global_avgpool_backward(G, dx)
-    np.testing.assert_allclose(dx, numerical_grad(f, x), rtol=1e-6, atol=1e-8)
+    dx = global_avgpool_backward(G, x.shape)
+    np.testing.assert_allclose(dx, numerical_grad(lambda x: float(np.sum(global_avgpool(x) * G)), x),
+                               rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("case", AVG_CASES)

@@ -10,7 +10,10 @@ norm = kernel_module("norm")
 
 class BatchNorm(Layer):
     """Training: the batch mean and biased variance; running statistics updated with the
-    unbiased variance (PyTorch's rule); evaluation: the running statistics."""
+    unbiased variance (PyTorch's rule); evaluation: the running statistics.
+
+    y = (x - mean) * scale + beta with scale = gamma * invstd, invstd = 1 / sqrt(var + eps)
+    correctly rounded (invstd_and_scale), as the fused blocks compute it."""
 
     kind = "batchnorm"
     options = {
@@ -47,21 +50,30 @@ class BatchNorm(Layer):
         c = x.shape[-1]
         x2 = x.reshape(-1, c)
         y = self._buffer("y", x.shape)
-        eps = self.dtype.type(self.eps)
-        gamma, beta = self.params["gamma"].data, self.params["beta"].data
-        if not training:
-            norm.batchnorm_forward_eval(x2, gamma, beta, self.buffers["running_mean"], self.buffers["running_var"],
-                                        eps, y.reshape(-1, c))
-            self.x = x  # a reference, for a backward in evaluation mode
-            return y
-        m = x2.shape[0]
-        self.x = x
-        self.mean = self._buffer("mean", (c,))
-        self.var = self._buffer("var", (c,))
-        self.invstd = self._buffer("invstd", (c,))
-        norm.batchnorm_forward_train(x2, gamma, beta, eps, y.reshape(-1, c), self.mean, self.var, self.invstd)
-        self.update_running_stats(self.mean, self.var, m)
+        self.x = x  # a reference, for the backward (training or evaluation)
+        mean, scale = self.normalization(x2, training)
+        norm.batchnorm_forward(x2, mean, scale, self.params["beta"].data, y.reshape(-1, c))
         return y
+
+    def normalization(self, x2, training):
+        """(mean, scale = gamma * invstd) of the normalize pass over x2 (M, C), in buffers of the layer.
+
+        Training: the batch statistics (self.mean, self.var, self.invstd, kept for the backward), and
+        the running statistics updated; evaluation: the running statistics. The fused batch norm +
+        ReLU (+ max-pool) block (fastcnn/fusion.py) calls this too: one home for the statistics."""
+        c = x2.shape[1]
+        gamma = self.params["gamma"].data
+        eps = self.dtype.type(self.eps)
+        if not training:  # buffers of its own: a training forward's statistics stay for its backward
+            scale = self._buffer("eval_scale", (c,))
+            invstd_and_scale(gamma, self.buffers["running_var"], eps, self._buffer("eval_invstd", (c,)), scale)
+            return self.buffers["running_mean"], scale
+        self.mean, self.var, self.invstd, self.scale = (self._buffer(k, (c,))
+                                                        for k in ("mean", "var", "invstd", "scale"))
+        norm.batchnorm_stats(x2, self.mean, self.var)
+        invstd_and_scale(gamma, self.var, eps, self.invstd, self.scale)
+        self.update_running_stats(self.mean, self.var, x2.shape[0])
+        return self.mean, self.scale
 
     def update_running_stats(self, mean, var, count):
         """running = (1 - momentum) * running + momentum * batch statistic; the variance unbiased
@@ -95,6 +107,20 @@ class BatchNorm(Layer):
         return mod
 
 
+def invstd_and_scale(gamma, var, eps, invstd, scale):
+    """invstd = 1 / sqrt(var + eps), scale = gamma * invstd, in place, correctly rounded.
+
+    In NumPy on purpose, not in a fastmath kernel: there LLVM may turn a float32
+    1/sqrt into an estimate plus a Newton step, different in the last bit from one
+    compiled kernel to another. The one home of invstd: the layer's training and
+    evaluation forward, its evaluation backward and the fused blocks.
+    """
+    np.add(var, eps, out=invstd)
+    np.sqrt(invstd, out=invstd)
+    np.divide(invstd.dtype.type(1), invstd, out=invstd)
+    np.multiply(gamma, invstd, out=scale)
+
+
 def batchnorm_eval_backward(bn, x, dy, dx):
     """Backward of the evaluation-mode batch norm y = (x - running_mean) * gamma / sqrt(running_var + eps)
     + beta (as PyTorch's in model.eval()): a per-channel affine map, the statistics constants.
@@ -106,12 +132,12 @@ def batchnorm_eval_backward(bn, x, dy, dx):
     x2 = x.reshape(-1, c)
     dy2 = dy.reshape(-1, c)
     dt = bn.dtype
-    rv = bn.buffers["running_var"]
-    invstd = (np.ones((), dt) / np.sqrt(rv + dt.type(bn.eps))).astype(dt, copy=False)
     gamma = bn.params["gamma"]
+    invstd, scale = np.empty(c, dt), np.empty(c, dt)
+    invstd_and_scale(gamma.data, bn.buffers["running_var"], dt.type(bn.eps), invstd, scale)
     bn.params["beta"].grad[...] = dy2.sum(axis=0, dtype=dt)
     gamma.grad[...] = (dy2 * (x2 - bn.buffers["running_mean"])).sum(axis=0, dtype=dt) * invstd
     if dx is None:
         return None
-    np.multiply(dy, (gamma.data * invstd).astype(dt, copy=False), out=dx)
+    np.multiply(dy, scale, out=dx)
     return dx

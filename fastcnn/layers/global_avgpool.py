@@ -19,16 +19,18 @@ class GlobalAvgPool(Layer):
         x = np.ascontiguousarray(x)
         self._begin_forward(x, training)
         self.x_shape = x.shape
-        y = self._buffer("y", (x.shape[0], x.shape[3]))
-        pool.global_avgpool_forward(x, y)
+        n, h, w, c = x.shape
+        y = self._buffer("y", (n, c))
+        pool.avgpool2d_forward(x, y.reshape(n, 1, 1, c), h, w, h, w)  # average pooling, one window
         return y
 
     def backward(self, dy, need_input_grad=True):
         dy = self._check_dy(dy)
         if not need_input_grad:
             return None
+        n, h, w, c = self.x_shape
         dx = self._buffer("dx", self.x_shape)
-        pool.global_avgpool_backward(dy, dx)
+        pool.avgpool2d_backward(dy.reshape(n, 1, 1, c), dx, h, w, h, w)
         return dx
 
     def torch_module(self, torch):
