@@ -42,7 +42,26 @@ def _json(value):
     return dumps_json(value)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Stopped(Exception):
+    """A KeyboardInterrupt (Ctrl-C) or SIGTERM inside a command, passed to main() past click (which would
+    print an empty line for it first)."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Terminated:
+            raise _Stopped(143, "terminated") from None
+        except KeyboardInterrupt:
+            raise _Stopped(130, "interrupted") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fastcnn")
 def cli():
     """Train convolutional networks fast on a multicore CPU.
@@ -266,6 +285,9 @@ def main(argv=None):
         _error(str(e))
         # OutputError while saving after a signal: 130/143, as the signal would have given.
         sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
+    except _Stopped as e:
+        _error(str(e))
+        sys.exit(e.code)
     except Terminated:
         _error("terminated")
         sys.exit(143)
