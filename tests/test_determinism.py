@@ -1,4 +1,4 @@
-"""Bit-identical results whatever the thread count, for the conv, dense, loss and optimizer kernels.
+"""Bit-identical results whatever the thread count, for the conv, depthwise, dense, loss and optimizer kernels.
 
 The README promises that training gives the same weights for any ``--threads``.
 Each kernel here runs in a subprocess per thread count (NUMBA_NUM_THREADS = 1,
@@ -21,7 +21,10 @@ spread around it: 1 and 3 input channels, odd channel counts (10, 24, 48,
 100), stride 2, padding, dilation, 5x5, 7x7 and 1x1 kernels, every path of
 the conv kernels (im2col / in place / row items), dense sizes that are not
 multiples of the vector length or the row blocks, optimizer parameters from
-1 element to several blocks.
+1 element to several blocks. Depthwise: the MobileNet-on-CIFAR shapes (register
+tiles, stride 1 and 2), channel counts that take the runs path (3 channels, a
+channel multiplier), dilation and asymmetric padding, float64; grouped
+convolution (the conv kernels per group).
 
 Skipped under NUMBA_DISABLE_JIT (no threads there).
 """
@@ -57,6 +60,22 @@ CONV_CASES = [
     ("f64_cin10_cout24_stride2_pad", 8, 15, 15, 10, 24, 3, 3, 2, 2, (1, 1, 1, 1), 1, 1, "float64"),
     ("f64_seed_conv2", 16, 13, 13, 32, 64, 3, 3, 1, 1, (0, 0, 0, 0), 1, 1, "float64"),
 ]
+# (name, N, H, W, C, channel multiplier, KH, KW, sh, sw, pad (top, bottom, left, right), dh, dw, dtype)
+DEPTHWISE_CASES = [
+    ("mobilenet_32x32x32", 64, 32, 32, 32, 1, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float32"),
+    ("mobilenet_32x32x64_stride2_same", 16, 32, 32, 64, 1, 3, 3, 2, 2, (0, 1, 0, 1), 1, 1, "float32"),
+    ("mobilenet_4x4x256", 64, 4, 4, 256, 1, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float32"),
+    ("tiles_dilation_asym", 8, 13, 12, 16, 1, 3, 2, 1, 2, (2, 1, 0, 1), 2, 1, "float32"),
+    ("runs_c3", 16, 12, 12, 3, 1, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float32"),
+    ("runs_m2_stride2", 16, 11, 11, 8, 2, 3, 3, 2, 2, (1, 1, 1, 1), 1, 1, "float32"),
+    ("f64_tiles", 16, 10, 10, 16, 1, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float64"),
+    ("f64_runs_m3", 8, 9, 9, 5, 3, 3, 3, 2, 1, (1, 1, 1, 1), 1, 1, "float64"),
+]
+# (name, N, H, W, Cin, Cout, groups, K, stride, pad, dtype): general groups
+GROUPED_CASES = [
+    ("g2", 16, 12, 12, 16, 32, 2, 3, 1, 1, "float32"),
+    ("g4_stride2", 8, 11, 11, 12, 8, 4, 3, 2, 1, "float32"),
+]
 # (name, N, I, O, dtype)
 DENSE_CASES = [
     ("seed_dense1", 64, 1600, 128, "float32"),
@@ -69,11 +88,13 @@ DENSE_CASES = [
     ("f64_33_65_16", 33, 65, 16, "float64"),
 ]
 # (name, N, K, dtype, label smoothing)
-LOSS_CASES = [("seed", 64, 10, "float32", 0.0), ("odd", 37, 100, "float32", 0.0), ("smoothing", 37, 100, "float32", 0.1),
-              ("f64", 13, 7, "float64", 0.0), ("f64_smoothing", 13, 7, "float64", 0.2)]
+LOSS_CASES = [("seed", 64, 10, "float32", 0.0), ("odd", 37, 100, "float32", 0.0),
+              ("smoothing", 37, 100, "float32", 0.1), ("f64", 13, 7, "float64", 0.0),
+              ("f64_smoothing", 13, 7, "float64", 0.2)]
 OPTIM_SIZES = (1, 10, 32, 64, 100, 288, 1000, 4097, 100003)
 
-KERNELS = ("conv_forward", "conv_backward_input", "conv_backward_weight", "dense", "loss", "sgd", "adam",
+KERNELS = ("conv_forward", "conv_backward_input", "conv_backward_weight", "depthwise_forward",
+           "depthwise_backward_input", "depthwise_backward_weight", "grouped", "dense", "loss", "sgd", "adam",
            "sum_of_squares", "scale_inplace")
 
 
@@ -81,11 +102,11 @@ def _out_size(size, k, stride, before, after, dil):
     return (size + before + after - dil * (k - 1) - 1) // stride + 1
 
 
-def _worker(path, groups=("conv", "dense", "loss", "optim"), dtypes=("float32", "float64")):
+def _worker(path, groups=("conv", "depthwise", "dense", "loss", "optim"), dtypes=("float32", "float64")):
     """Compute every case of ``groups`` and ``dtypes`` with this process's thread count; save to the .npz ``path``."""
     import numba
 
-    from fastcnn.kernels import conv, dense, loss, optim
+    from fastcnn.kernels import conv, dense, depthwise, loss, optim
 
     out = {"threads": np.array(numba.get_num_threads())}
     for name, N, H, W, Cin, Cout, KH, KW, sh, sw, pad, dh, dw, dt in CONV_CASES if "conv" in groups else ():
@@ -110,6 +131,48 @@ def _worker(path, groups=("conv", "dense", "loss", "optim"), dtypes=("float32", 
         out[f"conv_backward_input/{name}"] = dx
         out[f"conv_backward_weight/{name}/dw"] = gw
         out[f"conv_backward_weight/{name}/db"] = gb
+    for name, N, H, W, C, m, KH, KW, sh, sw, pad, dh, dw, dt in DEPTHWISE_CASES if "depthwise" in groups else ():
+        if dt not in dtypes:
+            continue
+        rng = np.random.default_rng(4)
+        x = rng.standard_normal((N, H, W, C)).astype(dt)
+        w = (rng.standard_normal((KH, KW, 1, C * m)) / np.sqrt(KH * KW)).astype(dt)
+        b = rng.standard_normal(C * m).astype(dt)
+        OH = _out_size(H, KH, sh, pad[0], pad[1], dh)
+        OW = _out_size(W, KW, sw, pad[2], pad[3], dw)
+        dy = rng.standard_normal((N, OH, OW, C * m)).astype(dt)
+        args = (sh, sw, pad[0], pad[2], dh, dw)
+        y = np.empty((N, OH, OW, C * m), dt)
+        depthwise.depthwise_forward(x, w, b, y, *args)
+        dx = np.empty_like(x)
+        depthwise.depthwise_backward_input(dy, w, dx, *args)
+        gw = np.empty_like(w)
+        gb = np.empty_like(b)
+        depthwise.depthwise_backward_weight(x, dy, gw, gb, *args)
+        out[f"depthwise_forward/{name}"] = y
+        out[f"depthwise_backward_input/{name}"] = dx
+        out[f"depthwise_backward_weight/{name}/dw"] = gw
+        out[f"depthwise_backward_weight/{name}/db"] = gb
+    for name, N, H, W, Cin, Cout, G, K, s, p, dt in GROUPED_CASES if "depthwise" in groups else ():
+        if dt not in dtypes:
+            continue
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((N, H, W, Cin)).astype(dt)
+        w = (rng.standard_normal((K, K, Cin // G, Cout)) / np.sqrt(K * K * Cin // G)).astype(dt)
+        b = rng.standard_normal(Cout).astype(dt)
+        OH = _out_size(H, K, s, p, p, 1)
+        OW = _out_size(W, K, s, p, p, 1)
+        dy = rng.standard_normal((N, OH, OW, Cout)).astype(dt)
+        args = (s, s, p, p, 1, 1)
+        y = np.empty((N, OH, OW, Cout), dt)
+        depthwise.grouped_forward(x, w, b, y, G, *args)
+        dx = np.empty_like(x)
+        depthwise.grouped_backward_input(dy, w, dx, G, *args)
+        gw = np.empty_like(w)
+        gb = np.empty_like(b)
+        depthwise.grouped_backward_weight(x, dy, gw, gb, G, *args)
+        for key, val in dict(y=y, dx=dx, dw=gw, db=gb).items():
+            out[f"grouped/{name}/{key}"] = val
     for name, N, I, O, dt in DENSE_CASES if "dense" in groups else ():
         if dt not in dtypes:
             continue

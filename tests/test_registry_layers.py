@@ -17,7 +17,12 @@ from conftest import REPO
 EXAMPLES = {
     "conv2d": [({"filters": 5, "kernel_size": 3, "stride": 2, "padding": 1}, (7, 6, 3)),
                ({"filters": 4, "kernel_size": [2, 3], "padding": "same", "dilation": 2, "bias": False}, (6, 7, 2)),
-               ({"filters": 3, "kernel_size": [4, 3], "padding": "same", "stride": [2, 3]}, (7, 8, 2))],
+               ({"filters": 3, "kernel_size": [4, 3], "padding": "same", "stride": [2, 3]}, (7, 8, 2)),
+               # groups: depthwise (groups = input channels), channel multiplier 1 and 2, and general groups
+               ({"filters": 16, "kernel_size": 3, "padding": 1, "groups": 16}, (5, 6, 16)),
+               ({"filters": 6, "kernel_size": 3, "stride": 2, "padding": "same", "groups": 3, "bias": False},
+                (7, 8, 3)),
+               ({"filters": 6, "kernel_size": [3, 2], "padding": 1, "dilation": [1, 2], "groups": 2}, (6, 7, 4))],
     "maxpool2d": [({"pool_size": 3, "stride": 2, "padding": 1}, (7, 6, 3)), ({}, (6, 6, 2))],
     "avgpool2d": [({"pool_size": [2, 3], "stride": [1, 2]}, (5, 8, 2))],
     "global_avgpool": [({}, (4, 5, 3))],

@@ -1,4 +1,10 @@
-"""conv2d: 2-D cross-correlation, NHWC input, HWIO weight (PyTorch's Conv2d semantics)."""
+"""conv2d: 2-D cross-correlation, NHWC input, HWIO weight (PyTorch's Conv2d semantics, ``groups`` included).
+
+``groups`` (DESIGN.md section 8): input channels and ``filters`` divisible by it; weight ``(kh, kw,
+in_channels / groups, filters)``; output channel o sees the input channels of group o // (filters /
+groups). groups == in_channels (depthwise, any channel multiplier filters / in_channels) runs the fused
+NHWC depthwise kernels of fastcnn/kernels/depthwise.py; other groups > 1 run the conv kernels per group.
+"""
 import numpy as np
 
 from ..errors import ConfigError
@@ -7,6 +13,7 @@ from ..shapes import pair, same_padding, window_output_size
 from .base import Layer, Parameter, hw, init_weight_and_bias, kernel_module, require_rank, torch_dtype, window
 
 conv = kernel_module("conv")
+depthwise = kernel_module("depthwise")
 
 
 class Conv2D(Layer):
@@ -18,6 +25,7 @@ class Conv2D(Layer):
         "padding": (padding_value, 0),
         "dilation": (int_or_pair(1), 1),
         "bias": (boolean, True),
+        "groups": (integer(1), 1),
     }
 
     def __init__(self, *args, **kwargs):
@@ -29,6 +37,7 @@ class Conv2D(Layer):
         self.dilation = pair(c["dilation"])
         self.padding = c["padding"]
         self.use_bias = c["bias"]
+        self.groups = c["groups"]
 
     def _pads(self, in_shape):
         """(top, bottom, left, right) for a (H, W, C) input."""
@@ -43,7 +52,11 @@ class Conv2D(Layer):
 
     def output_shape(self, in_shape, path="conv2d"):
         require_rank(in_shape, 3, path, "conv2d")
-        h, w, _ = in_shape
+        h, w, cin = in_shape
+        g = self.groups
+        if cin % g or self.filters % g:
+            raise ConfigError(f"{path}.groups", f"{g} must divide both the input channels ({cin}) and filters "
+                                                f"({self.filters})")
         top, bottom, left, right = self._pads(in_shape)
         oh = window_output_size(h, self.kernel[0], self.stride[0], top, bottom, self.dilation[0])
         ow = window_output_size(w, self.kernel[1], self.stride[1], left, right, self.dilation[1])
@@ -54,7 +67,7 @@ class Conv2D(Layer):
         return (oh, ow, self.filters)
 
     def parameter_shapes(self, in_shape):
-        shapes = {"weight": (*self.kernel, in_shape[2], self.filters)}
+        shapes = {"weight": (*self.kernel, in_shape[2] // self.groups, self.filters)}
         if self.use_bias:
             shapes["bias"] = (self.filters,)
         return shapes
@@ -63,7 +76,7 @@ class Conv2D(Layer):
         super().build(in_shape, rng, dtype)
         self.pads = self._pads(in_shape)
         kh, kw = self.kernel
-        cin = in_shape[2]
+        cin = in_shape[2] // self.groups  # input channels each output channel sees (PyTorch's fan_in)
         weight, bias = init_weight_and_bias(rng, (kh, kw, cin, self.filters), self.filters if self.use_bias else 0,
                                             kh * kw * cin, self.dtype, self.init)
         self.params["weight"] = Parameter(weight)
@@ -82,23 +95,30 @@ class Conv2D(Layer):
         self._begin_forward(x, training)
         self.x = x
         y = self._buffer("y", (x.shape[0], *self.out_shape))
-        conv.conv2d_forward(x, self.params["weight"].data, self._bias(), y, *self._geometry())
+        if self.groups == 1:
+            conv.conv2d_forward(x, self.params["weight"].data, self._bias(), y, *self._geometry())
+        else:
+            depthwise.grouped_forward(x, self.params["weight"].data, self._bias(), y, self.groups, *self._geometry())
         return y
 
     def backward(self, dy, need_input_grad=True):
         dy = self._check_dy(dy)
         w = self.params["weight"]
         db = self.params["bias"].grad if self.use_bias else self._buffer("db", (self.filters,))
-        conv.conv2d_backward_weight(self.x, dy, w.grad, db, *self._geometry())
-        if not need_input_grad:
-            return None
-        dx = self._buffer("dx", self.x.shape)
-        conv.conv2d_backward_input(dy, w.data, dx, *self._geometry())
+        dx = None if not need_input_grad else self._buffer("dx", self.x.shape)
+        if self.groups == 1:
+            conv.conv2d_backward_weight(self.x, dy, w.grad, db, *self._geometry())
+            if dx is not None:
+                conv.conv2d_backward_input(dy, w.data, dx, *self._geometry())
+        else:
+            depthwise.grouped_backward_weight(self.x, dy, w.grad, db, self.groups, *self._geometry())
+            if dx is not None:
+                depthwise.grouped_backward_input(dy, w.data, dx, self.groups, *self._geometry())
         return dx
 
     def flops(self, batch):
         oh, ow, f = self.out_shape
-        return 2 * batch * oh * ow * self.kernel[0] * self.kernel[1] * self.in_shape[2] * f
+        return 2 * batch * oh * ow * self.kernel[0] * self.kernel[1] * (self.in_shape[2] // self.groups) * f
 
     def describe(self):
         if self.padding == "same":
@@ -110,6 +130,8 @@ class Conv2D(Layer):
         text = f"conv2d {self.filters} {window(self.kernel)} s{hw(self.stride)} {pad}"
         if tuple(self.dilation) != (1, 1):
             text += f" d{hw(self.dilation)}"
+        if self.groups != 1:
+            text += f" g{self.groups}"
         if not self.use_bias:
             text += " nobias"
         return text
@@ -118,7 +140,7 @@ class Conv2D(Layer):
         nn = torch.nn
         top, bottom, left, right = self.pads
         mod = nn.Conv2d(self.in_shape[2], self.filters, self.kernel, stride=self.stride, dilation=self.dilation,
-                        bias=self.use_bias, dtype=torch_dtype(self, torch))
+                        groups=self.groups, bias=self.use_bias, dtype=torch_dtype(self, torch))
         with torch.no_grad():
             mod.weight.copy_(torch.from_numpy(self.params["weight"].data.transpose(3, 2, 0, 1).copy()))
             if self.use_bias:
