@@ -350,7 +350,12 @@ class RunFolder:
             self.notes.append(f"removed {tmp} temporary file(s) of an interrupted save")
         if self.mode == "overwrite":
             parent, prefix = staging_prefix(self.path)
-            self.staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+            try:
+                self.staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+            except OSError as e:
+                raise UserError(f"--overwrite: cannot create the new run's folder beside {self.path} (in {parent}): "
+                                f"{describe_oserror(e, parent)}; the earlier run is untouched (remove it by hand, "
+                                f"or pass --set output.dir=OTHER)") from None
             try:
                 os.chmod(self.staging, stat.S_IMODE(os.stat(self.path).st_mode))
                 self._locks.append(RunLock(self.staging).acquire())

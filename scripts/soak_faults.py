@@ -112,7 +112,7 @@ class Soak:
         """Inject one fault into a run (resumed when there is something to resume); check the result."""
         resume = self.resume_args(out_dir)
         existed = os.path.isdir(out_dir)
-        a, rng = self.args, self.rng
+        rng = self.rng
         expect = {0}
         second, first_ended = None, False
         if kind == "kill-point":

@@ -198,3 +198,19 @@ def test_resume_into_a_folder_of_another_run(earlier_run, tmp_path, capsys):
     last = load_checkpoint(other / "last.npz")
     assert last.meta["run_id"] == load_checkpoint(source / "last.npz").meta["run_id"]
     assert [r["epoch"] for r in last.meta["history"]] == [1, 2]
+
+
+def test_overwrite_that_cannot_create_its_folder_keeps_the_earlier_run(earlier_run, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    def mkdtemp(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    out, before = earlier_run
+    code, _, err = run_cli(argv(out, "--overwrite"), capsys)
+    assert code == 2
+    assert (f"--overwrite: cannot create the new run's folder beside {out} (in {out.parent}): permission denied; "
+            f"the earlier run is untouched") in one_line(err)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
