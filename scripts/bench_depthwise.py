@@ -6,7 +6,7 @@ Usage: python scripts/bench_depthwise.py [--threads 2] [--rounds 3] [--repeat 15
 Shapes: 32x32x32, 16x16x64, 8x8x128 and 4x4x256 (H x W x C), kernel 3x3, padding 1, stride 1 and 2,
 no bias (a batch norm follows in a MobileNet block), batch 64 and 128. Per shape: ``forward`` (training
 mode: PyTorch with autograd recording) and ``backward`` (input and weight gradients: fastcnn's
-``Conv2D.backward``, PyTorch's ``y.backward(g)``).
+``Conv2D.backward``, PyTorch's ``y.backward(g)``; the forward before each backward is not timed).
 
 Each framework runs in its own process (``--worker fastcnn|torch``, which prints one ``RESULT {json}``
 line), the two alternated ``--rounds`` times so that a change in the machine's load hits both; a worker
@@ -33,14 +33,17 @@ SHAPES = {f"{h}x{h}x{c}s{s}": (h, h, c, s) for h, c in ((32, 32), (16, 64), (8, 
 PASSES = ("forward", "backward")
 
 
-def _median_ms(fn, repeat):
-    fn()
-    fn()
+def _median_ms(fn, repeat, setup=None):
+    """Median wall time of fn() in ms over ``repeat`` calls (after two warm-up calls); ``setup()``, if
+    given, runs untimed before each call."""
     times = []
-    for _ in range(repeat):
+    for i in range(repeat + 2):
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
     return float(np.median(times)) * 1e3
 
 
@@ -68,8 +71,8 @@ def worker_fastcnn(args):
         y = layer.forward(x, training=True)
         g = rng.standard_normal(y.shape).astype(np.float32)
         out[f"{batch}/{name}/forward"] = _median_ms(lambda: layer.forward(x, training=True), args.repeat)
-        layer.forward(x, training=True)
-        out[f"{batch}/{name}/backward"] = _median_ms(lambda: layer.backward(g), args.repeat)
+        out[f"{batch}/{name}/backward"] = _median_ms(lambda: layer.backward(g), args.repeat,
+                                                     setup=lambda: layer.forward(x, training=True))
     return out
 
 
@@ -87,19 +90,18 @@ def worker_torch(args):
         y = mod(x)
         g = torch.randn(y.shape).contiguous(memory_format=cl)
 
-        def forward():
-            return mod(x)
+        state = {}
 
-        def backward():
+        def forward():
+            state["y"] = mod(x)
+
+        def setup():
             x.grad = None
             mod.weight.grad = None
-            yy = mod(x)
-            yy.backward(g)
+            forward()
 
         out[f"{batch}/{name}/forward"] = _median_ms(forward, args.repeat)
-        # backward alone: time forward + backward, subtract the forward's median.
-        both = _median_ms(backward, args.repeat)
-        out[f"{batch}/{name}/backward"] = max(both - out[f"{batch}/{name}/forward"], 1e-6)
+        out[f"{batch}/{name}/backward"] = _median_ms(lambda: state["y"].backward(g), args.repeat, setup=setup)
     return out
 
 

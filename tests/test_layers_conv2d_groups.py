@@ -213,3 +213,19 @@ def test_mobilenet_config(capsys):
     assert " g32 " in format_summary(info)
     code, out, _ = run_cli(["summary", f"{REPO}/configs/mobilenet_cifar10.yaml"], capsys)
     assert code == 0 and "conv2d 64 3x3 s2 same g64 nobias" in out
+
+
+def test_bench_script_worker_runs():
+    """scripts/bench_depthwise.py's fastcnn worker (a tiny run): one RESULT line with every case timed."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, f"{REPO}/scripts/bench_depthwise.py", "--worker", "fastcnn", "--batch",
+                           "2", "--repeat", "1", "--threads", "1", "--only", "4x4x256s2,8x8x128s1", "--multiplier",
+                           "2"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line, = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    result = json.loads(line[len("RESULT "):])
+    assert sorted(result) == sorted(f"2/{s}/{p}" for s in ("4x4x256s2", "8x8x128s1") for p in ("forward", "backward"))
+    assert all(t > 0 for t in result.values())
