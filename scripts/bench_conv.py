@@ -63,9 +63,9 @@ def main():
 
 def run(args):
     t0 = time.perf_counter()
-    import fastcnn  # noqa: F401  (before numba: keeps BLAS single-threaded, as the CLI does)
     import numba
 
+    import fastcnn  # noqa: F401  (before numba: keeps BLAS single-threaded, as the CLI does)
     from fastcnn.kernels import conv
 
     numba.set_num_threads(args.threads)

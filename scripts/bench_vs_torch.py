@@ -51,6 +51,7 @@ NOISY_SPREAD = 1.15  # max/min over rounds above this: flagged as noisy
 
 from fastcnn.bench import cpu_name  # noqa: E402
 
+
 def available_cores():
     try:
         return len(os.sched_getaffinity(0))
@@ -353,7 +354,7 @@ def main(argv=None):
 
     torch_version = None
     for c in cells:
-        for key, runs in c["runs"].items():
+        for runs in c["runs"].values():
             torch_version = torch_version or runs[0].get("torch")
     first = cells[0]["runs"]["fastcnn"][0] if cells else {}
     loads = [run["loadavg_before"] for c in cells for runs in c["runs"].values() for run in runs

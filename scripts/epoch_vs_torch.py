@@ -48,6 +48,7 @@ FASTCNN_CLI = "import sys; from fastcnn.cli import main; sys.argv[0] = 'fastcnn'
 
 from fastcnn.bench import cpu_name  # noqa: E402
 
+
 def run_measured(cmd, env, log_path):
     """Run ``cmd``; returns (exit code, wall seconds, peak RSS in MiB) of that one process."""
     with open(log_path, "w", encoding="utf-8") as log:

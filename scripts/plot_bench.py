@@ -36,7 +36,8 @@ def load_report(path):
         for line in reversed(text.splitlines()):
             if line.lstrip().startswith("{"):
                 return json.loads(line)
-        raise SystemExit(f"{path}: no JSON report found (make it with: fastcnn bench --compare torch --json > {path})")
+        raise SystemExit(f"{path}: no JSON report found "
+                         f"(make it with: fastcnn bench --compare torch --json > {path})") from None
 
 
 def _check(report, path):
@@ -109,7 +110,7 @@ def plot(report, out, log_scale=False, title=None, dpi=120):
         groups.append(("inference\nbatch 256", report["inference_b256"]))
     gx = np.arange(len(groups))
     w = 0.38 if torch_ok else 0.6
-    for j, (name, d) in enumerate(groups):
+    for j, (_name, d) in enumerate(groups):
         bars = [(d["ms"], d["images_per_sec"], FASTCNN_COLOR, "fastcnn", -w / 2 if torch_ok else 0.0)]
         if torch_ok and "torch_ms" in d:
             bars.append((d["torch_ms"], d["torch_images_per_sec"], TORCH_COLOR, "PyTorch", w / 2))

@@ -1,8 +1,8 @@
 """API safety: backward checks its gradient, evaluation-mode backward matches torch's
 model.eval(), NaN propagates through ReLU/max-pool as in torch, load_state_dict refuses
 bad states."""
-import numpy as np
 import numba
+import numpy as np
 import pytest
 
 import fastcnn

@@ -9,8 +9,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from fastcnn.data import load_dataset
 from fastcnn.data import cifar10 as C
+from fastcnn.data import load_dataset
 from fastcnn.errors import DataError
 
 from conftest import MirrorHandler, serve_files

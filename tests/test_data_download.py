@@ -14,8 +14,8 @@ import socket
 import numpy as np
 import pytest
 
-from fastcnn.data import load_dataset
 from fastcnn.data import download as dl
+from fastcnn.data import load_dataset
 from fastcnn.data.idx import write_idx
 from fastcnn.data.mnist import FILE_NAMES, SPECS
 from fastcnn.errors import DataError, UserError

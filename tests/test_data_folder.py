@@ -4,8 +4,8 @@ import builtins
 import numpy as np
 import pytest
 
-from fastcnn.data import load_dataset
 from fastcnn.data import folder as F
+from fastcnn.data import load_dataset
 from fastcnn.errors import DataError
 
 Image = pytest.importorskip("PIL.Image")

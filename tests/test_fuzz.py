@@ -13,7 +13,8 @@ from fastcnn.evaluate import model_from_checkpoint
 
 from conftest import REPO
 
-SETTINGS = settings(max_examples=int(os.environ.get("FASTCNN_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=int(os.environ.get("FASTCNN_FUZZ_EXAMPLES", "150")), deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 KEYS = ["model", "data", "train", "output", "seed", "layers", "type", "filters", "kernel_size", "stride",
         "padding", "units", "dataset", "batch_size", "epochs", "optimizer", "name", "lr", "input_shape",

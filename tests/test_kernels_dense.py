@@ -79,9 +79,10 @@ def test_gradient_check(shape):
     rng = np.random.default_rng(2)
     x, w, b, G = data(rng, shape, np.float64)
     dx, dw, db = backward(x, w, G)
-    np.testing.assert_allclose(dx, numerical_grad(lambda x: float(np.sum(forward(x, w, b) * G)), x), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(dw, numerical_grad(lambda w: float(np.sum(forward(x, w, b) * G)), w), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(db, numerical_grad(lambda b: float(np.sum(forward(x, w, b) * G)), b), rtol=1e-6, atol=1e-8)
+    tol = {"rtol": 1e-6, "atol": 1e-8}
+    np.testing.assert_allclose(dx, numerical_grad(lambda x: float(np.sum(forward(x, w, b) * G)), x), **tol)
+    np.testing.assert_allclose(dw, numerical_grad(lambda w: float(np.sum(forward(x, w, b) * G)), w), **tol)
+    np.testing.assert_allclose(db, numerical_grad(lambda b: float(np.sum(forward(x, w, b) * G)), b), **tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

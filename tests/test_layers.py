@@ -4,8 +4,18 @@ import pytest
 
 from fastcnn.config import validate
 from fastcnn.errors import ConfigError
-from fastcnn.layers import (AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool, LeakyReLU,
-                            MaxPool2D, ReLU)
+from fastcnn.layers import (
+    AvgPool2D,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    LeakyReLU,
+    MaxPool2D,
+    ReLU,
+)
 
 from conftest import numerical_grad, sample_indices
 

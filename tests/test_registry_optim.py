@@ -254,9 +254,9 @@ def test_dataset_declarations():
 
 
 def test_mnist_declaration_matches_the_files():
-    from conftest import mnist_root
-
     from fastcnn.data import load_dataset
+
+    from conftest import mnist_root
 
     root = mnist_root()
     if root is None:

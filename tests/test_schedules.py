@@ -6,8 +6,16 @@ import pytest
 
 from fastcnn.layers import Parameter
 from fastcnn.optim import AdamW, clip_grad_norm
-from fastcnn.schedules import (SCHEDULES, CosineSchedule, EarlyStopping, MultiStepSchedule, PlateauSchedule,
-                               Schedule, StepSchedule, build_schedule)
+from fastcnn.schedules import (
+    SCHEDULES,
+    CosineSchedule,
+    EarlyStopping,
+    MultiStepSchedule,
+    PlateauSchedule,
+    Schedule,
+    StepSchedule,
+    build_schedule,
+)
 
 torch = pytest.importorskip("torch", reason="PyTorch (torch==2.13.0) is the reference for these tests")
 

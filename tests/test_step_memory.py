@@ -22,7 +22,7 @@ def test_step_loop_allocates_no_activation_sized_arrays(config):
         y = rng.integers(0, 10, batch * 4)
         loader = BatchLoader(x, y, batch, reuse=True)  # as the trainer uses it
 
-        def epoch():
+        def epoch(loader=loader, model=model, opt=opt):
             for xb, yb in loader.epoch_batches(0):
                 assert fastcnn.train_step(model, opt, xb, yb).ok  # the trainer's step, NaN/Inf check included
 
