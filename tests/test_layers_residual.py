@@ -158,8 +158,8 @@ def test_branch_shapes_must_agree_naming_block_copy_and_shapes():
     assert msg.startswith("model.layers[0]: copy 2 (of 3)") and "(1, 1, 2)" in msg and "(2, 2, 2)" in msg
 
     # A sub-layer's own error names its path inside the block (and the copy when the block repeats).
-    block = {"type": "residual", "repeat": 2, "body": [conv(2, 3, stride=2, padding="same")]}
-    with pytest.raises(ConfigError, match=r"^model.layers\[0\].body\[0\].padding: .*\(copy 0 of 2"):
+    block = {"type": "residual", "repeat": 2, "body": [conv(2, 30)]}
+    with pytest.raises(ConfigError, match=r"^model.layers\[0\].body\[0\]: .*below 1.*\(copy 0 of 2"):
         validate(raw_config(model_cfg(block, *HEAD)))
     with pytest.raises(ConfigError, match=r"^model.layers\[1\].shortcut\[0\].kernel_size: expected an integer"):
         validate(raw_config(model_cfg(RELU, {"type": "residual", "body": [RELU], "shortcut": [conv(2, "3")]},
