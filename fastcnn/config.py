@@ -9,6 +9,7 @@ CLI prints as one line with exit code 2.
 import copy
 import os
 import re
+from typing import Iterable, Union
 
 import yaml
 
@@ -17,8 +18,19 @@ from .errors import ConfigError
 from .layers import LAYER_TYPES, check_layer_list, plan_shapes
 from .optim import OPTIMIZERS
 from .schedules import SCHEDULES, EarlyStopping
-from .schema import (REQUIRED, boolean, check_section, choice, did_you_mean, integer, named_entry, number,
-                     optional, string, type_name)
+from .schema import (
+    REQUIRED,
+    boolean,
+    check_section,
+    choice,
+    did_you_mean,
+    integer,
+    named_entry,
+    number,
+    optional,
+    string,
+    type_name,
+)
 
 # --------------------------------------------------------------------------
 # YAML reading. PyYAML implements YAML 1.1, where `1e-3` (no dot) is a string
@@ -262,7 +274,7 @@ def validate_section(name, raw):
     return _wrap(check_section(raw, SCHEMA[name], name, _SPECIAL))
 
 
-def load_config(path, overrides=()):
+def load_config(path: Union[str, "os.PathLike[str]"], overrides: Iterable[str] = ()) -> Section:
     """Read a YAML file, apply ``KEY=VALUE`` overrides, validate. Returns a Section."""
     path = os.fspath(path)
     text = _read_config_text(path)
