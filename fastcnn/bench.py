@@ -71,8 +71,8 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
     from .losses import softmax_cross_entropy
     from .model import build_model
     from .optim import build_optimizer
-    from .torch_reference import import_torch, to_torch_input, torch_layer, torch_model
     from .runtime import set_threads, warm_up
+    from .torch_reference import import_torch, to_torch_input, torch_layer
 
     cfg = load_config(config) if config else validate({"model": {}, "data": {"dataset": "mnist"}})
     n_threads = (set_threads(threads, key="--threads") if threads is not None else set_threads(cfg.train.threads))
