@@ -9,7 +9,7 @@ TRAIN_ARGS ?=
 # The CPU build of PyTorch, used only as a reference by tests and benchmarks.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install dev train test bench clean
+.PHONY: install dev train test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ train: install
 
 test: dev
 	$(PY) -m pytest -q
+
+# ruff: lint and import order (configured in pyproject.toml).
+lint: dev
+	$(VENV)/bin/ruff check .
 
 bench: dev
 	$(VENV)/bin/fastcnn bench --compare torch
