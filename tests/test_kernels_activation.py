@@ -1,3 +1,7 @@
+"""Activation kernels (fastcnn/kernels/activation.py) as the ReLU and leaky ReLU layers run them.
+
+Small arrays: the tests run as they are under NUMBA_DISABLE_JIT=1 too (the kernels as plain Python).
+"""
 import numpy as np
 import pytest
 

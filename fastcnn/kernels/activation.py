@@ -17,6 +17,12 @@ gradient through at a NaN input (leaky ReLU: times the slope, as torch).
 The kernels are compiled with ``FASTMATH`` (fastmath without 'nnan' and 'ninf'):
 under 'nnan' LLVM may assume no NaNs and fold the comparison into a max that
 returns 0 for NaN.
+
+Caching note: Numba's cache of a kernel is invalidated when the kernel's own
+source file changes, not when a module whose functions it inlines or calls
+does; the kernels of norm.py, pool.py and fused.py compile in code of
+activation.py, norm.py and pool.py, so after editing one of these files clear
+their cache (``fastcnn/kernels/__pycache__/{activation,norm,pool,fused}.*``).
 """
 from numba import njit, prange
 

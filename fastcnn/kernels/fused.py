@@ -29,6 +29,9 @@ reductions after a max-pool, which add the winners' terms in pooled order:
 
 Arrays are contiguous (the blocks in fastcnn/fusion.py make sure of it);
 outputs are allocated by the caller and overwritten. float32 and float64.
+
+Caching note: see fastcnn/kernels/activation.py (after editing this file, clear
+the cache of the kernels that compile it in).
 """
 from numba import njit
 

@@ -20,6 +20,9 @@ Reductions over M are computed per fixed-size chunk of rows into a partial
 buffer (each parallel iteration owns its row of the buffer), then summed over
 chunks in a fixed order: deterministic whatever the thread count, and more
 accurate than one long running sum.
+
+Caching note: see fastcnn/kernels/activation.py (after editing this file, clear
+the cache of the kernels that compile it in).
 """
 import numpy as np
 from numba import njit, prange

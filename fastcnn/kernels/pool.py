@@ -35,8 +35,13 @@ The scan state of a window (running maximum, its index, its x - mean) is
 updated by one helper, ``_step``, in both loop structures: a register-only path
 for 2x2 windows with stride 2 and no padding (the seed network's pooling: the
 four pixels compared in registers) and the general path (the state kept in the
-output rows, one window pixel at a time). The row functions are compiled once
-per flag combination (``numba.literally``) and cached.
+output rows, one window pixel at a time). These two row functions are called,
+not inlined, once per block of output rows; ``numba.literally`` specializes them
+for each flag combination (compiled once each: inlining them into every kernel
+made each kernel compile two to five times longer).
+
+Caching note: see fastcnn/kernels/activation.py (after editing this file, clear
+the cache of the kernels that compile it in).
 """
 import numpy as np
 from numba import literally, njit, prange
@@ -45,10 +50,16 @@ from . import activation as act_
 from . import norm
 from .activation import FASTMATH, LEAKY, NONE, RELU  # FASTMATH: the NaN tests must not fold away
 
+# Work items of the forward scan: blocks of output rows (n, oh), at most this many (a fixed number, not
+# the thread count; the scan reduces nothing, so any split gives the same bits). Blocks of rows, not
+# single rows: a call of the row functions per row measured slower.
+ROW_BLOCKS = 64
+
 
 @njit(cache=True, fastmath=True, error_model="numpy", inline="always")
-def _is_2x2(pool_h, pool_w, stride_h, stride_w, pad_top, pad_left):
+def _is_2x2(geometry):
     """The seed network's pooling: the forward scan takes the register-only path for it."""
+    pool_h, pool_w, stride_h, stride_w, pad_top, pad_left = geometry
     return (pool_h == 2 and pool_w == 2 and stride_h == 2 and stride_w == 2 and pad_top == 0
             and pad_left == 0)
 
@@ -79,100 +90,106 @@ def _step(u, idx, m, i, d, c, act, s, zero, mean, scale, beta):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
-def _output(m, act, s, zero):
-    """y from the window's maximum key m."""
-    return act_.activate(m, act, s, zero) if act == RELU else m
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
-def _code(m, i, act, zero):
-    """The argmax code of winner i with maximum key m (module docstring): i where the activation
-    passes m (ReLU: not m <= 0, so NaN routes with its index), else -1 (ReLU) or -2 - i (leaky)."""
-    if act_.passes(m, act, zero):
-        return i
-    return np.int32(-1) if act == RELU else np.int32(-2) - i
+def _finish(m, i, act, zero):
+    """(y, argmax code) of a window from its maximum key m and winner i (module docstring): where the
+    activation passes m, (act(m), i); else ReLU (0, -1), leaky ReLU (m, already activated, -2 - i)."""
+    p = act_.passes(m, act, zero)
+    if act == RELU:
+        return (m if p else zero), (i if p else np.int32(-1))
+    if act == LEAKY:
+        return m, (i if p else np.int32(-2) - i)
+    return m, i
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _scan_row_2x2(x, y, argmax, xsel, n, oh, act, s, zero, mean, scale, beta, store):
-    """Output row (n, oh) of 2x2 windows, stride 2, no padding: each window's four pixels in registers."""
+def _scan_rows_2x2(x, y, argmax, xsel, t0, t1, act, s, zero, mean, scale, beta, store):
+    """Output rows t0..t1 of (N*OH) of 2x2 windows, stride 2, no padding: each window's four pixels in
+    registers."""
     literally(act)
     literally(store)
     W = x.shape[2]
-    for ow in range(y.shape[2]):
-        i0 = np.int32(2 * oh * W + 2 * ow)
-        i1 = np.int32(i0 + 1)
-        i2 = np.int32(i0 + W)
-        i3 = np.int32(i2 + 1)
-        x0 = x[n, 2 * oh, 2 * ow]
-        x1 = x[n, 2 * oh, 2 * ow + 1]
-        x2 = x[n, 2 * oh + 1, 2 * ow]
-        x3 = x[n, 2 * oh + 1, 2 * ow + 1]
-        yr = y[n, oh, ow]
-        for c in range(yr.shape[0]):
-            m, i, d = _start(x0[c], i0, c, act, s, zero, mean, scale, beta)
-            m, i, d = _step(x1[c], i1, m, i, d, c, act, s, zero, mean, scale, beta)
-            m, i, d = _step(x2[c], i2, m, i, d, c, act, s, zero, mean, scale, beta)
-            m, i, d = _step(x3[c], i3, m, i, d, c, act, s, zero, mean, scale, beta)
-            yr[c] = _output(m, act, s, zero)
-            if store:
-                argmax[n, oh, ow, c] = _code(m, i, act, zero)
-                if xsel is not None:
-                    xsel[n, oh, ow, c] = d
+    OH = y.shape[1]
+    for t in range(t0, t1):
+        n = t // OH
+        oh = t - n * OH
+        for ow in range(y.shape[2]):
+            i0 = np.int32(2 * oh * W + 2 * ow)
+            i1 = np.int32(i0 + 1)
+            i2 = np.int32(i0 + W)
+            i3 = np.int32(i2 + 1)
+            x0 = x[n, 2 * oh, 2 * ow]
+            x1 = x[n, 2 * oh, 2 * ow + 1]
+            x2 = x[n, 2 * oh + 1, 2 * ow]
+            x3 = x[n, 2 * oh + 1, 2 * ow + 1]
+            yr = y[n, oh, ow]
+            for c in range(yr.shape[0]):
+                m, i, d = _start(x0[c], i0, c, act, s, zero, mean, scale, beta)
+                m, i, d = _step(x1[c], i1, m, i, d, c, act, s, zero, mean, scale, beta)
+                m, i, d = _step(x2[c], i2, m, i, d, c, act, s, zero, mean, scale, beta)
+                m, i, d = _step(x3[c], i3, m, i, d, c, act, s, zero, mean, scale, beta)
+                m, i = _finish(m, i, act, zero)
+                yr[c] = m
+                if store:
+                    argmax[n, oh, ow, c] = i
+                    if xsel is not None:
+                        xsel[n, oh, ow, c] = d
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _scan_row(x, y, argmax, xsel, n, oh, pool_h, pool_w, stride_h, stride_w, pad_top, pad_left,
-              act, s, zero, mean, scale, beta, store):
-    """Output row (n, oh), any geometry, one window pixel at a time: the state per channel kept in the
-    output rows (y; argmax and xsel when stored, else scratch rows). Without xsel the x - mean state
-    is unused: it goes to the y row, written before the maximum."""
+def _scan_rows(x, y, argmax, xsel, t0, t1, geometry, act, s, zero, mean, scale, beta, store):
+    """Output rows t0..t1 of (N*OH), any geometry, one window pixel at a time: the state per channel
+    kept in the output rows (y; argmax and xsel when stored, else scratch rows). Without xsel the
+    x - mean state is unused: it goes to the y row, written before the maximum."""
     literally(act)
     literally(store)
+    pool_h, pool_w, stride_h, stride_w, pad_top, pad_left = geometry
     C = x.shape[3]
     H = x.shape[1]
     W = x.shape[2]
+    OH = y.shape[1]
     ibuf = np.empty(0 if store else C, np.int32)
     dbuf = np.empty(0 if store else C, x.dtype)
-    h0 = oh * stride_h - pad_top
-    hs = max(h0, 0)
-    he = min(h0 + pool_h, H)
-    for ow in range(y.shape[2]):
-        w0 = ow * stride_w - pad_left
-        ws = max(w0, 0)
-        we = min(w0 + pool_w, W)
-        yr = y[n, oh, ow]
-        ir = argmax[n, oh, ow] if store else ibuf
-        dr = yr if xsel is None else (xsel[n, oh, ow] if store else dbuf)
-        if hs >= he or ws >= we:  # no real pixel
-            for c in range(C):
-                dr[c] = zero
-                ir[c] = -1
-                yr[c] = -np.inf
-            continue
-        # Start from the first real pixel of the window (row-major order).
-        xr = x[n, hs, ws]
-        first = np.int32(hs * W + ws)
-        for c in range(C):
-            m, i, d = _start(xr[c], first, c, act, s, zero, mean, scale, beta)
-            dr[c] = d
-            ir[c] = i
-            yr[c] = m
-        for ih in range(hs, he):
-            for iw in range(ws, we):
-                if ih == hs and iw == ws:
-                    continue
-                xr = x[n, ih, iw]
-                idx = np.int32(ih * W + iw)
+    for t in range(t0, t1):
+        n = t // OH
+        oh = t - n * OH
+        h0 = oh * stride_h - pad_top
+        hs = max(h0, 0)
+        he = min(h0 + pool_h, H)
+        for ow in range(y.shape[2]):
+            w0 = ow * stride_w - pad_left
+            ws = max(w0, 0)
+            we = min(w0 + pool_w, W)
+            yr = y[n, oh, ow]
+            ir = argmax[n, oh, ow] if store else ibuf
+            dr = yr if xsel is None else (xsel[n, oh, ow] if store else dbuf)
+            if hs >= he or ws >= we:  # no real pixel
                 for c in range(C):
-                    m, i, d = _step(xr[c], idx, yr[c], ir[c], dr[c], c, act, s, zero, mean, scale, beta)
-                    dr[c] = d
-                    ir[c] = i
-                    yr[c] = m
-        if act != NONE:
+                    dr[c] = zero
+                    ir[c] = -1
+                    yr[c] = -np.inf
+                continue
+            # Start from the first real pixel of the window (row-major order).
+            xr = x[n, hs, ws]
+            first = np.int32(hs * W + ws)
             for c in range(C):
-                ir[c] = _code(yr[c], ir[c], act, zero)
-                yr[c] = _output(yr[c], act, s, zero)
+                m, i, d = _start(xr[c], first, c, act, s, zero, mean, scale, beta)
+                dr[c] = d
+                ir[c] = i
+                yr[c] = m
+            for ih in range(hs, he):
+                for iw in range(ws, we):
+                    if ih == hs and iw == ws:
+                        continue
+                    xr = x[n, ih, iw]
+                    idx = np.int32(ih * W + iw)
+                    for c in range(C):
+                        m, i, d = _step(xr[c], idx, yr[c], ir[c], dr[c], c, act, s, zero, mean, scale, beta)
+                        dr[c] = d
+                        ir[c] = i
+                        yr[c] = m
+            if act != NONE:
+                for c in range(C):
+                    yr[c], ir[c] = _finish(yr[c], ir[c], act, zero)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
@@ -188,20 +205,19 @@ def maxpool2d_scan(x, y, argmax, xsel, geometry, act, slope, mean, scale, beta, 
       backward reductions read it instead of the full-size x);
     * ``store`` False: y only (argmax and xsel are not touched and may be placeholders).
     """
-    pool_h, pool_w, stride_h, stride_w, pad_top, pad_left = geometry
     N = x.shape[0]
-    OH = y.shape[1]
+    T = N * y.shape[1]
     zero = x.dtype.type(0)
     s = x.dtype.type(slope)
-    fast = _is_2x2(pool_h, pool_w, stride_h, stride_w, pad_top, pad_left)
-    for t in prange(N * OH):
-        n = t // OH
-        oh = t - n * OH
+    fast = _is_2x2(geometry)
+    nw = min(T, ROW_BLOCKS)
+    for k in prange(nw):
+        t0 = k * T // nw
+        t1 = (k + 1) * T // nw
         if fast:
-            _scan_row_2x2(x, y, argmax, xsel, n, oh, act, s, zero, mean, scale, beta, store)
+            _scan_rows_2x2(x, y, argmax, xsel, t0, t1, act, s, zero, mean, scale, beta, store)
         else:
-            _scan_row(x, y, argmax, xsel, n, oh, pool_h, pool_w, stride_h, stride_w, pad_top, pad_left,
-                      act, s, zero, mean, scale, beta, store)
+            _scan_rows(x, y, argmax, xsel, t0, t1, geometry, act, s, zero, mean, scale, beta, store)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy", inline="always")
