@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from . import faults
+from .atomicio import fsync_dir
 from .errors import UserError
 
 try:
@@ -245,19 +246,6 @@ def exchange_folders(a: str, b: str) -> None:
     os.rename(aside, a)
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def remove_stale_temporaries(folder: str) -> int:
     """Delete the temporary files (``.last.npz.XXXX.tmp``...) of saves that a kill interrupted."""
     removed = 0
@@ -379,7 +367,7 @@ class RunFolder:
         new_lock.folder, new_lock.path = self.path, os.path.join(self.path, LOCK_NAME)
         old_lock.folder, old_lock.path = old, os.path.join(old, LOCK_NAME)
         self._locks = [new_lock]
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         faults.hit("overwrite:after-swap")
         shutil.rmtree(old, ignore_errors=True)  # the earlier run, now in the staging folder
         old_lock.release()

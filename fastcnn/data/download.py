@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from fastcnn.atomicio import fsync_dir
 from fastcnn.errors import DataError
 
 __all__ = ["DEFAULT_TIMEOUT", "mirrors_for", "download_files", "download_file", "md5_of",
@@ -94,19 +95,6 @@ def _describe(exc):
     return str(exc) or type(exc).__name__
 
 
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def download_file(url, dest, md5=None, *, timeout=DEFAULT_TIMEOUT, progress=True):
     """Fetch ``url`` into ``dest`` atomically, checking its MD5 (hex) if given.
 
@@ -132,7 +120,7 @@ def download_file(url, dest, md5=None, *, timeout=DEFAULT_TIMEOUT, progress=True
         except OSError:
             pass
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _fetch_into(url, out, name, md5, timeout, progress):
