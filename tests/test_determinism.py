@@ -94,8 +94,8 @@ LOSS_CASES = [("seed", 64, 10, "float32", 0.0), ("odd", 37, 100, "float32", 0.0)
 OPTIM_SIZES = (1, 10, 32, 64, 100, 288, 1000, 4097, 100003)
 
 KERNELS = ("conv_forward", "conv_backward_input", "conv_backward_weight", "depthwise_forward",
-           "depthwise_backward_input", "depthwise_backward_weight", "grouped", "dense", "loss", "sgd", "adam",
-           "sum_of_squares", "scale_inplace")
+           "depthwise_backward_input", "depthwise_backward_weight", "depthwise_backward", "grouped", "dense", "loss",
+           "sgd", "adam", "sum_of_squares", "scale_inplace")
 
 
 def _out_size(size, k, stride, before, after, dil):
@@ -153,6 +153,10 @@ def _worker(path, groups=("conv", "depthwise", "dense", "loss", "optim"), dtypes
         out[f"depthwise_backward_input/{name}"] = dx
         out[f"depthwise_backward_weight/{name}/dw"] = gw
         out[f"depthwise_backward_weight/{name}/db"] = gb
+        dx2, gw2, gb2 = np.empty_like(x), np.empty_like(w), np.empty_like(b)
+        depthwise.depthwise_backward(x, dy, w, dx2, gw2, gb2, *args)   # both in one parallel region
+        for key, val in dict(dx=dx2, dw=gw2, db=gb2).items():
+            out[f"depthwise_backward/{name}/{key}"] = val
     for name, N, H, W, Cin, Cout, G, K, s, p, dt in GROUPED_CASES if "depthwise" in groups else ():
         if dt not in dtypes:
             continue

@@ -121,6 +121,26 @@ def test_depthwise_matches_reference(name, dtype):
         _check(g, r, dtype, f"{name} {what}")
 
 
+@pytest.mark.parametrize("name", ["tiles_stride2_pad1", "tiles_dil_stride_mixed", "runs_m2_same_stride2", "runs_c3"])
+def test_fused_backward_is_both_gradients(name):
+    """depthwise_backward (both gradients in one parallel region) gives the bits of the two separate
+    entry points, and skips dx when it is None; grouped_backward likewise."""
+    x, w, b, dy, stride, padding, dilation = _make(CASES[name], np.float32)
+    g = _geometry(stride, padding, dilation)
+    _, dx, dw, db = _run(x, w, b, dy, stride, padding, dilation)
+    dx2, dw2, db2 = np.full_like(x, np.nan), np.full_like(w, np.nan), np.full_like(b, np.nan)
+    D.depthwise_backward(x, dy, w, dx2, dw2, db2, *g)
+    assert dx2.tobytes() == dx.tobytes() and dw2.tobytes() == dw.tobytes() and db2.tobytes() == db.tobytes()
+    dw3, db3 = np.full_like(w, np.nan), np.full_like(b, np.nan)
+    D.depthwise_backward(x, dy, w, None, dw3, db3, *g)
+    assert dw3.tobytes() == dw.tobytes() and db3.tobytes() == db.tobytes()
+    dx4, dw4, db4 = np.full_like(x, np.nan), np.full_like(w, np.nan), np.full_like(b, np.nan)
+    D.grouped_backward(x, dy, w, dx4, dw4, db4, x.shape[3], *g)
+    assert dx4.tobytes() == dx.tobytes() and dw4.tobytes() == dw.tobytes() and db4.tobytes() == db.tobytes()
+    with pytest.raises(ValueError, match="do not fit"):
+        D.depthwise_backward(x, dy, w, dx2[:1], dw2, db2, *g)
+
+
 def test_depthwise_reference_is_grouped_reference():
     """The two references agree: depthwise is grouped convolution with groups = input channels."""
     for name in ("tiles_stride2_pad1", "runs_m2_same_stride2", "runs_m3_dilation", "runs_c1_m4"):

@@ -79,12 +79,16 @@ a per-pixel loop over a few channels would hardly vectorize.
   element-wise run (``part[tap] += x_run * dy_run``).
 
 Both paths: forward and input-gradient rows are dealt to _ROW_CHUNKS chunks
-(the prange; each output row or dx row written by one thread, its terms added
-in a fixed order). The weight gradient deals the ``N*OH`` output rows in order
-to a fixed number of chunks (at most _WEIGHT_CHUNKS, never the thread count),
-each with its own partial (the tap accumulators, then ``OW*Cm`` slots summing
-dy for the bias), reduced in a fixed order (chunk, then output column) into
-``dw`` and ``db``: bit-identical whatever the number of threads.
+(each output row or dx row written by one thread, its terms added in a fixed
+order). The weight gradient deals the ``N*OH`` output rows in order to a fixed
+number of chunks (at most _WEIGHT_CHUNKS, never the thread count), each with
+its own partial (the tap accumulators, then ``OW*Cm`` slots summing dy for the
+bias), reduced in a fixed order (chunk, then output column) into ``dw`` and
+``db``: bit-identical whatever the number of threads. The two gradients are
+one kernel (``depthwise_backward``): one parallel region whose iterations are
+the weight chunks interleaved with the dx chunks (each parallel region is a
+wait for every thread; one per layer backward instead of two or three);
+``depthwise_backward_input`` / ``_weight`` run it for one gradient.
 
 General groups (``1 < groups < C``): ``grouped_*`` gather each group's channels
 into a contiguous array (one transposing copy), run the conv kernels of
@@ -466,7 +470,7 @@ def _reduce_impl(A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NT, NV):
 
 
 def _taps_numpy(Y, y_off, ldy, I, i_off, ldi, X, x_off, ldx, xsa, xsb, Wt, w_off, wsa, wsb, R, K, P, NV):
-    """_taps_jit in NumPy (same sums, a multiply and an add instead of an FMA)."""
+    """_taps_impl in NumPy (same sums, a multiply and an add instead of an FMA)."""
     n = NV * (VBYTES // Y.itemsize)
     if n <= 0:
         return
@@ -483,7 +487,7 @@ def _taps_numpy(Y, y_off, ldy, I, i_off, ldi, X, x_off, ldx, xsa, xsb, Wt, w_off
 
 
 def _reduce_numpy(A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NT, NV):
-    """_reduce_jit in NumPy."""
+    """_reduce_impl in NumPy."""
     n = NV * (VBYTES // A.itemsize)
     if P <= 0 or n <= 0:
         return
@@ -499,7 +503,7 @@ def _reduce_numpy(A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NT, NV):
 # The tile dispatchers are compiled once per dtype as C-callable cfuncs registered under a
 # fixed symbol name, and the kernels call them by that name (as fastcnn/kernels/gemm.py does
 # for gemm, and for the same reason: inlined, the microkernel instances were compiled again
-# in each of the modules a prange loop is made of; a cold compile of the three kernels took
+# in each of the modules a prange loop is made of; a cold compile of the kernels took
 # minutes). ``ensure_depthwise(dtype)`` compiles (or loads from Numba's cache) and registers them.
 _CFUNCS = {}
 
@@ -535,7 +539,7 @@ def ensure_depthwise(dtype):
     _CFUNCS[dtype] = (taps, reduce)
 
 
-def _call_by_symbol(name, signature_args):
+def _call_by_symbol(name):
     """codegen for an intrinsic calling the registered cfunc ``name`` of the arrays' dtype."""
 
     def codegen(context, builder, signature, args):
@@ -557,14 +561,14 @@ def _call_by_symbol(name, signature_args):
 def _taps_call(typingctx, Y, y_off, ldy, I, i_off, ldi, X, x_off, ldx, xsa, xsb, Wt, w_off, wsa, wsb, R, K, P, NV):
     """_taps_impl inside @njit code (arrays of one dtype; ensure_depthwise registered it)."""
     sig = types.void(Y, y_off, ldy, I, i_off, ldi, X, x_off, ldx, xsa, xsb, Wt, w_off, wsa, wsb, R, K, P, NV)
-    return sig, _call_by_symbol("taps", sig.args)
+    return sig, _call_by_symbol("taps")
 
 
 @intrinsic
 def _reduce_call(typingctx, A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NT, NV):
     """_reduce_impl inside @njit code (arrays of one dtype; ensure_depthwise registered it)."""
     sig = types.void(A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NT, NV)
-    return sig, _call_by_symbol("reduce", sig.args)
+    return sig, _call_by_symbol("reduce")
 
 
 _taps = _taps_numpy if DISABLE_JIT else _taps_call
@@ -573,10 +577,8 @@ _reduce = _reduce_numpy if DISABLE_JIT else _reduce_call
 
 @njit(error_model="numpy", cache=True)
 def _tile_row(w, OW):
-    """wr[t*OW*Cm + ow*Cm + o] = w[t*Cm + o] for the T = len(w) // Cm taps of w seen as (T, Cm)...
-
-    w: the weights (KH, KW, 1, Cm) (or a bias (Cm,)) flattened; returns (T*OW*Cm,).
-    """
+    """The weights (KH, KW, 1, Cm) or a bias (Cm,), seen as (T, Cm), repeated along an output row of OW
+    pixels: returns wr (T*OW*Cm,) with wr[(t*OW + ow)*Cm + o] = w[t, o]."""
     Cm = w.shape[-1]
     wf = np.ascontiguousarray(w).reshape(-1)
     T = wf.shape[0] // Cm
@@ -768,9 +770,9 @@ def _depthwise_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h,
                               wr, (kh * KW + kw) * L + ow0 * Cm, (ow1 - ow0) * Cm)
 
 
-@njit(error_model="numpy", parallel=prange_only(), cache=True)
-def _depthwise_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
-    """dx (N, H, W, C) = dL/dx given dy (N, OH, OW, C*m); dx fully overwritten."""
+@njit(error_model="numpy", cache=True)
+def _backward_input_row(dy, w, wr, zf, dx, buf, row, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """dx row ``row`` (= n*H + ih) = its gradient; fully overwritten (buf: the run path's scratch row)."""
     N, H, W, C = dx.shape
     KH, KW, _, Cm = w.shape
     OH = dy.shape[1]
@@ -778,114 +780,148 @@ def _depthwise_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, 
     m = Cm // C
     sw = stride_w
     Wp = (W + sw - 1) // sw
-    fast = _fast(C, m, dx.itemsize)
-    direct = fast or (sw == 1 and m == 1)
     L = OW * Cm
-    wf = np.ascontiguousarray(w).reshape(-1)
-    wr = _tile_row(w, 1 if fast else OW)
-    zf = np.zeros(C, dtype=dx.dtype)
     dyf = dy.reshape(-1)
     dxf = dx.reshape(-1)
-    R = N * H
-    nchunks = min(R, _ROW_CHUNKS)
-    for ch in prange(nchunks):
-        buf = np.empty(0 if direct else sw * Wp * Cm, dtype=dx.dtype)
-        for row in range((ch * R) // nchunks, ((ch + 1) * R) // nchunks):
-            n = row // H
-            ih = row - n * H
-            dxo = row * W * C
-            if fast:
-                _backward_input_row_fast(dxf, dxo, zf, dyf, n, ih, wf, H, W, C, KH, KW, OH, OW, stride_h, sw,
-                                         pad_top, pad_left, dil_h, dil_w)
-                continue
-            if direct:
-                dst = dxf
-                base = dxo
-                _zero(dxf, dxo, W * C)
-            else:
-                dst = buf
-                base = 0
-                _zero(buf, 0, sw * Wp * Cm)
-            for kh in range(KH):
-                t = ih + pad_top - kh * dil_h
-                if t < 0:
-                    continue
-                oh = t // stride_h
-                if oh * stride_h != t or oh >= OH:
-                    continue
-                dyo = (n * OH + oh) * L
-                for kw in range(KW):
-                    s = kw * dil_w - pad_left
-                    ow0 = max(0, _ceil_div(-s, sw))
-                    ow1 = min(OW, _ceil_div(W - s, sw))
-                    if ow1 > ow0:
-                        r = s % sw
-                        _madd(dst, base + (r * Wp + (s - r) // sw + ow0) * Cm, dyf, dyo + ow0 * Cm,
-                              wr, (kh * KW + kw) * L + ow0 * Cm, (ow1 - ow0) * Cm)
-            if not direct:
-                _merge_row(dxf, dxo, buf, W, C, m, sw, Wp)
+    n = row // H
+    ih = row - n * H
+    dxo = row * W * C
+    if _fast(C, m, dx.itemsize):
+        _backward_input_row_fast(dxf, dxo, zf, dyf, n, ih, w.reshape(-1), H, W, C, KH, KW, OH, OW, stride_h, sw,
+                                 pad_top, pad_left, dil_h, dil_w)
+        return
+    direct = sw == 1 and m == 1
+    if direct:
+        dst = dxf
+        base = dxo
+        _zero(dxf, dxo, W * C)
+    else:
+        dst = buf
+        base = 0
+        _zero(buf, 0, sw * Wp * Cm)
+    for kh in range(KH):
+        t = ih + pad_top - kh * dil_h
+        if t < 0:
+            continue
+        oh = t // stride_h
+        if oh * stride_h != t or oh >= OH:
+            continue
+        dyo = (n * OH + oh) * L
+        for kw in range(KW):
+            s = kw * dil_w - pad_left
+            ow0 = max(0, _ceil_div(-s, sw))
+            ow1 = min(OW, _ceil_div(W - s, sw))
+            if ow1 > ow0:
+                r = s % sw
+                _madd(dst, base + (r * Wp + (s - r) // sw + ow0) * Cm, dyf, dyo + ow0 * Cm,
+                      wr, (kh * KW + kw) * L + ow0 * Cm, (ow1 - ow0) * Cm)
+    if not direct:
+        _merge_row(dxf, dxo, buf, W, C, m, sw, Wp)
+
+
+@njit(error_model="numpy", cache=True)
+def _backward_weight_row(x, dy, KH, KW, pc, LT, buf, row, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """Add output row ``row`` (= n*OH + oh)'s terms to the partial pc: per tap, LT accumulators from
+    pc[tap*LT:], then OW*Cm slots summing dy for the bias (buf: the run path's scratch row)."""
+    N, H, W, C = x.shape
+    OH = dy.shape[1]
+    OW = dy.shape[2]
+    Cm = dy.shape[3]
+    m = Cm // C
+    sw = stride_w
+    Wp = (W + sw - 1) // sw
+    fast = _fast(C, m, pc.itemsize)
+    direct = sw == 1 and m == 1
+    L = OW * Cm
+    T = KH * KW
+    xf = x.reshape(-1)
+    dyf = dy.reshape(-1)
+    n = row // OH
+    oh = row - n * OH
+    dyo = row * L
+    _add(pc, T * LT, dyf, dyo, L)
+    t = pad_top - oh * stride_h
+    kh0 = max(0, _ceil_div(t, dil_h))
+    kh1 = min(KH, _ceil_div(H + t, dil_h))
+    for kh in range(kh0, kh1):
+        xo = (n * H + kh * dil_h - t) * W * C
+        if fast:
+            _backward_weight_row_fast(pc, xf, xo, dyf, dyo, kh, W, C, KW, OW, sw, pad_left, dil_w)
+            continue
+        if direct:
+            src = xf
+            base = xo
+        else:
+            _split_row(buf, xf, xo, W, C, m, sw, Wp)
+            src = buf
+            base = 0
+        for kw in range(KW):
+            s = kw * dil_w - pad_left
+            ow0 = max(0, _ceil_div(-s, sw))
+            ow1 = min(OW, _ceil_div(W - s, sw))
+            if ow1 > ow0:
+                r = s % sw
+                _madd(pc, (kh * KW + kw) * L + ow0 * Cm, src, base + (r * Wp + (s - r) // sw + ow0) * Cm,
+                      dyf, dyo + ow0 * Cm, (ow1 - ow0) * Cm)
 
 
 @njit(error_model="numpy", parallel=prange_only(), cache=True)
-def _depthwise_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
-    """dw (KH, KW, 1, C*m) and db (C*m,) = dL/dw, dL/db; both overwritten (not accumulated)."""
+def _depthwise_backward(x, dy, w, dx, dw, db, need_dx, need_dw, stride_h, stride_w, pad_top, pad_left, dil_h,
+                        dil_w):
+    """dx (N, H, W, C) = dL/dx if need_dx; dw (KH, KW, 1, C*m) and db (C*m,) = dL/dw, dL/db if need_dw;
+    all overwritten. x, dx: (N, H, W, C) (x is read only for dw, dx written only for dx).
+
+    One parallel region for both gradients: its iterations are the weight gradient's NW chunks
+    interleaved evenly with the input gradient's NX chunks of dx rows (thread blocks of
+    iterations get shares of both).
+    """
     N, H, W, C = x.shape
-    KH, KW, _, Cm = dw.shape
+    KH, KW, _, Cm = w.shape
     OH = dy.shape[1]
     OW = dy.shape[2]
     m = Cm // C
     sw = stride_w
     Wp = (W + sw - 1) // sw
-    fast = _fast(C, m, dw.itemsize)
-    direct = sw == 1 and m == 1
+    fast = _fast(C, m, x.itemsize)
     L = OW * Cm
     T = KH * KW
     # Accumulators per tap: (OW, Cm) for the run path, (Cm,) for the register tiles.
     LT = Cm if fast else L
-    xf = x.reshape(-1)
-    dyf = dy.reshape(-1)
-    R = N * OH
-    nchunks = min(R, _WEIGHT_CHUNKS)
-    # Per chunk: T taps x LT accumulators, then (OW, Cm) for the bias.
-    partial = np.zeros((nchunks, T * LT + L), dtype=dw.dtype)
-    for ch in prange(nchunks):
-        pc = partial[ch]
-        buf = np.empty(0 if direct or fast else sw * Wp * Cm, dtype=dw.dtype)
-        for row in range((ch * R) // nchunks, ((ch + 1) * R) // nchunks):
-            n = row // OH
-            oh = row - n * OH
-            dyo = row * L
-            _add(pc, T * LT, dyf, dyo, L)
-            t = pad_top - oh * stride_h
-            kh0 = max(0, _ceil_div(t, dil_h))
-            kh1 = min(KH, _ceil_div(H + t, dil_h))
-            for kh in range(kh0, kh1):
-                xo = (n * H + kh * dil_h - t) * W * C
-                if fast:
-                    _backward_weight_row_fast(pc, xf, xo, dyf, dyo, kh, W, C, KW, OW, sw, pad_left, dil_w)
-                    continue
-                if direct:
-                    src = xf
-                    base = xo
-                else:
-                    _split_row(buf, xf, xo, W, C, m, sw, Wp)
-                    src = buf
-                    base = 0
-                for kw in range(KW):
-                    s = kw * dil_w - pad_left
-                    ow0 = max(0, _ceil_div(-s, sw))
-                    ow1 = min(OW, _ceil_div(W - s, sw))
-                    if ow1 > ow0:
-                        r = s % sw
-                        _madd(pc, (kh * KW + kw) * L + ow0 * Cm, src, base + (r * Wp + (s - r) // sw + ow0) * Cm,
-                              dyf, dyo + ow0 * Cm, (ow1 - ow0) * Cm)
+    wr = _tile_row(w, 1 if fast else OW)
+    zf = np.zeros(C, dtype=x.dtype)
+    RW = N * OH
+    NW = min(RW, _WEIGHT_CHUNKS) if need_dw else 0
+    RX = N * H
+    NX = min(RX, _ROW_CHUNKS) if need_dx else 0
+    M = NW + NX
+    # Per weight chunk: T taps x LT accumulators, then (OW, Cm) for the bias.
+    partial = np.zeros((NW, T * LT + L), dtype=x.dtype)
+    for i in prange(M):
+        buf = np.empty(0 if fast or (sw == 1 and m == 1) else sw * Wp * Cm, dtype=x.dtype)
+        # iteration i is the weight chunk floor(i*NW/M) when that count steps at i, else a dx chunk.
+        nw_before = (i * NW) // M
+        nw_after = ((i + 1) * NW) // M
+        if nw_after > nw_before:
+            ch = nw_before
+            for row in range((ch * RW) // NW, ((ch + 1) * RW) // NW):
+                _backward_weight_row(x, dy, KH, KW, partial[ch], LT, buf, row, stride_h, stride_w, pad_top, pad_left,
+                                     dil_h, dil_w)
+        else:
+            ch = i - nw_after
+            for row in range((ch * RX) // NX, ((ch + 1) * RX) // NX):
+                _backward_input_row(dy, w, wr, zf, dx, buf, row, stride_h, stride_w, pad_top, pad_left, dil_h,
+                                    dil_w)
+    if not need_dw:
+        return
     # Fixed-order reduction: chunk by chunk, then (run path, bias) output column by output column.
+    # Serial: a few thousand vector adds, not worth a second parallel region (each one is a wait
+    # for every thread, long on a machine busy with other work).
     dwf = dw.reshape(-1)
     OWT = 1 if fast else OW
-    for t in prange(T + 1):
+    for t in range(T + 1):
         out = dwf[t * Cm:(t + 1) * Cm] if t < T else db
         _zero(out, 0, Cm)
-        for ch in range(nchunks):
+        for ch in range(NW):
             if t < T:
                 for ow in range(OWT):
                     _add(out, 0, partial[ch], t * LT + ow * Cm, Cm)
@@ -923,12 +959,26 @@ def depthwise_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, 
     _depthwise_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
 
 
+def depthwise_backward(x, dy, w, dx, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """Both gradients in one pass (one parallel region): dx (N, H, W, C) = dL/dx, or nothing when dx is
+    None; dw (KH, KW, 1, C*m) and db (C*m,) = dL/dw, dL/db; all overwritten."""
+    _check_depthwise(x.shape, w.shape, dy.shape)
+    if dw.shape != w.shape or db.shape != (w.shape[3],) or (dx is not None and dx.shape != x.shape):
+        raise ValueError(f"depthwise: dx {None if dx is None else dx.shape}, dw {dw.shape}, db {db.shape} do not "
+                         f"fit x {x.shape} and w {w.shape}")
+    _check_geometry(stride_h, stride_w, dil_h, dil_w)
+    ensure_depthwise(x.dtype)
+    _depthwise_backward(x, dy, w, x if dx is None else dx, dw, db, dx is not None, True, stride_h, stride_w, pad_top,
+                        pad_left, dil_h, dil_w)
+
+
 def depthwise_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
     """dx (N, H, W, C) = dL/dx given dy (N, OH, OW, C*m); dx fully overwritten."""
     _check_depthwise(dx.shape, w.shape, dy.shape)
     _check_geometry(stride_h, stride_w, dil_h, dil_w)
     ensure_depthwise(dx.dtype)
-    _depthwise_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
+    _depthwise_backward(dx, dy, w, dx, w, w[0, 0, 0], True, False, stride_h, stride_w, pad_top, pad_left, dil_h,
+                        dil_w)
 
 
 def depthwise_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
@@ -936,7 +986,7 @@ def depthwise_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_le
     _check_depthwise(x.shape, dw.shape, dy.shape)
     _check_geometry(stride_h, stride_w, dil_h, dil_w)
     ensure_depthwise(dw.dtype)
-    _depthwise_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
+    _depthwise_backward(x, dy, dw, x, dw, db, False, True, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
 
 
 # --------------------------------------------------------------------------
@@ -1005,6 +1055,19 @@ def grouped_backward_input(dy, w, dx, groups, stride_h, stride_w, pad_top, pad_l
         for g in range(groups):
             conv.conv2d_backward_input(dyg[g], wg[g], dxg[g], *geometry)
         _merge_groups(dx, dxg)
+
+
+def grouped_backward(x, dy, w, dx, dw, db, groups, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """Both gradients of grouped_forward: dx (N, H, W, C) = dL/dx (skipped when dx is None), dw and db
+    = dL/dw, dL/db; all overwritten. Depthwise: one pass (depthwise_backward)."""
+    geometry = (stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
+    _check_groups(x.shape[3], w, groups)
+    if _is_depthwise(x.shape[3], w, groups):
+        depthwise_backward(x, dy, w, dx, dw, db, *geometry)
+        return
+    grouped_backward_weight(x, dy, dw, db, groups, *geometry)
+    if dx is not None:
+        grouped_backward_input(dy, w, dx, groups, *geometry)
 
 
 def grouped_backward_weight(x, dy, dw, db, groups, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):

@@ -111,9 +111,7 @@ class Conv2D(Layer):
             if dx is not None:
                 conv.conv2d_backward_input(dy, w.data, dx, *self._geometry())
         else:
-            depthwise.grouped_backward_weight(self.x, dy, w.grad, db, self.groups, *self._geometry())
-            if dx is not None:
-                depthwise.grouped_backward_input(dy, w.data, dx, self.groups, *self._geometry())
+            depthwise.grouped_backward(self.x, dy, w.data, dx, w.grad, db, self.groups, *self._geometry())
         return dx
 
     def flops(self, batch):
