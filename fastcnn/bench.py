@@ -1,6 +1,8 @@
 """``fastcnn bench``: per-layer forward/backward times, GFLOP/s and the training step.
 
-Every figure is a median over ``repeats`` timed runs after warm-up. With
+One row per block the training step runs: a layer, a fused block (e.g. batchnorm+relu), or a whole
+residual block, timed with everything inside it and its GFLOP/s computed from the FLOPs of its
+whole subtree (``block_flops``). Every figure is a median over ``repeats`` timed runs after warm-up. With
 ``compare="torch"`` the same layer (same weights, channels_last) and the same
 training step are timed in PyTorch, in the same process, right after ours.
 """
@@ -61,6 +63,14 @@ def matmul_peak_gflops(threads, torch=None, size=2048, repeats=5):
     return rates[source], source
 
 
+def block_flops(block, batch):
+    """Forward FLOPs of what one bench row runs: a layer with everything nested in it (a residual
+    block's sub-layers: its own add counts 0), or a fused block's layers."""
+    if hasattr(block, "named_modules"):
+        return sum(int(m.flops(batch)) for _, m in block.named_modules())
+    return sum(block_flops(layer, batch) for layer in block.layers) if hasattr(block, "layers") else block.flops(batch)
+
+
 def _gflops(flops, ms):
     return flops / ms / 1e6 if flops and ms > 0 else None
 
@@ -107,9 +117,9 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
         # As in training, the first layer computes no input gradient (nothing upstream needs it).
         input_grad = i > 0
         bwd_ms = _median_ms(lambda: layer.backward(dy, input_grad), repeats)
-        f = layer.flops(batch_size)
+        f = block_flops(layer, batch_size)
         row = {"index": i, "layer": repr(layer), "kind": layer.kind, "output_shape": list(out.shape[1:]),
-               "forward_ms": fwd_ms, "backward_ms": bwd_ms,
+               "flops": f, "forward_ms": fwd_ms, "backward_ms": bwd_ms,
                "forward_gflops": _gflops(f, fwd_ms), "backward_gflops": _gflops((2 if input_grad else 1) * f, bwd_ms),
                "backward_input_grad": input_grad}
         rows.append(row)

@@ -195,6 +195,7 @@ def build_model(model_cfg, seed: Optional[int] = 0, fuse: bool = True) -> Sequen
     layers = []
     for i, (layer, in_shape, _) in enumerate(plan):
         layer.init = _spec_get(model_cfg, "init", "he_uniform")
+        layer.fuse = fuse  # containers (residual) plan their branches' fused blocks, or not
         if getattr(layer, "uses_step", False):  # dropout: mask keyed by (seed, layer index, step)
             layer.seed, layer.index = (0 if seed is None else int(seed)), i
         layer.build(in_shape, rng, dtype)

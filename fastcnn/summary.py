@@ -12,9 +12,11 @@ import textwrap
 import numpy as np
 
 FLOPS_NOTE = ("FLOPs: forward pass, 2 per multiply-add in conv2d and dense layers; "
-              "activations, pooling, batchnorm and flatten count as 0.")
-ACTIVATIONS_NOTE = ("Activations: the output of every layer for one image, roughly what a "
-                    "training step keeps for the backward pass (the input not included).")
+              "activations, pooling, batchnorm, flatten and the residual add count as 0; "
+              "a residual block's row totals its sub-layers.")
+ACTIVATIONS_NOTE = ("Activations: the output of every layer for one image (and the sum each copy "
+                    "of a residual block writes), roughly what a training step keeps for the "
+                    "backward pass (the input not included).")
 PARAMS_NOTE = "Non-trainable parameters: batch-norm running statistics (as in Keras)."
 
 
@@ -32,7 +34,8 @@ def summarize(model, batch_size=None):
     ``description``, ``output_shape`` per sample, ``params``, ``trainable_params``,
     ``flops`` per image), ``total_params``, ``trainable_params``,
     ``non_trainable_params``, ``param_bytes``, ``flops_per_image``,
-    ``activation_bytes_per_image`` (every layer's output, in the model's dtype),
+    ``activation_bytes_per_image`` (every layer's output and every residual block's sums, in the
+    model's dtype),
     ``batch_size`` with ``flops_per_batch`` and ``activation_bytes_per_batch``
     (when ``batch_size`` is given), and ``notes``.
     """
@@ -61,9 +64,11 @@ def summarize(model, batch_size=None):
     trainable = sum(r["trainable_params"] for r in top)
     total = sum(r["params"] for r in top)
     flops = sum(r["flops"] for r in top)
-    # Every leaf's output (a container's output is its last sub-layer's, or an extra sum buffer it owns).
+    # Every leaf's output, plus what a container writes itself (a residual block: its sums, one per copy).
     leaves = [r for r, (_, m, _) in zip(layers, walk) if not m.children()]
-    act_bytes = sum(r["activation_elements"] for r in leaves) * itemsize
+    own = [int(np.prod(shape)) for _, m, _ in walk if m.children() and hasattr(m, "own_output_shapes")
+           for shape in m.own_output_shapes()]
+    act_bytes = (sum(r["activation_elements"] for r in leaves) + sum(own)) * itemsize
     info = {
         "input_shape": [int(s) for s in model.input_shape],
         "num_classes": int(model.num_classes),

@@ -416,3 +416,118 @@ def test_resnet_mnist_config_validates():
     assert any(b.shortcut_specs for b in model.layers if b.kind == "residual")
     x = np.zeros((2, 28, 28, 1), np.float32)
     assert model.forward(x, training=False).shape == (2, 10)
+
+
+# -- the add + ReLU kernels, fusion inside the branches, fuse=False ---------------------------------
+
+def _run(blocks, x, training):
+    for block in blocks:
+        x = block.forward(x, training)
+    return x
+
+
+def _run_back(blocks, g):
+    for k in range(len(blocks) - 1, -1, -1):
+        g = blocks[k].backward(g)
+    return g
+
+
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("shortcut", ["identity", "projection"])
+def test_fused_add_relu_is_bit_identical_to_the_unfused_computation(activation, shortcut, rng):
+    """The block's one-pass add+ReLU forward, and its backward (the mask, and between copies the
+    add and the previous copy's mask in one pass) give the bits of np.add then a ReLU / its mask."""
+    body = [conv(4, padding="same", bias=False), BN, RELU, conv(4, padding="same", bias=False), BN]
+    short = "identity" if shortcut == "identity" else [conv(4, 1, bias=False), BN]
+    block = Residual(body=body, shortcut=short, activation=activation, repeat=3)
+    block.build((6, 5, 4), np.random.default_rng(0), np.float32)
+    x = rng.standard_normal((3, 6, 5, 4)).astype(np.float32)
+    dy = rng.standard_normal((3, 6, 5, 4)).astype(np.float32)
+    y = block.forward(x, True).copy()
+    dx = block.backward(dy).copy()
+    grads = {k: p.grad.copy() for k, p in block.named_parameters()}
+
+    # The unfused computation, through the same (fused) branch blocks.
+    relu = activation == "relu"
+    outs, h = [], x
+    for body_blocks, short_blocks in block._runs:
+        s = h if short_blocks is None else _run(short_blocks, h, True).copy()
+        z = np.add(_run(body_blocks, h, True), s)
+        h = np.where(z <= 0, np.float32(0), z) if relu else z
+        outs.append(h)
+    assert y.tobytes() == outs[-1].tobytes()
+    g = np.where(outs[-1] <= 0, np.float32(0), dy) if relu else dy
+    for r in range(len(block._runs) - 1, -1, -1):
+        body_blocks, short_blocks = block._runs[r]
+        db = _run_back(body_blocks, g).copy()
+        ds = g if short_blocks is None else _run_back(short_blocks, g)
+        d = np.add(db, ds)
+        g = np.where(outs[r - 1] <= 0, np.float32(0), d) if relu and r > 0 else d
+    assert dx.dtype == np.float32 and dx.tobytes() == g.tobytes()
+    for key, p in block.named_parameters():
+        assert grads[key].tobytes() == p.grad.tobytes(), key
+
+
+def _kinds(blocks):
+    return [type(b).__name__ for b in blocks]
+
+
+def test_branches_fuse_batchnorm_relu_inside_and_never_across_the_block_input():
+    from fastcnn.fusion import Block
+
+    cfg = model_cfg(conv(4, padding="same", bias=False), BN, RELU,
+                    {"type": "residual", "body": [BN, RELU, conv(4, padding="same", bias=False), BN, RELU,
+                                                  {"type": "residual", "body": [conv(4, 1), BN, RELU]}],
+                     "shortcut": [RELU, {"type": "maxpool2d", "pool_size": 3, "stride": 1, "padding": 1}]},
+                    *HEAD)
+    model = fastcnn.build_model(cfg)
+    # Top level: conv, batchnorm+relu, then the block whole: its input feeds two consumers (both branches).
+    assert _kinds(model.blocks)[:3] == ["Conv2D", "BatchNormReLU", "Residual"]
+    block = model.blocks[2]
+    (body, short), = block._runs
+    assert _kinds(body) == ["BatchNormReLU", "Conv2D", "BatchNormReLU", "Residual"]
+    assert _kinds(short) == ["ActivationMaxPool2D"]
+    (inner, _), = body[3]._runs
+    assert _kinds(inner) == ["Conv2D", "BatchNormReLU"]
+    # A fused block holds layers of one branch only, starting at the branch's own first layer.
+    (body_layers, short_layers), = block.copies
+    for blocks, layers in ((body, body_layers), (short, short_layers)):
+        covered = [layer for b in blocks for layer in (b.layers if isinstance(b, Block) else (b,))]
+        assert covered == layers
+    # fuse=False reaches inside the blocks, nested ones included; the results stay the same (to
+    # rounding: the fused batch norm may add its statistics in another order).
+    plain = fastcnn.build_model(cfg, fuse=False)
+    (pbody, pshort), = plain.layers[3]._runs
+    assert not any(isinstance(b, Block) for b in (*plain.blocks, *pbody, *pshort, *pbody[5]._runs[0][0]))
+    assert _kinds(pbody) == ["BatchNorm", "ReLU", "Conv2D", "BatchNorm", "ReLU", "Residual"]
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 2)).astype(np.float32)
+    np.testing.assert_allclose(plain.forward(x, training=True), model.forward(x, training=True), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_resnet20_cifar10_config():
+    """ResNet-20 (He et al. 2016): 19 3x3 convs in 3 stages of 3 basic blocks, two stride-2
+    projection shortcuts, about 0.27M parameters; it trains (two steps on random data)."""
+    from conftest import REPO
+
+    cfg = load_config(os.path.join(REPO, "configs", "resnet20_cifar10.yaml"))
+    assert cfg.data.dataset == "cifar10" and cfg.data.batch_size == 128
+    assert dict(cfg.data.augment) == {"crop_padding": 4, "horizontal_flip": True}
+    opt = dict(cfg.train.optimizer)
+    assert (opt["name"], opt["lr"], opt["momentum"]) == ("sgd", 0.1, 0.9) and opt["weight_decay"] in (1e-4, 5e-4)
+    assert cfg.train.schedule["name"] == "cosine"
+    model = fastcnn.build_model(cfg.model)
+    assert 0.26e6 < model.num_parameters() < 0.28e6
+    convs = [m for _, m in model.named_modules() if m.kind == "conv2d"]
+    assert [c.kernel for c in convs].count((3, 3)) == 19 and len(convs) == 21
+    assert all(not c.params.get("bias") for c in convs)
+    blocks = [m for m in model.layers if m.kind == "residual"]
+    assert sum(b.repeat for b in blocks) == 9 and sum(1 for b in blocks if b.shortcut_specs) == 2
+    assert [b.out_shape for b in blocks] == [(32, 32, 16), (16, 16, 32), (16, 16, 32), (8, 8, 64), (8, 8, 64)]
+    from fastcnn.optim import build_optimizer
+
+    optimizer = build_optimizer(cfg.train.optimizer, model.parameters())
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        x = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
+        assert fastcnn.train_step(model, optimizer, x, rng.integers(0, 10, 4)).ok

@@ -79,3 +79,22 @@ def test_cli_summary_compiles_no_kernel(capsys):
 def test_cli_summary_errors(argv, words, capsys):
     code, out, err = run_cli(argv, capsys)
     assert code == 2 and err.startswith("Error: ") and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_residual_blocks_count_their_sums_in_activation_memory():
+    """A residual block writes one sum per copy (its output) besides its sub-layers' outputs: the
+    activation memory counts both; its row totals its sub-layers' parameters and FLOPs."""
+    import numpy as np
+
+    model = build_model(load_config(os.path.join(REPO, "configs", "resnet_mnist.yaml")).model, seed=0)
+    info = summarize(model, batch_size=4)
+    leaves = sum(int(np.prod(m.out_shape)) for _, m in model.named_modules() if not m.children())
+    blocks = [m for _, m in model.named_modules() if m.kind == "residual"]
+    sums = sum(int(np.prod(out)) for block in blocks for _, out in block.copy_shapes)
+    assert sums == 2 * 14 * 14 * 32 + 7 * 7 * 64  # three blocks, one copy each
+    assert info["activation_bytes_per_image"] == 4 * (leaves + sums)
+    assert info["activation_bytes_per_batch"] == 4 * info["activation_bytes_per_image"]
+    row = next(r for r in info["layers"] if r["index"] == 3)
+    assert row["type"] == "residual" and row["flops"] == sum(m.flops(1) for _, m in model.layers[3].named_modules())
+    assert info["flops_per_image"] == sum(r["flops"] for r in info["layers"] if r["depth"] == 0)
+    assert "sum each copy of a residual block writes" in " ".join(info["notes"])

@@ -19,24 +19,31 @@ and ``layers.<i>.<r>.shortcut.<j>.<name>``, nested blocks extending the path the
 summary shows one row per sub-layer under the block's row. ``parameter_shapes`` lists every
 copy's sub-layer parameters under these relative keys, so config validation's model-size check
 counts them. The block's own FLOPs are 0 (the add, an elementwise op, counts 0 as ReLU does);
-its sub-layers' are counted on their own rows.
+its sub-layers' are counted on their own rows (``fastcnn bench`` times the block as one row and
+divides the FLOPs of its whole subtree). ``own_output_shapes()``: the sums the block writes, one per
+copy, which the summary's activation memory adds to its sub-layers' outputs.
 
 Building: sub-layers are built with the model's rng, init scheme and dtype, in a fixed order:
 copy 0 body[0], body[1], ..., then copy 0 shortcut[0], ..., then copy 1 likewise. Each branch
 runs through ``fastcnn.fusion.plan_blocks`` (batchnorm+relu, relu+maxpool fused inside the body
-as at the top level).
+as at the top level); a fused block never spans the block's input, which feeds two consumers
+(each branch is planned on its own, from its first layer). With ``fuse = False`` (set by
+``build_model(..., fuse=False)``, passed on to nested blocks) the branches run their layers
+unfused.
 
-Forward, copy by copy: ``b = body(x)``, ``s = x`` (identity) or ``shortcut(x)``; the sum
-``b + s`` is written into a buffer the block owns for that copy, then ReLU'd in place
-(activation relu). That buffer is the copy's output (the next copy's input, or the block's
-output): valid until the next forward, as the protocol asks.
+Forward, copy by copy: ``b = body(x)``, ``s = x`` (identity) or ``shortcut(x)``; then
+``relu(b + s)`` (or ``b + s``) in one pass (fastcnn/kernels/residual.py) into a buffer the
+block owns for that copy. That buffer is the copy's output (the next copy's input, or the
+block's output): valid until the next forward, as the protocol asks.
 
 Backward, copy by copy from the last: ``g = dy * (y > 0)`` (ReLU's gradient read from the
 copy's output, which is <= 0 exactly where the sum was; NaN passes, as torch) into a buffer
-the block owns; ``g`` goes to both branches (none writes into it), and ``dx = dx_body +
-dx_shortcut`` (``dx_shortcut = g`` for the identity) is added into another buffer the block owns
-per copy, never into one received (a branch may hand back ``g`` itself). With
-``need_input_grad=False`` copy 0's branches skip their input gradients.
+the block owns; ``g`` goes to both branches (none writes into it). The copy's input gradient
+``dx_body + dx_shortcut`` (``dx_shortcut = g`` for the identity) is, for copy r > 0, added and
+masked by copy r-1's ReLU in one pass, straight into copy r-1's ``g`` buffer; for copy 0 added
+into a ``dx`` buffer the block owns: never into one received (a branch may hand back ``g``
+itself). Each pass adds the same two floats as the unfused ``np.add`` + ReLU: bit-identical
+results. With ``need_input_grad=False`` copy 0's branches skip their input gradients.
 
 Dropout inside a block: ``fastcnn.model.build_model`` gives every dropout nested in a container
 the model seed and an index unique in the model: the top-level layers keep their positions
@@ -55,7 +62,7 @@ from ..errors import ConfigError
 from ..schema import REQUIRED, choice, integer
 from .base import Layer, kernel_module
 
-activation_kernels = kernel_module("activation")
+kernels = kernel_module("residual")
 
 
 def _layer_list(value, path):
@@ -89,6 +96,7 @@ class Residual(Layer):
         "activation": (choice("relu", "none"), "relu"),
         "repeat": (integer(1), 1),
     }
+    fuse = True  # plan fused blocks inside the branches (build_model(..., fuse=False) sets False)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -166,6 +174,11 @@ class Residual(Layer):
             text += ", no activation"
         return text
 
+    def own_output_shapes(self):
+        """Per-sample shapes of the activations the block itself writes (its sub-layers' outputs
+        aside): each copy's sum, its output (the summary's activation memory counts them)."""
+        return [out for _, out in self.copy_shapes]
+
     def children(self):
         out = []
         for r, (body, short) in enumerate(self.copies):
@@ -184,12 +197,13 @@ class Residual(Layer):
             for plan in (body, short or []):
                 layers = []
                 for layer, s_in, _ in plan:
-                    layer.init = self.init
+                    layer.init, layer.fuse = self.init, self.fuse  # nested blocks plan as this one
                     layer.build(s_in, rng, self.dtype)
                     layers.append(layer)
                 built.append(layers)
             self.copies.append((built[0], built[1]))
-            self._runs.append((plan_blocks(built[0]), plan_blocks(built[1]) if short is not None else None))
+            plan = plan_blocks if self.fuse else list
+            self._runs.append((plan(built[0]), plan(built[1]) if short is not None else None))
             self.copy_shapes.append((shape, out))
         # Nested dropout: distinct mask indices within the block (build_model then numbers them model-wide).
         stepped = [m for _, m in self.named_modules() if m is not self and getattr(m, "uses_step", False)]
@@ -208,24 +222,23 @@ class Residual(Layer):
             for block in short or ():
                 s = block.forward(s, training)
             y = self._buffer(f"y{r}", b.shape)
-            np.add(b, s, out=y)
-            if relu:
-                flat = y.reshape(-1)
-                activation_kernels.relu_forward(flat, flat)
+            b, s = np.ascontiguousarray(b, self.dtype), np.ascontiguousarray(s, self.dtype)
+            (kernels.add_relu_forward if relu else kernels.add_forward)(b, s, y)  # one pass
             x = y
         return x
 
     def backward(self, dy, need_input_grad=True):
         dy = self._check_dy(dy)
         relu = self.activation == "relu"
-        for r in range(len(self._runs) - 1, -1, -1):
+        last = len(self._runs) - 1
+        if relu:  # the gradient through the last copy's ReLU, read from its output
+            g = self._buffer(f"g{last}", dy.shape)
+            kernels.relu_mask_backward(self._scratch[f"y{last}"], dy, g)
+        else:
+            g = dy
+        for r in range(last, -1, -1):
             body, short = self._runs[r]
             need = need_input_grad or r > 0
-            if relu:
-                g = self._buffer(f"g{r}", dy.shape)
-                activation_kernels.relu_backward(self._scratch[f"y{r}"].reshape(-1), dy.reshape(-1), g.reshape(-1))
-            else:
-                g = dy
             db = g
             for k in range(len(body) - 1, -1, -1):
                 db = body[k].backward(db, need_input_grad=need or k > 0)
@@ -234,10 +247,19 @@ class Residual(Layer):
                 ds = short[k].backward(ds, need_input_grad=need or k > 0)
             if not need:
                 return None
-            dx = self._buffer(f"dx{r}", (dy.shape[0], *self.copy_shapes[r][0]))
-            np.add(db, ds, out=dx)
-            dy = dx
-        return dy
+            db, ds = np.ascontiguousarray(db, self.dtype), np.ascontiguousarray(ds, self.dtype)
+            if r == 0:  # the block's input gradient dx = dx_body + dx_shortcut, in a buffer of its own
+                dx = self._buffer("dx", (dy.shape[0], *self.copy_shapes[0][0]))
+                kernels.add_forward(db, ds, dx)
+                return dx
+            # Copy r's input gradient is copy r-1's output gradient: the add and copy r-1's ReLU mask in
+            # one pass, into a buffer of the block's own (never into db or ds: a branch may hand back g).
+            g = self._buffer(f"g{r - 1}", db.shape)
+            if relu:
+                kernels.add_relu_mask_backward(db, ds, self._scratch[f"y{r - 1}"], g)
+            else:
+                kernels.add_forward(db, ds, g)
+        return None  # not reached: copy 0 returns
 
     # -- PyTorch twin --------------------------------------------------------
     def torch_module(self, torch):
