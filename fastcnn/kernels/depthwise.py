@@ -41,8 +41,16 @@ written in LLVM IR (``_taps_mk``, ``_reduce_mk``; ``llvm.fma``, as gemm.py's):
     output columns. So dx is gathered, each dx vector written once, whatever
     the stride and dilation; no scatter, no zeroing pass.
 * ``_reduce_mk`` (weight gradient): the accumulators are the taps (up to 3
-  kernel columns x up to 4 channel vectors), the reduction runs over the
-  output pixels of a row, each dy vector loaded once for the 3 taps.
+  kernel columns x up to 4 channel vectors), each dy vector loaded once for
+  the 3 taps, and the reduction runs over S rows x P pixels: per image of a
+  chunk and kernel row kh, all the chunk's output rows where kh is inside the
+  image at once (the interior columns in one call, each edge column in one
+  call down the rows), so the accumulators stay in registers over many rows.
+
+The geometry (which kernel rows/columns are inside the image for each output
+row/column, the input gradient's phases and edges) is tabulated once per call
+(``_window_table``, ``_backward_input_tables``): no integer division with a
+variable divisor in the row loops.
 
 The two tile dispatchers (``_taps_impl``, ``_reduce_impl``) are C-callable
 cfuncs compiled once per dtype and called by symbol (``ensure_depthwise``).
@@ -354,26 +362,27 @@ def _taps_mk(typingctx, Y, y_off, ldy, I, i_off, ldi, X, x_off, ldx, xsa, xsb, W
 
 
 @intrinsic
-def _reduce_mk(typingctx, A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NB, NT_, NV_):
+def _reduce_mk(typingctx, A, a_off, lda, X, x_off, ldx, xsb, sx, D, d_off, ldd, sd, P, S, NB, NT_, NV_):
     """For NB blocks of NV_ channel vectors (VL channels each):
 
-        A[ao + t*lda + j] += sum_{p<P} X[xo + p*ldx + t*xsb + j] * D[do + p*ldd + j]
+        A[ao + t*lda + j] += sum_{s<S, p<P} X[xo + s*sx + p*ldx + t*xsb + j] * D[do + s*sd + p*ldd + j]
 
     for t < NT_ (kernel taps), j < NV_ * VL, with ao, xo, do = a_off, x_off, d_off + nb*NV_*VL:
-    the weight gradient's reduction over P output pixels, the NT_ x NV_ accumulator vectors
-    in registers, each dy vector reused by the NT_ taps, FMA. NT_ and NV_ are compile-time
-    literals; no bounds checks.
+    the weight gradient's reduction over S rows of P output pixels, the NT_ x NV_ accumulator
+    vectors in registers throughout, each dy vector reused by the NT_ taps, FMA. NT_ and NV_ are
+    compile-time literals; no bounds checks.
     """
     if not isinstance(NT_, types.IntegerLiteral) or not isinstance(NV_, types.IntegerLiteral):
         return None
     NT, NV = NT_.literal_value, NV_.literal_value
     dt = A.dtype
-    sig = types.void(A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NB, NT_, NV_)
+    sig = types.void(A, a_off, lda, X, x_off, ldx, xsb, sx, D, d_off, ldd, sd, P, S, NB, NT_, NV_)
 
     def codegen(context, builder, signature, args):
         i64, vl, vty, fma, data, as64, load, store, const = _ir_helpers(context, builder, signature, args, dt)
-        ap, xp, dp = data(0), data(3), data(7)
-        aoff, lda_, xoff, ldx_, xsb_, doff, ldd_, pp, nb_ = (as64(i) for i in (1, 2, 4, 5, 6, 8, 9, 10, 11))
+        ap, xp, dp = data(0), data(3), data(8)
+        aoff, lda_, xoff, ldx_, xsb_, sx_, doff, ldd_, sd_, pp, ss, nb_ = (
+            as64(i) for i in (1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14))
         accs = [[cgutils.alloca_once(builder, vty) for _ in range(NV)] for _ in range(NT)]
         with cgutils.for_range(builder, nb_, intp=i64) as bloop:
             cb = builder.mul(bloop.index, const(NV * vl))
@@ -387,15 +396,18 @@ def _reduce_mk(typingctx, A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, N
             for t in range(NT):
                 for v in range(NV):
                     builder.store(load(ap, aidx(t, v)), accs[t][v])
-            with cgutils.for_range(builder, pp, intp=i64) as ploop:
-                xpix = builder.add(xb, builder.mul(ploop.index, ldx_))
-                dpix = builder.add(db_, builder.mul(ploop.index, ldd_))
-                for v in range(NV):
-                    dv = load(dp, builder.add(dpix, const(v * vl)))
-                    for t in range(NT):
-                        xv = load(xp, builder.add(xpix, builder.add(builder.mul(const(t), xsb_), const(v * vl))))
-                        acc = builder.load(accs[t][v], typ=vty)
-                        builder.store(builder.call(fma, [xv, dv, acc]), accs[t][v])
+            with cgutils.for_range(builder, ss, intp=i64) as sloop:
+                xs = builder.add(xb, builder.mul(sloop.index, sx_))
+                ds = builder.add(db_, builder.mul(sloop.index, sd_))
+                with cgutils.for_range(builder, pp, intp=i64) as ploop:
+                    xpix = builder.add(xs, builder.mul(ploop.index, ldx_))
+                    dpix = builder.add(ds, builder.mul(ploop.index, ldd_))
+                    for v in range(NV):
+                        dv = load(dp, builder.add(dpix, const(v * vl)))
+                        for t in range(NT):
+                            xv = load(xp, builder.add(xpix, builder.add(builder.mul(const(t), xsb_), const(v * vl))))
+                            acc = builder.load(accs[t][v], typ=vty)
+                            builder.store(builder.call(fma, [xv, dv, acc]), accs[t][v])
             for t in range(NT):
                 for v in range(NV):
                     store(builder.load(accs[t][v], typ=vty), ap, aidx(t, v))
@@ -438,10 +450,10 @@ def _taps_impl(Y, y_off, ldy, I, i_off, ldi, X, x_off, ldx, xsa, xsb, Wt, w_off,
                  odd, 1, 1)
 
 
-def _reduce_impl(A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NT, NV):
-    """A[a_off + t*lda + j] += sum_{p<P} X[x_off + p*ldx + t*xsb + j] * D[d_off + p*ldd + j] for t < NT,
-    j < NV*VL: _reduce_mk in tiles of (3 | 2 | 1) taps x (4 | 2 | 1) channel vectors."""
-    if P <= 0 or NT <= 0 or NV <= 0:
+def _reduce_impl(A, a_off, lda, X, x_off, ldx, xsb, sx, D, d_off, ldd, sd, P, S, NT, NV):
+    """A[a_off + t*lda + j] += sum_{s<S, p<P} X[x_off + s*sx + p*ldx + t*xsb + j] * D[d_off + s*sd + p*ldd + j]
+    for t < NT, j < NV*VL: _reduce_mk in tiles of (3 | 2 | 1) taps x (4 | 2 | 1) channel vectors."""
+    if P <= 0 or S <= 0 or NT <= 0 or NV <= 0:
         return
     VL = vector_length(A)
     n4 = NV // 4
@@ -455,17 +467,17 @@ def _reduce_impl(A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NT, NV):
         ao = a_off + t * lda
         xo = x_off + t * xsb
         if nt == 3:
-            _reduce_mk(A, ao, lda, X, xo, ldx, xsb, D, d_off, ldd, P, n4, 3, 4)
-            _reduce_mk(A, ao + c2, lda, X, xo + c2, ldx, xsb, D, d_off + c2, ldd, P, n2, 3, 2)
-            _reduce_mk(A, ao + c1, lda, X, xo + c1, ldx, xsb, D, d_off + c1, ldd, P, n1, 3, 1)
+            _reduce_mk(A, ao, lda, X, xo, ldx, xsb, sx, D, d_off, ldd, sd, P, S, n4, 3, 4)
+            _reduce_mk(A, ao + c2, lda, X, xo + c2, ldx, xsb, sx, D, d_off + c2, ldd, sd, P, S, n2, 3, 2)
+            _reduce_mk(A, ao + c1, lda, X, xo + c1, ldx, xsb, sx, D, d_off + c1, ldd, sd, P, S, n1, 3, 1)
         elif nt == 2:
-            _reduce_mk(A, ao, lda, X, xo, ldx, xsb, D, d_off, ldd, P, n4, 2, 4)
-            _reduce_mk(A, ao + c2, lda, X, xo + c2, ldx, xsb, D, d_off + c2, ldd, P, n2, 2, 2)
-            _reduce_mk(A, ao + c1, lda, X, xo + c1, ldx, xsb, D, d_off + c1, ldd, P, n1, 2, 1)
+            _reduce_mk(A, ao, lda, X, xo, ldx, xsb, sx, D, d_off, ldd, sd, P, S, n4, 2, 4)
+            _reduce_mk(A, ao + c2, lda, X, xo + c2, ldx, xsb, sx, D, d_off + c2, ldd, sd, P, S, n2, 2, 2)
+            _reduce_mk(A, ao + c1, lda, X, xo + c1, ldx, xsb, sx, D, d_off + c1, ldd, sd, P, S, n1, 2, 1)
         else:
-            _reduce_mk(A, ao, lda, X, xo, ldx, xsb, D, d_off, ldd, P, n4, 1, 4)
-            _reduce_mk(A, ao + c2, lda, X, xo + c2, ldx, xsb, D, d_off + c2, ldd, P, n2, 1, 2)
-            _reduce_mk(A, ao + c1, lda, X, xo + c1, ldx, xsb, D, d_off + c1, ldd, P, n1, 1, 1)
+            _reduce_mk(A, ao, lda, X, xo, ldx, xsb, sx, D, d_off, ldd, sd, P, S, n4, 1, 4)
+            _reduce_mk(A, ao + c2, lda, X, xo + c2, ldx, xsb, sx, D, d_off + c2, ldd, sd, P, S, n2, 1, 2)
+            _reduce_mk(A, ao + c1, lda, X, xo + c1, ldx, xsb, sx, D, d_off + c1, ldd, sd, P, S, n1, 1, 1)
         t += nt
 
 
@@ -486,18 +498,19 @@ def _taps_numpy(Y, y_off, ldy, I, i_off, ldi, X, x_off, ldx, xsa, xsb, Wt, w_off
         Y[yo:yo + n] = acc
 
 
-def _reduce_numpy(A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NT, NV):
+def _reduce_numpy(A, a_off, lda, X, x_off, ldx, xsb, sx, D, d_off, ldd, sd, P, S, NT, NV):
     """_reduce_impl in NumPy."""
     n = NV * (VBYTES // A.itemsize)
-    if P <= 0 or n <= 0:
+    if P <= 0 or S <= 0 or n <= 0:
         return
     for t in range(NT):
         ao = a_off + t * lda
         acc = A[ao:ao + n]
-        for p in range(P):
-            xo = x_off + p * ldx + t * xsb
-            do = d_off + p * ldd
-            acc += X[xo:xo + n] * D[do:do + n]
+        for s in range(S):
+            for p in range(P):
+                xo = x_off + s * sx + p * ldx + t * xsb
+                do = d_off + s * sd + p * ldd
+                acc += X[xo:xo + n] * D[do:do + n]
 
 
 # The tile dispatchers are compiled once per dtype as C-callable cfuncs registered under a
@@ -532,8 +545,8 @@ def ensure_depthwise(dtype):
     i64 = types.int64
     taps = cfunc(types.void(ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, i64,
                             i64, i64), cache=True, error_model="numpy")(_taps_impl)
-    reduce = cfunc(types.void(ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64), cache=True,
-                   error_model="numpy")(_reduce_impl)
+    reduce = cfunc(types.void(ptr, i64, i64, ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, i64),
+                   cache=True, error_model="numpy")(_reduce_impl)
     llvm.add_symbol(_symbol("taps", dtype), taps.address)
     llvm.add_symbol(_symbol("reduce", dtype), reduce.address)
     _CFUNCS[dtype] = (taps, reduce)
@@ -565,9 +578,9 @@ def _taps_call(typingctx, Y, y_off, ldy, I, i_off, ldi, X, x_off, ldx, xsa, xsb,
 
 
 @intrinsic
-def _reduce_call(typingctx, A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NT, NV):
+def _reduce_call(typingctx, A, a_off, lda, X, x_off, ldx, xsb, sx, D, d_off, ldd, sd, P, S, NT, NV):
     """_reduce_impl inside @njit code (arrays of one dtype; ensure_depthwise registered it)."""
-    sig = types.void(A, a_off, lda, X, x_off, ldx, xsb, D, d_off, ldd, P, NT, NV)
+    sig = types.void(A, a_off, lda, X, x_off, ldx, xsb, sx, D, d_off, ldd, sd, P, S, NT, NV)
     return sig, _call_by_symbol("reduce")
 
 
@@ -608,64 +621,72 @@ def _interior(OW, W, KW, sw, pl, dw):
 
 
 @njit(error_model="numpy", cache=True)
-def _forward_row_fast(yf, yo, bf, xf, xo, xsa, wf, wo, R, W, C, KW, OW, sw, pl, dw):
+def _window_table(O, I, K, s, p, d):
+    """tab[o] = (k0, k1): the kernel taps k0 <= k < k1 of output position o whose input position
+    o*s - p + k*d is inside [0, I). Computed once per call: the row loops do no integer division
+    (a variable divisor costs tens of cycles; there are many per row otherwise)."""
+    tab = np.empty((O, 2), dtype=np.int64)
+    for o in range(O):
+        t = o * s - p
+        tab[o, 0] = max(0, _ceil_div(-t, d))
+        tab[o, 1] = max(tab[o, 0], min(K, _ceil_div(I - t, d)))
+    return tab
+
+
+@njit(error_model="numpy", cache=True)
+def _forward_row_fast(yf, yo, bf, xf, xo, xsa, wf, wo, R, C, KW, OW, sw, pl, dw, owa, owb, kwtab):
     """Register tiles: the output row yf[yo:] (OW pixels, C channels) = bias bf + the taps of R kernel
-    rows (input rows xf[xo + r*xsa:], weights wf[wo + r*KW*C:]). The output columns whose every
-    kernel column is inside the row in tiles of up to 6 pixels, the others one by one, each with
-    the kernel columns inside the row. Every pixel is written once."""
+    rows (input rows xf[xo + r*xsa:], weights wf[wo + r*KW*C:]). The output columns owa <= ow < owb
+    (every kernel column inside the row) in tiles of up to 6 pixels, the others one by one, each with
+    its kernel columns inside the row (kwtab). Every pixel is written once."""
     NVt = C // (VBYTES // yf.itemsize)
-    owa, owb = _interior(OW, W, KW, sw, pl, dw)
     if owb > owa:
         _taps(yf, yo + owa * C, C, bf, 0, 0, xf, xo + (owa * sw - pl) * C, sw * C, xsa, dw * C, wf, wo, KW * C, C,
               R, KW, owb - owa, NVt)
     for e in range(OW - (owb - owa)):
         ow = e if e < owa else e + owb - owa
-        s0 = ow * sw - pl
-        kw0 = max(0, _ceil_div(-s0, dw))
-        kw1 = min(KW, _ceil_div(W - s0, dw))
-        _taps(yf, yo + ow * C, C, bf, 0, 0, xf, xo + (s0 + kw0 * dw) * C, sw * C, xsa, dw * C, wf, wo + kw0 * C,
-              KW * C, C, R, kw1 - kw0, 1, NVt)
+        kw0 = kwtab[ow, 0]
+        _taps(yf, yo + ow * C, C, bf, 0, 0, xf, xo + (ow * sw - pl + kw0 * dw) * C, sw * C, xsa, dw * C, wf,
+              wo + kw0 * C, KW * C, C, R, kwtab[ow, 1] - kw0, 1, NVt)
 
 
 @njit(error_model="numpy", cache=True)
-def _backward_input_row_fast(dxf, dxo, zf, dyf, n, ih, wf, H, W, C, KH, KW, OH, OW, sh, sw, pt, pl, dh, dw):
-    """Register tiles: dx row (n, ih) at dxf[dxo:] = the sum of its taps (zf: C zeros, the initial
-    values); every pixel written once.
+def _backward_input_tables(H, W, KH, KW, OH, OW, sh, sw, pt, pl, dh, dw):
+    """The input gradient's geometry, once per call (see _backward_input_row_fast).
 
-    Input column iw = q*sw + r (phase r) is reached from output column ow = (iw + pl - kw*dw) / sw
-    for the kernel columns with (r + pl - kw*dw) divisible by sw: kw = kwa + i*ksw, ow = q + e0 - i*de.
-    Likewise the kernel rows: kh = kha + j*ks, oh = oha - j*dj. So a run of input columns of one
-    phase is a tile over consecutive output columns (ldx = C) and a grid of taps with constant
-    strides (dy: -dj rows, -de columns; w: ks kernel rows, ksw columns)."""
-    NVt = C // (VBYTES // dxf.itemsize)
-    # Kernel rows: the valid kh form an arithmetic progression kha + j*ks.
+    Kernel rows: the kh reaching input row ih are kha + j*ks (j < R), from output rows oha - j*dj:
+    ihtab[ih] = (kha, R, oha), kha = -1 when none. Kernel columns, per phase r of the input
+    columns (iw = q*sw + r): kwa + i*ksw (i < K), from output columns q + e0 - i*de; the columns
+    qa <= q < qb take all K; phtab[r] = (cnt, kwa, K, e0, qa, qb) (kwa = -1: none); the others take
+    i0 <= i < i1: edgetab[iw] = (i0, i1). Returns (ihtab, phtab, edgetab, ks, ksw, dj, de).
+    """
     ks = 1
     while (ks * dh) % sh != 0:
         ks += 1
-    kha = -1
-    for kh in range(KH):
-        t = ih + pt - kh * dh
-        if t >= 0 and t % sh == 0 and t // sh < OH:
-            kha = kh
-            break
-    if kha < 0:
-        _zero(dxf, dxo, W * C)
-        return
-    R = 0
-    kh = kha
-    while kh < KH and ih + pt - kh * dh >= 0:
-        R += 1
-        kh += ks
-    oha = (ih + pt - kha * dh) // sh
-    dj = ks * dh // sh
-    dyo = (n * OH + oha) * OW * C
-    xsa = -dj * OW * C
-    wo = kha * KW * C
-    wsa = ks * KW * C
     ksw = 1
     while (ksw * dw) % sw != 0:
         ksw += 1
+    dj = ks * dh // sh
     de = ksw * dw // sw
+    ihtab = np.empty((H, 3), dtype=np.int64)
+    for ih in range(H):
+        kha = -1
+        for kh in range(KH):
+            t = ih + pt - kh * dh
+            if t >= 0 and t % sh == 0 and t // sh < OH:
+                kha = kh
+                break
+        R = 0
+        if kha >= 0:
+            kh = kha
+            while kh < KH and ih + pt - kh * dh >= 0:
+                R += 1
+                kh += ks
+        ihtab[ih, 0] = kha
+        ihtab[ih, 1] = R
+        ihtab[ih, 2] = (ih + pt - kha * dh) // sh if kha >= 0 else 0
+    phtab = np.zeros((sw, 6), dtype=np.int64)
+    edgetab = np.zeros((W, 2), dtype=np.int64)
     for r in range(sw):
         cnt = (W - r + sw - 1) // sw
         kwa = -1
@@ -673,45 +694,112 @@ def _backward_input_row_fast(dxf, dxo, zf, dyf, n, ih, wf, H, W, C, KH, KW, OH, 
             if (r + pl - kw * dw) % sw == 0:
                 kwa = kw
                 break
-        if cnt <= 0:
-            continue
-        if kwa < 0:
-            _taps(dxf, dxo + r * C, sw * C, zf, 0, 0, dyf, 0, 0, 0, 0, wf, 0, 0, 0, 0, 0, cnt, NVt)
+        phtab[r, 0] = cnt
+        phtab[r, 1] = kwa
+        if kwa < 0 or cnt <= 0:
             continue
         K = (KW - 1 - kwa) // ksw + 1
         e0 = (r + pl - kwa * dw) // sw
         qa = min(cnt, max(0, (K - 1) * de - e0))
         qb = max(qa, min(cnt, OW - e0))
+        phtab[r, 2] = K
+        phtab[r, 3] = e0
+        phtab[r, 4] = qa
+        phtab[r, 5] = qb
+        for q in range(cnt):
+            u = q + e0
+            # kernel columns i0 <= i < i1 with 0 <= ow = u - i*de < OW (none: the pixel is zero)
+            i0 = max(0, _ceil_div(u - OW + 1, de))
+            edgetab[q * sw + r, 0] = i0
+            edgetab[q * sw + r, 1] = max(i0, min(K, u // de + 1) if u >= 0 else 0)
+    return ihtab, phtab, edgetab, ks, ksw, dj, de
+
+
+@njit(error_model="numpy", cache=True)
+def _backward_input_row_fast(dxf, dxo, zf, dyf, n, ih, wf, W, C, KW, OH, OW, sw, ihtab, phtab, edgetab, ks, ksw,
+                             dj, de):
+    """Register tiles: dx row (n, ih) at dxf[dxo:] = the sum of its taps (zf: C zeros, the initial
+    values); every pixel written once.
+
+    Input column iw = q*sw + r (phase r) is reached from output column ow = (iw + pl - kw*dw) / sw
+    for the kernel columns with (r + pl - kw*dw) divisible by sw: kw = kwa + i*ksw, ow = q + e0 - i*de.
+    Likewise the kernel rows: kh = kha + j*ks, oh = oha - j*dj. So a run of input columns of one
+    phase is a tile over consecutive output columns (ldx = C) and a grid of taps with constant
+    strides (dy: -dj rows, -de columns; w: ks kernel rows, ksw columns). The geometry comes from
+    _backward_input_tables."""
+    NVt = C // (VBYTES // dxf.itemsize)
+    kha = ihtab[ih, 0]
+    if kha < 0:
+        _zero(dxf, dxo, W * C)
+        return
+    R = ihtab[ih, 1]
+    dyo = (n * OH + ihtab[ih, 2]) * OW * C
+    xsa = -dj * OW * C
+    wo = kha * KW * C
+    wsa = ks * KW * C
+    for r in range(sw):
+        cnt = phtab[r, 0]
+        kwa = phtab[r, 1]
+        if cnt <= 0:
+            continue
+        if kwa < 0:
+            _taps(dxf, dxo + r * C, sw * C, zf, 0, 0, dyf, 0, 0, 0, 0, wf, 0, 0, 0, 0, 0, cnt, NVt)
+            continue
+        K = phtab[r, 2]
+        e0 = phtab[r, 3]
+        qa = phtab[r, 4]
+        qb = phtab[r, 5]
         if qb > qa:
             _taps(dxf, dxo + (qa * sw + r) * C, sw * C, zf, 0, 0, dyf, dyo + (qa + e0) * C, C, xsa, -de * C, wf,
                   wo + kwa * C, wsa, ksw * C, R, K, qb - qa, NVt)
         for e in range(cnt - (qb - qa)):
             q = e if e < qa else e + qb - qa
-            u = q + e0
-            # Kernel columns i0 <= i < i1 with 0 <= ow = u - i*de < OW (none: the pixel is zero).
-            i1 = min(K, u // de + 1) if u >= 0 else 0
-            i0 = max(0, _ceil_div(u - OW + 1, de))
-            _taps(dxf, dxo + (q * sw + r) * C, sw * C, zf, 0, 0, dyf, dyo + (u - i0 * de) * C, C, xsa, -de * C, wf,
-                  wo + (kwa + i0 * ksw) * C, wsa, ksw * C, R, i1 - i0, 1, NVt)
+            i0 = edgetab[q * sw + r, 0]
+            _taps(dxf, dxo + (q * sw + r) * C, sw * C, zf, 0, 0, dyf, dyo + (q + e0 - i0 * de) * C, C, xsa, -de * C,
+                  wf, wo + (kwa + i0 * ksw) * C, wsa, ksw * C, R, edgetab[q * sw + r, 1] - i0, 1, NVt)
 
 
 @njit(error_model="numpy", cache=True)
-def _backward_weight_row_fast(pc, xf, xo, dyf, dyo, kh, W, C, KW, OW, sw, pl, dw):
-    """Register tiles: pc[(kh*KW + kw)*C + c] += sum over the output row's pixels of x * dy for the
-    kernel row kh (its input row at xf[xo:], the output row's dy at dyf[dyo:])."""
+def _backward_weight_rows_fast(x, dy, KH, KW, pc, r0, r1, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """Register tiles: pc[(kh*KW + kw)*C + c] += sum of x * dy over the output rows r0 <= n*OH + oh < r1
+    (and pc[KH*KW*C + ow*C + c] += their dy, for the bias). Per image and kernel row kh, the output
+    rows where kh is inside the image are one reduction: the output columns whose every kernel column
+    is inside the row over all those rows, then each other column over all those rows."""
+    N, H, W, C = x.shape
+    OH = dy.shape[1]
+    OW = dy.shape[2]
+    sh, sw, dh, dw = stride_h, stride_w, dil_h, dil_w
     NVt = C // (VBYTES // pc.itemsize)
-    owa, owb = _interior(OW, W, KW, sw, pl, dw)
-    ao = kh * KW * C
-    if owb > owa:
-        _reduce(pc, ao, C, xf, xo + (owa * sw - pl) * C, sw * C, dw * C, dyf, dyo + owa * C, C, owb - owa, KW, NVt)
-    for e in range(OW - (owb - owa)):
-        ow = e if e < owa else e + owb - owa
-        s0 = ow * sw - pl
-        kw0 = max(0, _ceil_div(-s0, dw))
-        kw1 = min(KW, _ceil_div(W - s0, dw))
-        if kw1 > kw0:
-            _reduce(pc, ao + kw0 * C, C, xf, xo + (s0 + kw0 * dw) * C, sw * C, dw * C, dyf, dyo + ow * C, C, 1,
-                    kw1 - kw0, NVt)
+    L = OW * C
+    T = KH * KW
+    xf = x.reshape(-1)
+    dyf = dy.reshape(-1)
+    for row in range(r0, r1):
+        _add(pc, T * C, dyf, row * L, L)
+    owa, owb = _interior(OW, W, KW, sw, pad_left, dw)
+    kwtab = _window_table(OW, W, KW, sw, pad_left, dw)
+    n0 = r0 // OH
+    n1 = (r1 - 1) // OH
+    for n in range(n0, n1 + 1):
+        oh0 = max(r0 - n * OH, 0)
+        oh1 = min(r1 - n * OH, OH)
+        for kh in range(KH):
+            # output rows whose input row ih = oh*sh - pt + kh*dh is inside the image
+            u = pad_top - kh * dh
+            s0 = max(oh0, _ceil_div(u, sh))
+            s1 = min(oh1, _ceil_div(H + u, sh))
+            if s1 <= s0:
+                continue
+            xo = (n * H + s0 * sh - u) * W * C
+            dyo = (n * OH + s0) * L
+            if owb > owa:
+                _reduce(pc, kh * KW * C, C, xf, xo + (owa * sw - pad_left) * C, sw * C, dw * C, sh * W * C, dyf,
+                        dyo + owa * C, C, L, owb - owa, s1 - s0, KW, NVt)
+            for e in range(OW - (owb - owa)):
+                ow = e if e < owa else e + owb - owa
+                kw0 = kwtab[ow, 0]
+                _reduce(pc, (kh * KW + kw0) * C, C, xf, xo + (ow * sw - pad_left + kw0 * dw) * C, sw * C, dw * C,
+                        sh * W * C, dyf, dyo + ow * C, C, L, 1, s1 - s0, kwtab[ow, 1] - kw0, NVt)
 
 
 @njit(error_model="numpy", parallel=prange_only(), cache=True)
@@ -733,46 +821,67 @@ def _depthwise_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h,
     br = _tile_row(b, 1 if fast else OW)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
+    # Kernel rows inside the image per output row (khtab), kernel columns inside the row per output
+    # column (kwtab); the output columns owa <= ow < owb have all their kernel columns inside.
+    khtab = _window_table(OH, H, KH, stride_h, pad_top, dil_h)
+    kwtab = _window_table(OW, W, KW, sw, pad_left, dil_w)
+    owa, owb = _interior(OW, W, KW, sw, pad_left, dil_w)
     R = N * OH
     nchunks = min(R, _ROW_CHUNKS)
     for ch in prange(nchunks):
         buf = np.empty(0 if direct or fast else sw * Wp * Cm, dtype=y.dtype)
-        for row in range((ch * R) // nchunks, ((ch + 1) * R) // nchunks):
-            n = row // OH
-            oh = row - n * OH
+        r0 = (ch * R) // nchunks
+        n = r0 // OH
+        oh = r0 - n * OH
+        for row in range(r0, ((ch + 1) * R) // nchunks):
             yo = row * L
-            # Kernel rows inside the image: kh0 <= kh < kh1, ih = kh*dh - t.
+            kh0 = khtab[oh, 0]
+            kh1 = khtab[oh, 1]
             t = pad_top - oh * stride_h
-            kh0 = max(0, _ceil_div(t, dil_h))
-            kh1 = min(KH, _ceil_div(H + t, dil_h))
             if fast:
                 _forward_row_fast(yf, yo, bf, xf, (n * H + kh0 * dil_h - t) * W * C, dil_h * W * C, wf,
-                                  kh0 * KW * C, kh1 - kh0, W, C, KW, OW, sw, pad_left, dil_w)
-                continue
-            _copy(yf, yo, br, 0, L)
-            for kh in range(kh0, kh1):
-                xo = (n * H + kh * dil_h - t) * W * C
-                if direct:
-                    src = xf
-                    base = xo
-                else:
-                    _split_row(buf, xf, xo, W, C, m, sw, Wp)
-                    src = buf
-                    base = 0
-                for kw in range(KW):
-                    # Output columns whose input column ow*sw + s is inside the row.
-                    s = kw * dil_w - pad_left
-                    ow0 = max(0, _ceil_div(-s, sw))
-                    ow1 = min(OW, _ceil_div(W - s, sw))
-                    if ow1 > ow0:
-                        r = s % sw
-                        _madd(yf, yo + ow0 * Cm, src, base + (r * Wp + (s - r) // sw + ow0) * Cm,
-                              wr, (kh * KW + kw) * L + ow0 * Cm, (ow1 - ow0) * Cm)
+                                  kh0 * KW * C, kh1 - kh0, C, KW, OW, sw, pad_left, dil_w, owa, owb, kwtab)
+            else:
+                _forward_row_runs(yf, yo, br, xf, wr, buf, n, kh0, kh1, t, H, W, C, m, KW, OW, sw, pad_left, dil_h,
+                                  dil_w)
+            oh += 1
+            if oh == OH:
+                oh = 0
+                n += 1
 
 
 @njit(error_model="numpy", cache=True)
-def _backward_input_row(dy, w, wr, zf, dx, buf, row, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
-    """dx row ``row`` (= n*H + ih) = its gradient; fully overwritten (buf: the run path's scratch row)."""
+def _forward_row_runs(yf, yo, br, xf, wr, buf, n, kh0, kh1, t, H, W, C, m, KW, OW, sw, pl, dh, dw):
+    """The runs path of one output row: bias, then one run per kernel tap over the output columns
+    whose input column is inside the row."""
+    Cm = C * m
+    L = OW * Cm
+    Wp = (W + sw - 1) // sw
+    direct = sw == 1 and m == 1
+    _copy(yf, yo, br, 0, L)
+    for kh in range(kh0, kh1):
+        xo = (n * H + kh * dh - t) * W * C
+        if direct:
+            src = xf
+            base = xo
+        else:
+            _split_row(buf, xf, xo, W, C, m, sw, Wp)
+            src = buf
+            base = 0
+        for kw in range(KW):
+            # Output columns whose input column ow*sw + s is inside the row.
+            s = kw * dw - pl
+            ow0 = max(0, _ceil_div(-s, sw))
+            ow1 = min(OW, _ceil_div(W - s, sw))
+            if ow1 > ow0:
+                r = s % sw
+                _madd(yf, yo + ow0 * Cm, src, base + (r * Wp + (s - r) // sw + ow0) * Cm,
+                      wr, (kh * KW + kw) * L + ow0 * Cm, (ow1 - ow0) * Cm)
+
+
+@njit(error_model="numpy", cache=True)
+def _backward_input_rows(dy, w, wr, zf, dx, buf, r0, r1, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """dx rows r0 <= n*H + ih < r1 = their gradient; fully overwritten (buf: the runs path's scratch row)."""
     N, H, W, C = dx.shape
     KH, KW, _, Cm = w.shape
     OH = dy.shape[1]
@@ -783,46 +892,58 @@ def _backward_input_row(dy, w, wr, zf, dx, buf, row, stride_h, stride_w, pad_top
     L = OW * Cm
     dyf = dy.reshape(-1)
     dxf = dx.reshape(-1)
-    n = row // H
-    ih = row - n * H
-    dxo = row * W * C
-    if _fast(C, m, dx.itemsize):
-        _backward_input_row_fast(dxf, dxo, zf, dyf, n, ih, w.reshape(-1), H, W, C, KH, KW, OH, OW, stride_h, sw,
-                                 pad_top, pad_left, dil_h, dil_w)
-        return
+    wf = w.reshape(-1)
+    fast = _fast(C, m, dx.itemsize)
     direct = sw == 1 and m == 1
-    if direct:
-        dst = dxf
-        base = dxo
-        _zero(dxf, dxo, W * C)
-    else:
-        dst = buf
-        base = 0
-        _zero(buf, 0, sw * Wp * Cm)
-    for kh in range(KH):
-        t = ih + pad_top - kh * dil_h
-        if t < 0:
-            continue
-        oh = t // stride_h
-        if oh * stride_h != t or oh >= OH:
-            continue
-        dyo = (n * OH + oh) * L
-        for kw in range(KW):
-            s = kw * dil_w - pad_left
-            ow0 = max(0, _ceil_div(-s, sw))
-            ow1 = min(OW, _ceil_div(W - s, sw))
-            if ow1 > ow0:
-                r = s % sw
-                _madd(dst, base + (r * Wp + (s - r) // sw + ow0) * Cm, dyf, dyo + ow0 * Cm,
-                      wr, (kh * KW + kw) * L + ow0 * Cm, (ow1 - ow0) * Cm)
-    if not direct:
-        _merge_row(dxf, dxo, buf, W, C, m, sw, Wp)
+    if fast:
+        ihtab, phtab, edgetab, ks, ksw, dj, de = _backward_input_tables(H, W, KH, KW, OH, OW, stride_h, sw, pad_top,
+                                                                        pad_left, dil_h, dil_w)
+        n = r0 // H
+        ih = r0 - n * H
+        for row in range(r0, r1):
+            _backward_input_row_fast(dxf, row * W * C, zf, dyf, n, ih, wf, W, C, KW, OH, OW, sw, ihtab, phtab,
+                                     edgetab, ks, ksw, dj, de)
+            ih += 1
+            if ih == H:
+                ih = 0
+                n += 1
+        return
+    for row in range(r0, r1):
+        n = row // H
+        ih = row - n * H
+        dxo = row * W * C
+        if direct:
+            dst = dxf
+            base = dxo
+            _zero(dxf, dxo, W * C)
+        else:
+            dst = buf
+            base = 0
+            _zero(buf, 0, sw * Wp * Cm)
+        for kh in range(KH):
+            t = ih + pad_top - kh * dil_h
+            if t < 0:
+                continue
+            oh = t // stride_h
+            if oh * stride_h != t or oh >= OH:
+                continue
+            dyo = (n * OH + oh) * L
+            for kw in range(KW):
+                s = kw * dil_w - pad_left
+                ow0 = max(0, _ceil_div(-s, sw))
+                ow1 = min(OW, _ceil_div(W - s, sw))
+                if ow1 > ow0:
+                    r = s % sw
+                    _madd(dst, base + (r * Wp + (s - r) // sw + ow0) * Cm, dyf, dyo + ow0 * Cm,
+                          wr, (kh * KW + kw) * L + ow0 * Cm, (ow1 - ow0) * Cm)
+        if not direct:
+            _merge_row(dxf, dxo, buf, W, C, m, sw, Wp)
 
 
 @njit(error_model="numpy", cache=True)
-def _backward_weight_row(x, dy, KH, KW, pc, LT, buf, row, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
-    """Add output row ``row`` (= n*OH + oh)'s terms to the partial pc: per tap, LT accumulators from
-    pc[tap*LT:], then OW*Cm slots summing dy for the bias (buf: the run path's scratch row)."""
+def _backward_weight_rows(x, dy, KH, KW, pc, buf, r0, r1, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """The runs path: add output rows r0 <= n*OH + oh < r1's terms to the partial pc: per tap, OW*Cm
+    accumulators from pc[tap*OW*Cm:], then OW*Cm slots summing dy for the bias (buf: scratch row)."""
     N, H, W, C = x.shape
     OH = dy.shape[1]
     OW = dy.shape[2]
@@ -830,39 +951,36 @@ def _backward_weight_row(x, dy, KH, KW, pc, LT, buf, row, stride_h, stride_w, pa
     m = Cm // C
     sw = stride_w
     Wp = (W + sw - 1) // sw
-    fast = _fast(C, m, pc.itemsize)
     direct = sw == 1 and m == 1
     L = OW * Cm
     T = KH * KW
     xf = x.reshape(-1)
     dyf = dy.reshape(-1)
-    n = row // OH
-    oh = row - n * OH
-    dyo = row * L
-    _add(pc, T * LT, dyf, dyo, L)
-    t = pad_top - oh * stride_h
-    kh0 = max(0, _ceil_div(t, dil_h))
-    kh1 = min(KH, _ceil_div(H + t, dil_h))
-    for kh in range(kh0, kh1):
-        xo = (n * H + kh * dil_h - t) * W * C
-        if fast:
-            _backward_weight_row_fast(pc, xf, xo, dyf, dyo, kh, W, C, KW, OW, sw, pad_left, dil_w)
-            continue
-        if direct:
-            src = xf
-            base = xo
-        else:
-            _split_row(buf, xf, xo, W, C, m, sw, Wp)
-            src = buf
-            base = 0
-        for kw in range(KW):
-            s = kw * dil_w - pad_left
-            ow0 = max(0, _ceil_div(-s, sw))
-            ow1 = min(OW, _ceil_div(W - s, sw))
-            if ow1 > ow0:
-                r = s % sw
-                _madd(pc, (kh * KW + kw) * L + ow0 * Cm, src, base + (r * Wp + (s - r) // sw + ow0) * Cm,
-                      dyf, dyo + ow0 * Cm, (ow1 - ow0) * Cm)
+    for row in range(r0, r1):
+        n = row // OH
+        oh = row - n * OH
+        dyo = row * L
+        _add(pc, T * L, dyf, dyo, L)
+        t = pad_top - oh * stride_h
+        kh0 = max(0, _ceil_div(t, dil_h))
+        kh1 = min(KH, _ceil_div(H + t, dil_h))
+        for kh in range(kh0, kh1):
+            xo = (n * H + kh * dil_h - t) * W * C
+            if direct:
+                src = xf
+                base = xo
+            else:
+                _split_row(buf, xf, xo, W, C, m, sw, Wp)
+                src = buf
+                base = 0
+            for kw in range(KW):
+                s = kw * dil_w - pad_left
+                ow0 = max(0, _ceil_div(-s, sw))
+                ow1 = min(OW, _ceil_div(W - s, sw))
+                if ow1 > ow0:
+                    r = s % sw
+                    _madd(pc, (kh * KW + kw) * L + ow0 * Cm, src, base + (r * Wp + (s - r) // sw + ow0) * Cm,
+                          dyf, dyo + ow0 * Cm, (ow1 - ow0) * Cm)
 
 
 @njit(error_model="numpy", parallel=prange_only(), cache=True)
@@ -903,14 +1021,18 @@ def _depthwise_backward(x, dy, w, dx, dw, db, need_dx, need_dw, stride_h, stride
         nw_after = ((i + 1) * NW) // M
         if nw_after > nw_before:
             ch = nw_before
-            for row in range((ch * RW) // NW, ((ch + 1) * RW) // NW):
-                _backward_weight_row(x, dy, KH, KW, partial[ch], LT, buf, row, stride_h, stride_w, pad_top, pad_left,
-                                     dil_h, dil_w)
+            r0 = (ch * RW) // NW
+            r1 = ((ch + 1) * RW) // NW
+            if fast:
+                _backward_weight_rows_fast(x, dy, KH, KW, partial[ch], r0, r1, stride_h, stride_w, pad_top, pad_left,
+                                           dil_h, dil_w)
+            else:
+                _backward_weight_rows(x, dy, KH, KW, partial[ch], buf, r0, r1, stride_h, stride_w, pad_top, pad_left,
+                                      dil_h, dil_w)
         else:
             ch = i - nw_after
-            for row in range((ch * RX) // NX, ((ch + 1) * RX) // NX):
-                _backward_input_row(dy, w, wr, zf, dx, buf, row, stride_h, stride_w, pad_top, pad_left, dil_h,
-                                    dil_w)
+            _backward_input_rows(dy, w, wr, zf, dx, buf, (ch * RX) // NX, ((ch + 1) * RX) // NX, stride_h, stride_w,
+                                 pad_top, pad_left, dil_h, dil_w)
     if not need_dw:
         return
     # Fixed-order reduction: chunk by chunk, then (run path, bias) output column by output column.
