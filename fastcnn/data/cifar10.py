@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastcnn.atomicio import fsync_dir
 from fastcnn.errors import DataError
 
 from . import download as _dl
@@ -163,7 +164,7 @@ def _extract(archive, folder, batches, required, optional=()):
                 os.replace(src, batches / wanted[path])
         except OSError as e:
             raise DataError(f"cannot write to the data folder {batches}: {e.strerror or e}") from None
-        _dl._fsync_dir(batches)
+        fsync_dir(batches)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
