@@ -137,13 +137,21 @@ class Conv2D(Layer):
     def torch_module(self, torch):
         nn = torch.nn
         top, bottom, left, right = self.pads
-        mod = nn.Conv2d(self.in_shape[2], self.filters, self.kernel, stride=self.stride, dilation=self.dilation,
-                        groups=self.groups, bias=self.use_bias, dtype=torch_dtype(self, torch))
+
+        class PaddedConv2d(nn.Conv2d):
+            """Zero padding that may differ top/bottom, left/right (strided `same`) before the
+            convolution; the parameters keep nn.Conv2d's names (``weight``, ``bias``)."""
+
+            def forward(self, x):
+                return super().forward(nn.functional.pad(x, (left, right, top, bottom)))
+
+        symmetric = top == bottom and left == right
+        cls = nn.Conv2d if symmetric else PaddedConv2d
+        mod = cls(self.in_shape[2], self.filters, self.kernel, stride=self.stride, dilation=self.dilation,
+                  padding=(top, left) if symmetric else 0, groups=self.groups, bias=self.use_bias,
+                  dtype=torch_dtype(self, torch))
         with torch.no_grad():
             mod.weight.copy_(torch.from_numpy(self.params["weight"].data.transpose(3, 2, 0, 1).copy()))
             if self.use_bias:
                 mod.bias.copy_(torch.from_numpy(self.params["bias"].data))
-        if top == bottom and left == right:
-            mod.padding = (top, left)
-            return mod
-        return nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), mod)
+        return mod
