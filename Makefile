@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed
-	$(PIP) -e '.[dev,images,plot]' '$(TORCH)'
+	$(PIP) -e '.[dev,images,plot,onnx]' '$(TORCH)'
 	touch $@
 
 install: $(VENV)/.installed

@@ -18,6 +18,8 @@ _API = {
     "load_config": "fastcnn.config",
     "build_model": "fastcnn.model",
     "Sequential": "fastcnn.model",
+    "load_model": "fastcnn.evaluate",
+    "export_onnx": "fastcnn.onnx_export",
     "softmax_cross_entropy": "fastcnn.losses",
     "train_step": "fastcnn.step",
     "SGD": "fastcnn.optim",

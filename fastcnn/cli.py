@@ -1,4 +1,4 @@
-"""The ``fastcnn`` command: train, eval, bench, summary, predict, plot.
+"""The ``fastcnn`` command: train, eval, bench, summary, predict, export, plot.
 
 Nothing heavy is imported at module level: ``fastcnn --help`` answers at once
 and no kernel is compiled until a command needs it.
@@ -10,6 +10,7 @@ import time
 import click
 
 from . import __version__
+from .onnx_export import DEFAULT_OPSET, MIN_OPSET  # plain constants: imports neither onnx nor NumPy
 
 _STARTED = time.perf_counter()
 
@@ -73,6 +74,7 @@ def cli():
       fastcnn bench                             # time the CPU kernels
       fastcnn summary configs/mnist.yaml        # layers, shapes, parameters, FLOPs
       fastcnn predict runs/mnist/best.npz digit.png
+      fastcnn export runs/mnist/best.npz        # -> runs/mnist/best.onnx (ONNX, for onnxruntime)
       fastcnn plot runs/mnist                   # loss/accuracy curves -> curves.png
 
     Data is read from data.root in the config, else $FASTCNN_DATA, else
@@ -222,7 +224,8 @@ def summary(config, overrides, batch_size, as_json):
 @click.option("--threads", type=int, default=None, help="Kernel threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per input image.")
 def predict(checkpoint, inputs, top_k, resize, invert, no_normalize, batch_size, threads, as_json):
-    """Classify images with a trained CHECKPOINT.
+    """Classify images with a trained CHECKPOINT (or an .onnx file written by
+    fastcnn export, run in onnxruntime: pip install 'fastcnn[onnx]').
 
     \b
     INPUT: PNG/JPEG files (needs Pillow: pip install 'fastcnn[images]') or
@@ -236,13 +239,37 @@ def predict(checkpoint, inputs, top_k, resize, invert, no_normalize, batch_size,
 
     set_threads(threads, key="--threads")
     result = predict_inputs(checkpoint, inputs, top_k=top_k, batch_size=batch_size, resize=resize,
-                            invert=invert, normalize=not no_normalize)
+                            invert=invert, normalize=not no_normalize, threads=threads)
     for note in result["notes"]:
         click.echo(f"Note: {note}", err=True)
     if as_json:
         click.echo(_json(result["predictions"]))
     else:
         click.echo(format_predictions(result["predictions"]))
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="ONNX file to write (default: CHECKPOINT with the suffix .onnx).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
+              help=f"ONNX opset, {MIN_OPSET} up to the newest the installed onnx supports.")
+@click.option("--raw-pixels", is_flag=True,
+              help="Fold the training data's normalization into the graph: its input is then pixels in [0, 1].")
+def export(checkpoint, output, opset, raw_pixels):
+    """Export a trained CHECKPOINT to ONNX (evaluation mode), for onnxruntime and other runtimes.
+
+    \b
+    Input `input`: float32 NHWC (batch, H, W, C), batch dynamic, normalized as
+    the training data was (or pixels in [0, 1] with --raw-pixels); output
+    `logits` (batch, num_classes). Needs pip install 'fastcnn[onnx]'.
+    Check it with: fastcnn predict OUT.onnx INPUT...
+    """
+    from .onnx_export import export_checkpoint
+
+    path = export_checkpoint(checkpoint, output, opset=opset, raw_pixels=raw_pixels)
+    click.echo(f"Wrote {path} (opset {opset}; input float32 NHWC "
+               f"{'pixels in [0, 1]' if raw_pixels else 'normalized as the training data'}; output logits)")
 
 
 @cli.command()

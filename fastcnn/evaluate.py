@@ -53,6 +53,14 @@ def load_model_checkpoint(path):
     return checkpoint, cfg, model
 
 
+def load_model(path):
+    """``fastcnn.load_model``: a checkpoint's model with its weights, ready for ``forward(x, training=False)``.
+
+    The loading of ``fastcnn eval`` and ``predict``, with their checks (a CheckpointError for a missing,
+    damaged or mismatched file)."""
+    return load_model_checkpoint(path)[2]
+
+
 def model_from_checkpoint(checkpoint, cfg=None):
     """(config, model) rebuilt from a loaded checkpoint's meta and arrays."""
     from .model import build_model

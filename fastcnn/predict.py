@@ -1,4 +1,5 @@
-"""``fastcnn predict``: classify image files or .npy arrays with a trained checkpoint.
+"""``fastcnn predict``: classify image files or .npy arrays with a trained checkpoint (or an .onnx file
+written by ``fastcnn export``, run in onnxruntime: fastcnn/onnx_export.py).
 
 Inputs get the preprocessing the training data had:
 
@@ -12,6 +13,7 @@ PNG/JPEG files need Pillow (optional extra ``fastcnn[images]``), imported only
 when an image file is given.
 """
 import os
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -263,40 +265,71 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def predict_inputs(checkpoint_path, inputs, top_k=3, batch_size=256, resize=False, invert=False, normalize=True):
-    """Classify files with a checkpoint.
+class Classifier(NamedTuple):
+    """What predict needs of a model: its input, class names, normalization and logits."""
+
+    input_shape: tuple        # (H, W, C)
+    dataset: Optional[str]
+    class_names: Optional[list]  # None: class_<i>
+    mean: Optional[np.ndarray]   # the normalization to apply (None: none known, or in_graph)
+    std: Optional[np.ndarray]
+    note: Optional[str]          # why there is no normalization, when there is none
+    in_graph: bool               # the model normalizes pixels itself (an .onnx exported with --raw-pixels)
+    logits: Callable             # logits(x float32 NHWC, batch_size) -> (N, num_classes)
+
+
+def open_classifier(path, threads=None) -> Classifier:
+    """A checkpoint (.npz) or an exported .onnx file (run in onnxruntime) as a Classifier."""
+    if os.fspath(path).lower().endswith(".onnx"):
+        from .onnx_export import open_onnx
+
+        return open_onnx(path, threads=threads)
+    from .evaluate import load_model_checkpoint
+
+    checkpoint, cfg, model = load_model_checkpoint(path)
+    mean, std, source = normalization_for(cfg, checkpoint.meta)
+    return Classifier(tuple(int(s) for s in cfg.model.input_shape), cfg.data.dataset,
+                      class_names_for(cfg, checkpoint.meta), mean, std, source, False,
+                      lambda x, batch_size: model.predict(np.ascontiguousarray(x, dtype=model.dtype), batch_size))
+
+
+def predict_inputs(checkpoint_path, inputs, top_k=3, batch_size=256, resize=False, invert=False, normalize=True,
+                   threads=None):
+    """Classify files with a checkpoint, or an .onnx file written by ``fastcnn export`` (onnxruntime;
+    ``threads`` its thread count).
 
     Returns {"predictions": [{"input", "file", "index", "top": [{"class", "name", "probability"}, ...]}, ...],
     "notes": [str, ...]} with ``top`` sorted by probability, ``top_k`` long (at most num_classes).
     """
-    from .evaluate import load_model_checkpoint
-
     if not inputs:
         raise UserError("no input given: pass image files (PNG/JPEG) or .npy arrays")
-    checkpoint, cfg, model = load_model_checkpoint(checkpoint_path)
-    input_shape = tuple(int(s) for s in cfg.model.input_shape)
-    labels, x = load_inputs(inputs, input_shape, resize=resize)
+    model = open_classifier(checkpoint_path, threads=threads)
+    if model.in_graph and not normalize:
+        raise UserError(f"--no-normalize: {checkpoint_path} normalizes its input itself (exported with "
+                        f"--raw-pixels): it takes pixels in [0, 1]")
+    labels, x = load_inputs(inputs, model.input_shape, resize=resize)
     notes = []
-    mean, std, source = normalization_for(cfg, checkpoint.meta) if normalize else (None, None, None)
-    if mean is not None and float(np.abs(x).max()) > 1.5:
+    mean, std, source = (model.mean, model.std, model.note) if normalize else (None, None, None)
+    if (mean is not None or model.in_graph) and float(np.abs(x).max()) > 1.5:
         notes.append(f"values up to {float(np.abs(x).max()):.4g} in float input: float arrays are taken as pixels "
                      f"in [0, 1] (save uint8 pixels, or pass --no-normalize for already normalized data)")
     if invert:
         x = np.float32(1.0) - x
-    elif normalize and cfg.data.dataset in ("mnist", "fashion-mnist"):
+    elif normalize and model.dataset in ("mnist", "fashion-mnist"):
         bright = [label for (label, _, _), xi in zip(labels, x) if float(xi.mean()) > 0.5]
         if bright:
             more = f" and {len(bright) - 1} more" if len(bright) > 1 else ""
-            notes.append(f"{bright[0]}{more}: mostly bright, but {cfg.data.dataset} images are light "
+            notes.append(f"{bright[0]}{more}: mostly bright, but {model.dataset} images are light "
                          f"on a dark background (try --invert)")
-    if normalize:
+    if normalize and not model.in_graph:
         if mean is None:
             notes.append(source)
         else:
             x = (x - mean) / std
-    x = np.ascontiguousarray(x, dtype=model.dtype)
-    probs = softmax(model.predict(x, batch_size=batch_size))
-    names = class_names_for(cfg, checkpoint.meta)
+    probs = softmax(model.logits(np.ascontiguousarray(x, dtype=np.float32), batch_size))
+    names = model.class_names
+    if names is None or len(names) != probs.shape[1]:
+        names = [f"class_{i}" for i in range(probs.shape[1])]
     k = min(int(top_k), probs.shape[1])
     predictions = []
     for (label, path, index), p in zip(labels, probs):

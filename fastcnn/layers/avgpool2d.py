@@ -53,6 +53,9 @@ class AvgPool2D(Layer):
         pool.avgpool2d_backward(dy, dx, *self._geometry())
         return dx
 
+    def onnx_nodes(self, graph, x):  # no padding: every window is whole
+        return graph.node("AveragePool", [x], kernel_shape=list(self.pool), strides=list(self.stride))
+
     def describe(self):
         return f"{self.kind} {window(self.pool)} s{hw(self.stride)}"
 

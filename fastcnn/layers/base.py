@@ -12,7 +12,8 @@ single home of everything about the type:
   parameters and buffers (config validation bounds the model size with them
   before anything is allocated); ``build``: allocation and initialization;
 * ``flops(batch)``, ``describe()`` (the summary's text), ``torch_module(torch)``
-  (the PyTorch twin used by the tests and benchmarks);
+  (the PyTorch twin used by the tests and benchmarks), ``onnx_nodes(graph, x)`` (its
+  evaluation-mode ONNX nodes, fastcnn/onnx_export.py);
 * ``forward(x, training)`` / ``backward(dy, need_input_grad)`` calling the kernels.
 
 The package discovers the classes (fastcnn/layers/__init__.py): adding a layer
@@ -133,6 +134,13 @@ class Layer(Scratch):
     def torch_module(self, torch):
         """The equivalent torch.nn module, with this layer's weights copied (NCHW)."""
         raise NotImplementedError(f"no PyTorch twin for {self.kind or type(self).__name__}")
+
+    def onnx_nodes(self, graph, x: str) -> str:
+        """Add the ONNX nodes computing this layer in evaluation mode to ``graph`` (an OnnxGraph of
+        fastcnn/onnx_export.py: ``graph.node(op, inputs, **attributes)``, ``graph.constant(name, array)``)
+        and return the output's name. ``x`` names the input: NCHW for a (H, W, C) layer, (batch,
+        features) for a flat one. The default: this layer type cannot be exported (one line naming it)."""
+        raise graph.cannot_export(self)
 
     def children(self) -> List[Tuple[str, "Layer"]]:
         """(name, sub-layer) pairs of a container; none for a plain layer."""

@@ -95,6 +95,12 @@ class BatchNorm(Layer):
                                 self.invstd, dx.reshape(-1, c), self.params["gamma"].grad, self.params["beta"].grad)
         return dx if need_input_grad else None
 
+    def onnx_nodes(self, graph, x):
+        """Evaluation mode: the running statistics; (N, C, H, W) after a conv, (N, C) after a dense layer."""
+        inputs = [graph.constant(name, self.params[name].data) for name in ("gamma", "beta")]
+        inputs += [graph.constant(name, self.buffers[name]) for name in ("running_mean", "running_var")]
+        return graph.node("BatchNormalization", [x, *inputs], epsilon=float(self.eps))
+
     def torch_module(self, torch):
         nn = torch.nn
         cls = nn.BatchNorm2d if len(self.in_shape) == 3 else nn.BatchNorm1d

@@ -114,6 +114,14 @@ class Conv2D(Layer):
             depthwise.grouped_backward(self.x, dy, w.data, dx, w.grad, db, self.groups, *self._geometry())
         return dx
 
+    def onnx_nodes(self, graph, x):
+        top, bottom, left, right = self.pads
+        inputs = [x, graph.constant("weight", self.params["weight"].data.transpose(3, 2, 0, 1))]  # HWIO -> OIHW
+        if self.use_bias:
+            inputs.append(graph.constant("bias", self.params["bias"].data))
+        return graph.node("Conv", inputs, kernel_shape=list(self.kernel), strides=list(self.stride),
+                          dilations=list(self.dilation), pads=[top, left, bottom, right], group=self.groups)
+
     def flops(self, batch):
         oh, ow, f = self.out_shape
         return 2 * batch * oh * ow * self.kernel[0] * self.kernel[1] * (self.in_shape[2] // self.groups) * f

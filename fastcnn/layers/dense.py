@@ -59,6 +59,12 @@ class Dense(Layer):
         dense.dense_backward_input(dy, w.data, dx)
         return dx
 
+    def onnx_nodes(self, graph, x):  # Gemm: x @ weight (in_features, units) + bias
+        inputs = [x, graph.constant("weight", self.params["weight"].data)]
+        if self.use_bias:
+            inputs.append(graph.constant("bias", self.params["bias"].data))
+        return graph.node("Gemm", inputs)
+
     def flops(self, batch):
         return 2 * batch * self.in_shape[0] * self.units
 

@@ -19,6 +19,12 @@ class Flatten(Layer):
         dy = self._check_dy(dy)
         return dy.reshape(self.x_shape) if need_input_grad else None
 
+    def onnx_nodes(self, graph, x):
+        if len(self.in_shape) != 3:
+            return x
+        # Back to NHWC first: fastcnn's feature order (h*W + w)*C + c.
+        return graph.node("Flatten", [graph.node("Transpose", [x], perm=[0, 2, 3, 1])], axis=1)
+
     def torch_module(self, torch):
         class NHWCFlatten(torch.nn.Module):
             """Flatten in fastcnn's NHWC order (torch tensors are NCHW)."""

@@ -33,6 +33,9 @@ class GlobalAvgPool(Layer):
         pool.avgpool2d_backward(dy.reshape(n, 1, 1, c), dx, h, w, h, w)
         return dx
 
+    def onnx_nodes(self, graph, x):
+        return graph.node("Flatten", [graph.node("GlobalAveragePool", [x])], axis=1)  # (N, C, 1, 1) -> (N, C)
+
     def torch_module(self, torch):
         class GlobalAvgPool(torch.nn.Module):
             """Mean over H and W -> (N, C)."""

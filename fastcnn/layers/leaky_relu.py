@@ -29,6 +29,9 @@ class LeakyReLU(Layer):
                                        dx.reshape(-1))
         return dx
 
+    def onnx_nodes(self, graph, x):
+        return graph.node("LeakyRelu", [x], alpha=float(self.negative_slope))
+
     def describe(self):
         return f"leaky_relu {self.negative_slope:g}"
 

@@ -58,6 +58,11 @@ class MaxPool2D(Layer):
         pool.maxpool2d_backward(dy, self.argmax, dx)
         return dx
 
+    def onnx_nodes(self, graph, x):  # ONNX's MaxPool pads with -inf too
+        ph, pw = self.pad
+        return graph.node("MaxPool", [x], kernel_shape=list(self.pool), strides=list(self.stride),
+                          pads=[ph, pw, ph, pw])
+
     def describe(self):
         text = f"{self.kind} {window(self.pool)} s{hw(self.stride)}"
         if tuple(self.pad) != (0, 0):

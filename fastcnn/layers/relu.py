@@ -22,5 +22,8 @@ class ReLU(Layer):
         activation.relu_backward(self.x.reshape(-1), dy.reshape(-1), dx.reshape(-1))
         return dx
 
+    def onnx_nodes(self, graph, x):
+        return graph.node("Relu", [x])
+
     def torch_module(self, torch):
         return torch.nn.ReLU()

@@ -261,6 +261,22 @@ class Residual(Layer):
                 kernels.add_forward(db, ds, g)
         return None  # not reached: copy 0 returns
 
+    # -- ONNX ------------------------------------------------------------------
+    def onnx_nodes(self, graph, x):
+        """Per copy: Add(body(x), shortcut(x) or x), then Relu (activation relu); sub-layer tensors named
+        after their keys (``layers.3.0.body.1.weight``)."""
+        for r, (body, short) in enumerate(self.copies):
+            b = x
+            for j, layer in enumerate(body):
+                b = graph.layer(layer, b, f"{r}.body.{j}", f"body[{j}]")
+            s = x
+            for j, layer in enumerate(short):
+                s = graph.layer(layer, s, f"{r}.shortcut.{j}", f"shortcut[{j}]")
+            x = graph.node("Add", [b, s])
+            if self.activation == "relu":
+                x = graph.node("Relu", [x])
+        return x
+
     # -- PyTorch twin --------------------------------------------------------
     def torch_module(self, torch):
         nn = torch.nn
