@@ -349,3 +349,18 @@ def test_fastcnn_never_imports_onnx_on_its_own():
             "bad = [m for m in ('onnx', 'onnxruntime') if m in sys.modules]; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_bench_script_smoke(tmp_path):
+    """scripts/bench_onnx.py: one short round of each framework on a tiny network."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_onnx.py"), "--config", SMALL_CONFIG,
+                           "--batch", "3", "--threads", "1", "--rounds", "1", "--warmup", "1", "--repeat", "2",
+                           "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [r["framework"] for r in report["runs"]] == ["fastcnn", "onnxruntime"]
+    assert all(len(r["call_ms"]) == 2 and r["median_ms"] > 0 and r["threads"] == 1 for r in report["runs"])
+    (row,) = report["table"]
+    assert row["fastcnn_ms"] > 0 and row["onnxruntime_ms"] > 0
+    assert "ort/fastcnn" in proc.stdout
