@@ -75,8 +75,12 @@ def _gflops(flops, ms):
     return flops / ms / 1e6 if flops and ms > 0 else None
 
 
-def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None, log=print):
-    """Measure and return a report dict (see ``print_report``)."""
+def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None, log=print, peak=None):
+    """Measure and return a report dict (see ``print_report``).
+
+    ``peak``: a (GFLOP/s, source) pair measured beforehand (e.g. once for a whole benchmark suite) to
+    use instead of measuring ``matmul_peak_gflops`` here.
+    """
     from .config import load_config, validate
     from .losses import softmax_cross_entropy
     from .model import build_model
@@ -136,7 +140,7 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
     step_ms = _median_ms(step, repeats)
     infer_x = rng.normal(size=(256, *model.input_shape)).astype(model.dtype)
     infer_ms = _median_ms(lambda: model.forward(infer_x, training=False), max(3, repeats // 2))
-    peak, peak_source = matmul_peak_gflops(n_threads, torch)
+    peak, peak_source = peak if peak is not None else matmul_peak_gflops(n_threads, torch)
     for row in rows:
         for key in ("forward", "backward"):
             g = row[f"{key}_gflops"]

@@ -7,6 +7,8 @@ Usage (from the repository root, with the venv's python):
     python scripts/bench_vs_torch.py --torch-layout both      # torch channels_last and NCHW
     python scripts/bench_vs_torch.py --threads-sweep          # also fastcnn's step on 1, 2, ... threads
     python scripts/bench_vs_torch.py --json bench_vs_torch.json
+    python scripts/bench_vs_torch.py --suite --threads 2 --json suite.json   # the benchmark suite
+    python scripts/bench_vs_torch.py --suite --only lenet5,vgg_cifar        # some of its networks
 
 Method. For every (network config, batch size) each framework runs in its own
 fresh subprocess (this script with ``--worker fastcnn|torch``), alternating
@@ -22,6 +24,18 @@ one. A round's figure is ``batch / median step time``; the table shows the
 median over rounds. Inference (evaluation mode, no gradients) is timed the
 same way at batch ``--infer-batch`` (256).
 
+Suite (``--suite``). The networks of ``SUITE`` (the shipped MNIST, ResNet-20
+and MobileNet configs, then every ``configs/bench/*.yaml``), each at its
+config's ``data.batch_size`` unless ``--batch-sizes`` is given. Workers then
+time at most ``--steps`` steps and stop once ``--max-seconds`` (default 2 s in
+the suite) of timed steps have run (at least 3). The matrix-multiply peak is
+measured once per run, in its own process with the same thread count: the best
+float32 rate of NumPy's BLAS matmul (with ``--threads`` BLAS threads) and of
+fastcnn's GEMM microkernel (run as a 1x1 convolution, a plain matrix product)
+on square matrices of ``--peak-sizes``. Then, once per network, a worker runs
+``fastcnn.bench.run_bench`` (what ``fastcnn bench --json`` reports) for the
+per-layer forward/backward times, GFLOP/s and % of that peak.
+
 Threads: ``--threads`` (default: all cores this process may use) is given to
 both: ``numba.set_num_threads`` for fastcnn; ``torch.set_num_threads`` plus
 OMP_NUM_THREADS / MKL_NUM_THREADS in the environment of torch's process.
@@ -30,6 +44,8 @@ fastcnn keeps its BLAS single-threaded as its CLI does.
 Worker mode (one measurement, prints one line ``RESULT {json}``):
 
     python scripts/bench_vs_torch.py --worker fastcnn --config configs/mnist.yaml --batch 64 --steps 50
+    python scripts/bench_vs_torch.py --worker layers --config configs/mnist.yaml --batch 64 --peak-gflops 200
+    python scripts/bench_vs_torch.py --worker peak --threads 2 --peak-sizes 1024,2048
 """
 import argparse
 import json
@@ -45,6 +61,10 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 DEFAULT_CONFIGS = ["configs/mnist.yaml", "configs/mnist_bn.yaml"]
+# The benchmark suite: these shipped configs, then every configs/bench/*.yaml (sorted).
+SUITE_SHIPPED = ["configs/mnist.yaml", "configs/mnist_bn.yaml", "configs/resnet20_cifar10.yaml",
+                 "configs/mobilenet_cifar10.yaml"]
+SUITE_DIR = "configs/bench"
 RESULT_PREFIX = "RESULT "
 NOISY_SPREAD = 1.15  # max/min over rounds above this: flagged as noisy
 
@@ -68,7 +88,8 @@ def loadavg():
 
 # --------------------------------------------------------------------------- worker side
 
-def _time_steps(fn, warmup, steps):
+def _time_steps(fn, warmup, steps, max_seconds=None):
+    """Step times: ``steps`` of them, or fewer (at least 3) once ``max_seconds`` of them have run."""
     for _ in range(warmup):
         fn()
     times = []
@@ -76,6 +97,8 @@ def _time_steps(fn, warmup, steps):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
+        if max_seconds is not None and len(times) >= 3 and sum(times) >= max_seconds:
+            break
     return times
 
 
@@ -145,11 +168,72 @@ def _torch_worker(cfg, args, x, labels):
                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
+def _layers_worker(args):
+    """Per-layer figures of ``fastcnn bench`` (no torch), against the peak measured by the driver."""
+    from fastcnn.bench import run_bench
+
+    peak = (args.peak_gflops, args.peak_source) if args.peak_gflops else None
+    report = run_bench(args.config, batch_size=args.batch, threads=args.threads, repeats=args.layer_repeats,
+                       log=lambda msg: print(msg, file=sys.stderr), peak=peak)
+    from fastcnn.config import load_config
+    from fastcnn.model import build_model
+
+    blocks = build_model(load_config(args.config).model, seed=0).blocks  # the rows, in order: their labels
+    for row, block in zip(report["layers"], blocks):
+        row["label"] = " + ".join(part.describe() for part in getattr(block, "layers", (block,)))
+    print(RESULT_PREFIX + json.dumps({"framework": "fastcnn", "mode": "layers", "config": args.config,
+                                      "batch": args.batch, "pid": os.getpid(), **report}), flush=True)
+
+
+def measure_peak(threads, sizes, repeats=3):
+    """Float32 matrix-product rates on square (s, s) @ (s, s), s in ``sizes``: {source: GFLOP/s}.
+
+    NumPy's matmul (its BLAS threads come from the environment: the driver sets them to
+    ``threads``) and fastcnn's GEMM microkernel, driven as a 1x1 convolution of
+    (1, s/64, 64, s) by (1, 1, s, s), which is that matrix product, on ``threads`` Numba threads.
+    """
+    import numpy as np
+
+    from fastcnn.bench import _median_ms
+    from fastcnn.kernels.conv import conv2d_forward
+    from fastcnn.runtime import set_threads
+
+    set_threads(threads)
+    rng = np.random.default_rng(0)
+    rates = {}
+    for s in sizes:
+        a = rng.normal(size=(s, s)).astype(np.float32)
+        b = rng.normal(size=(s, s)).astype(np.float32)
+        gflop = 2 * s ** 3 / 1e9
+        rates[f"numpy matmul {s}x{s}x{s}"] = gflop / _median_ms(lambda: a @ b, repeats) * 1e3
+        rows = max(1, s // 64)
+        x = np.ascontiguousarray(a[:rows * 64]).reshape(1, rows, 64, s)
+        w = b.reshape(1, 1, s, s)
+        y = np.empty((1, rows, 64, s), np.float32)
+        bias = np.zeros(s, np.float32)
+        ms = _median_ms(lambda: conv2d_forward(x, w, bias, y, 1, 1, 0, 0, 1, 1), repeats)
+        rates[f"fastcnn GEMM kernel {rows * 64}x{s}x{s}"] = 2 * rows * 64 * s * s / 1e9 / ms * 1e3
+    return rates
+
+
+def _peak_worker(args):
+    sizes = [int(v) for v in args.peak_sizes.split(",") if v.strip()]
+    rates = measure_peak(args.threads, sizes)
+    source = max(rates, key=rates.get)
+    print(RESULT_PREFIX + json.dumps({"framework": "peak", "threads": args.threads, "rates": rates,
+                                      "peak_gflops": rates[source], "peak_source": source,
+                                      "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}), flush=True)
+
+
 def run_worker(args):
     import numpy as np
 
     from fastcnn.config import load_config
 
+    if args.worker == "layers":
+        return _layers_worker(args)
+    if args.worker == "peak":
+        return _peak_worker(args)
     t0 = time.perf_counter()
     cfg = load_config(args.config)
     rng = np.random.default_rng(args.data_seed)
@@ -158,7 +242,7 @@ def run_worker(args):
     build = _fastcnn_worker if args.worker == "fastcnn" else _torch_worker
     fn, info = build(cfg, args, x, labels)
     setup_s = time.perf_counter() - t0
-    times = _time_steps(fn, args.warmup, args.steps)
+    times = _time_steps(fn, args.warmup, args.steps, args.max_seconds)
     med = statistics.median(times)
     result = {
         "framework": args.worker, "mode": args.mode, "config": args.config, "batch": args.batch,
@@ -174,8 +258,8 @@ def run_worker(args):
 
 def worker_env(framework, threads):
     env = dict(os.environ)
-    if framework == "torch":
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    if framework in ("torch", "peak"):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(threads)
     else:
         cores = available_cores()
@@ -191,10 +275,12 @@ def parse_result(stdout):
     return None
 
 
-def spawn(framework, config, batch, mode, threads, args, layout="channels_last"):
+def spawn(framework, config, batch, mode, threads, args, layout="channels_last", extra=()):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--config", config,
            "--batch", str(batch), "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(threads), "--layout", layout, "--data-seed", str(args.data_seed)]
+           "--threads", str(threads), "--layout", layout, "--data-seed", str(args.data_seed), *extra]
+    if args.max_seconds is not None:
+        cmd += ["--max-seconds", str(args.max_seconds)]
     load_before = loadavg()
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(framework, threads), cwd=REPO)
@@ -219,11 +305,20 @@ def _fmt(v, spec=".0f"):
     return "-" if v is None else format(v, spec)
 
 
+def config_batch(config):
+    from fastcnn.config import load_config
+
+    return load_config(os.path.join(REPO, config)).data.batch_size
+
+
 def measure(args, configs, batches, layouts, have_torch, log):
-    """All comparison cells: {(config, mode, batch): {"fastcnn": [results], "torch/<layout>": [results]}}."""
+    """All comparison cells: {(config, mode, batch): {"fastcnn": [results], "torch/<layout>": [results]}}.
+
+    ``batches``: training batch sizes, or None for each config's own ``data.batch_size``.
+    """
     cells = []
     for config in configs:
-        jobs = [("train", b) for b in batches]
+        jobs = [("train", b) for b in (batches or [config_batch(config)])]
         if args.infer_batch:
             jobs.append(("infer", args.infer_batch))
         for mode, batch in jobs:
@@ -292,6 +387,75 @@ def markdown_table(cells, layouts, have_torch):
     return "\n".join(lines), noisy
 
 
+def suite_table(cells, torch_key):
+    """One row per network: training and inference images/s, fastcnn, torch and their ratio."""
+    nets = {}
+    for c in cells:
+        nets.setdefault(c["network"], {})[c["mode"]] = c
+    head = ["network", "train batch", "fastcnn img/s", "torch img/s", "fastcnn/torch",
+            "infer batch", "fastcnn img/s", "torch img/s", "fastcnn/torch"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, modes in nets.items():
+        row = [name]
+        for mode in ("train", "infer"):
+            c = modes.get(mode)
+            if c is None:
+                row += ["-"] * 4
+                continue
+            ours = c["fastcnn"]["images_per_sec"]
+            theirs = c[torch_key]["images_per_sec"] if torch_key and torch_key in c else None
+            ratio = _fmt(ours / theirs, ".2f") + "x" if ours and theirs else "-"
+            row += [str(c["batch"]), _fmt(ours), _fmt(theirs), ratio]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def layer_table(report):
+    """Per-layer figures of one network (a run_bench report): ms, GFLOP/s and % of the matmul peak."""
+    lines = ["| # | layer | output | fwd ms | fwd GFLOP/s | fwd % peak | bwd ms | bwd GFLOP/s | bwd % peak |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["layers"]:
+        shape = "x".join(str(v) for v in r["output_shape"])
+        lines.append(f"| {r['index']} | {r.get('label', r['kind'])} | {shape} | {r['forward_ms']:.3f} | "
+                     f"{_fmt(r['forward_gflops'], '.1f')} | {_fmt(r['forward_peak_pct'], '.0f')} | "
+                     f"{r['backward_ms']:.3f} | {_fmt(r['backward_gflops'], '.1f')} | "
+                     f"{_fmt(r['backward_peak_pct'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def suite_configs(only=None):
+    """The suite's configs (relative to the repository), optionally only the named networks."""
+    import glob
+
+    found = SUITE_SHIPPED + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, SUITE_DIR, "*.yaml")))
+    if not only:
+        return found
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = sorted(set(names) - {_label(c) for c in found})
+    if unknown:
+        raise SystemExit(f"--only: no suite network named {', '.join(unknown)} "
+                         f"(the suite: {', '.join(_label(c) for c in found)})")
+    return [c for c in found if _label(c) in names]
+
+
+def run_suite_extras(args, cells, log):
+    """The matmul peak (one worker) and each network's per-layer figures (one worker per network)."""
+    peak = spawn("peak", "-", 0, "train", args.threads, args, extra=["--peak-sizes", args.peak_sizes])
+    log(f"[peak] {peak['peak_gflops']:.0f} GFLOP/s ({peak['peak_source']})")
+    layers = {}
+    if args.no_layers:
+        return peak, layers
+    for c in cells:
+        if c["mode"] != "train" or c["network"] in layers:
+            continue
+        res = spawn("layers", c["config"], c["batch"], "train", args.threads, args,
+                    extra=["--peak-gflops", str(peak["peak_gflops"]), "--peak-source", peak["peak_source"],
+                           "--layer-repeats", str(args.layer_repeats)])
+        layers[c["network"]] = res
+        log(f"[layers {c['network']} b{c['batch']}] done (load {_fmt(res['loadavg_before'], '.2f')})")
+    return peak, layers
+
+
 def sweep_table(rows):
     lines = ["| network | batch | threads | fastcnn img/s | speedup vs 1 thread |", "|---|---|---:|---:|---:|"]
     for r in rows:
@@ -305,10 +469,20 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", default=None,
                     help="network config (repeatable; default: configs/mnist.yaml and configs/mnist_bn.yaml)")
-    ap.add_argument("--batch-sizes", default="32,64,128,256", help="comma-separated training batch sizes")
+    ap.add_argument("--suite", action="store_true",
+                    help=f"the benchmark suite: {', '.join(SUITE_SHIPPED)} and {SUITE_DIR}/*.yaml, each at its "
+                         "config's batch size, with per-layer figures and the matmul peak")
+    ap.add_argument("--only", default=None, help="with --suite: only these networks (comma-separated names)")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="comma-separated training batch sizes (default 32,64,128,256; --suite: the config's)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating fastcnn/torch rounds per cell")
-    ap.add_argument("--steps", type=int, default=50, help="timed steps per worker")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps per worker before timing")
+    ap.add_argument("--steps", type=int, default=50, help="timed steps per worker (at most, with --max-seconds)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per worker before timing (5; --suite: 2)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop timing a worker after this many seconds of steps, at least 3 (--suite: 2)")
+    ap.add_argument("--peak-sizes", default="1024,2048", help="--suite: square matmul sizes for the peak")
+    ap.add_argument("--layer-repeats", type=int, default=5, help="--suite: timed runs per layer (median)")
+    ap.add_argument("--no-layers", action="store_true", help="--suite: skip the per-layer figures")
     ap.add_argument("--threads", type=int, default=None, help="threads for both frameworks (default: all cores)")
     ap.add_argument("--torch-layout", choices=["channels_last", "nchw", "both"], default="channels_last",
                     help="memory format of torch's tensors (default channels_last, like fastcnn's NHWC)")
@@ -322,23 +496,34 @@ def main(argv=None):
     ap.add_argument("--json", dest="json_out", default=None, help="write every raw number to this file")
     ap.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     # worker mode
-    ap.add_argument("--worker", choices=["fastcnn", "torch"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["fastcnn", "torch", "layers", "peak"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--peak-source", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=["train", "infer"], default="train", help=argparse.SUPPRESS)
     ap.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.warmup is None:
+        args.warmup = 2 if args.suite else 5
     if args.worker:
         args.config = (args.config or DEFAULT_CONFIGS)[0]
         run_worker(args)
         return 0
+    if args.only and not args.suite:
+        ap.error("--only needs --suite")
+    if args.suite and args.config:
+        ap.error("--suite runs the suite's configs: drop --config (or use --only)")
+    if args.suite and args.max_seconds is None:
+        args.max_seconds = 2.0
 
-    configs = args.config or DEFAULT_CONFIGS
+    configs = suite_configs(args.only) if args.suite else (args.config or DEFAULT_CONFIGS)
     for c in configs:
         if not os.path.exists(os.path.join(REPO, c)) and not os.path.exists(c):
             ap.error(f"config not found: {c}")
     configs = [c if os.path.isabs(c) else os.path.relpath(os.path.abspath(c), REPO) for c in configs]
-    batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    batch_sizes = args.batch_sizes or (None if args.suite else "32,64,128,256")
+    batches = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else None
     args.threads = args.threads or available_cores()
     layouts = ["channels_last", "nchw"] if args.torch_layout == "both" else [args.torch_layout]
     import importlib.util
@@ -350,6 +535,7 @@ def main(argv=None):
 
     started = time.time()
     cells = measure(args, configs, batches, layouts, have_torch, log)
+    peak, layers = run_suite_extras(args, cells, log) if args.suite else (None, {})
     sweep_rows = sweep(args, configs, log) if args.threads_sweep else []
 
     torch_version = None
@@ -365,11 +551,19 @@ def main(argv=None):
           f"numba {first.get('numba')}, torch {torch_version}; "
           f"1-min load average {min(loads, default=0):.2f}-{max(loads, default=0):.2f}\n")
     table, noisy = markdown_table(cells, layouts, have_torch)
-    print(table)
+    print(suite_table(cells, f"torch/{layouts[0]}" if have_torch else None) if args.suite else table)
     if noisy:
         print(f"\nNoisy cells (max/min over rounds > {NOISY_SPREAD}): rerun on an idle machine or with more rounds:")
         for n in noisy:
             print(f"  {n}")
+    if peak:
+        rates = "; ".join(f"{k} {v:.0f}" for k, v in peak["rates"].items())
+        print(f"\nMatrix-multiply peak ({args.threads} thread(s)): {peak['peak_gflops']:.0f} GFLOP/s, "
+              f"{peak['peak_source']} (all, GFLOP/s: {rates})")
+    for name, report in layers.items():
+        print(f"\n{name}, batch {report['batch']}: per layer (fastcnn; % of the {report['matmul_peak_gflops']:.0f} "
+              f"GFLOP/s peak; backward GFLOP/s counts 2x the forward FLOPs, 1x for row 0: weight gradient only)\n")
+        print(layer_table(report))
     if sweep_rows:
         print(f"\nfastcnn training step, thread scaling (median over {args.rounds} round(s)):\n")
         print(sweep_table(sweep_rows))
@@ -378,7 +572,8 @@ def main(argv=None):
             "started": started, "cpu": cpu_name(), "cores": available_cores(), "threads": args.threads,
             "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "data_seed": args.data_seed,
             "python": platform.python_version(), "numba": first.get("numba"), "torch": torch_version,
-            "cells": cells, "threads_sweep": sweep_rows,
+            "cells": cells, "threads_sweep": sweep_rows, "suite": args.suite, "peak": peak, "layers": layers,
+            "max_seconds": args.max_seconds, "loadavg_range": [min(loads, default=None), max(loads, default=None)],
         }
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

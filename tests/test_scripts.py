@@ -69,17 +69,19 @@ def test_bench_worker_torch(layout):
     assert res["layout"] == layout
 
 
+def _run_driver(args, network):
+    """Run the bench driver (fastcnn only without torch); return its stdout and the table row of ``network``."""
+    proc = _run([BENCH, *args, "--quiet"] + ([] if HAVE_TORCH else ["--no-torch"]))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(f"| {network} |")]
+    assert len(rows) == 1, proc.stdout
+    return proc.stdout, [c.strip() for c in rows[0].strip("|").split("|")]
+
+
 def test_bench_driver_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    args = [BENCH, "--config", MNIST, "--batch-sizes", "2", "--rounds", "1", "--steps", "1", "--warmup", "0",
-            "--threads", "1", "--infer-batch", "0", "--json", str(out), "--quiet"]
-    if not HAVE_TORCH:
-        args.append("--no-torch")
-    proc = _run(args)
-    assert proc.returncode == 0, proc.stderr
-    table = [line for line in proc.stdout.splitlines() if line.startswith("| mnist |")]
-    assert len(table) == 1, proc.stdout
-    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    _, cells = _run_driver(["--config", MNIST, "--batch-sizes", "2", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                            "--threads", "1", "--infer-batch", "0", "--json", str(out)], "mnist")
     assert cells[1] == "2" and float(cells[2]) > 0
     if HAVE_TORCH:
         assert float(cells[3]) > 0 and cells[4].endswith("x")
@@ -164,3 +166,65 @@ def test_train_torch_network_matches_reference_structure(config):
         b = ref(to_torch_input(x, torch))
     assert a.shape == (3, cfg.model.num_classes)
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_suite_networks():
+    """The suite holds at least 10 networks: the shipped ones it names and every configs/bench/*.yaml."""
+    script = _load_script(BENCH, "bench_vs_torch")
+    suite = script.suite_configs()
+    names = [os.path.splitext(os.path.basename(c))[0] for c in suite]
+    assert len(suite) >= 10 and len(set(names)) == len(names)
+    assert set(script.SUITE_SHIPPED) <= set(suite)
+    assert all(os.path.isfile(os.path.join(REPO, c)) for c in suite)
+    assert script.suite_configs("lenet5,mnist") == ["configs/mnist.yaml", "configs/bench/lenet5.yaml"]
+
+
+BENCH_CONFIGS = sorted(os.listdir(os.path.join(REPO, "configs", "bench")))
+
+
+@pytest.mark.parametrize("name", BENCH_CONFIGS)
+def test_bench_configs_validate_and_build(name):
+    from fastcnn.config import load_config
+    from fastcnn.model import build_model
+
+    assert name.endswith(".yaml")
+    cfg = load_config(os.path.join(REPO, "configs", "bench", name))
+    model = build_model(cfg.model, seed=cfg.seed)
+    x = np.random.default_rng(0).normal(size=(2, *cfg.model.input_shape)).astype(np.float32)
+    logits = model.forward(x, training=False)
+    assert logits.shape == (2, cfg.model.num_classes) and np.isfinite(logits).all()
+
+
+def test_bench_suite_unknown_network_is_refused():
+    proc = _run([BENCH, "--suite", "--only", "nosuchnet"])
+    assert proc.returncode != 0 and "no suite network named nosuchnet" in proc.stderr
+
+
+def test_bench_suite_smoke(tmp_path):
+    """--suite on one network: the table, the matmul peak, per-layer figures and the JSON report."""
+    out = tmp_path / "suite.json"
+    stdout, cells = _run_driver(["--suite", "--only", "lenet5", "--rounds", "1", "--steps", "2", "--warmup", "0",
+                                 "--threads", "1", "--batch-sizes", "4", "--infer-batch", "4", "--layer-repeats",
+                                 "1", "--peak-sizes", "128", "--json", str(out)], "lenet5")
+    assert len(cells) == 9 and cells[1] == "4" and cells[5] == "4"
+    assert float(cells[2]) > 0 and float(cells[6]) > 0
+    if HAVE_TORCH:
+        assert float(cells[3]) > 0 and float(cells[7]) > 0
+        assert cells[4].endswith("x") and cells[8].endswith("x")
+    assert "Matrix-multiply peak (1 thread(s))" in stdout and "| 0 | conv2d 6 5x5 s1 p2 | 28x28x6 |" in stdout
+
+    report = json.loads(out.read_text())
+    assert report["suite"] is True and report["threads"] == 1
+    assert [(c["network"], c["mode"], c["batch"]) for c in report["cells"]] == [("lenet5", "train", 4),
+                                                                               ("lenet5", "infer", 4)]
+    assert all(c["fastcnn"]["images_per_sec"] > 0 for c in report["cells"])
+    peak = report["peak"]
+    assert len(peak["rates"]) == 2 and all(v > 0 for v in peak["rates"].values())
+    assert peak["peak_gflops"] == max(peak["rates"].values())
+    layers = report["layers"]["lenet5"]
+    assert layers["matmul_peak_gflops"] == peak["peak_gflops"] and layers["batch_size"] == 4
+    convs = [r for r in layers["layers"] if r["kind"] == "conv2d"]
+    assert len(convs) == 2 and len(layers["layers"]) == 12
+    for r in convs:
+        assert r["forward_gflops"] > 0 and r["backward_gflops"] > 0
+        assert r["forward_peak_pct"] == pytest.approx(100 * r["forward_gflops"] / peak["peak_gflops"])
