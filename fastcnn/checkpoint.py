@@ -11,50 +11,16 @@ meta are stored as ``{"__float__": "nan"}`` (strict JSON) and read back as float
 """
 import io
 import os
-import tempfile
 
 import numpy as np
 
-from . import __version__, faults
+from . import __version__
+from .atomicio import atomic_write_bytes
 from .errors import CheckpointError
 from .safeio import NotRegularFile, UnsafeFile, dumps_meta, inspect_npz, json_loads_bounded, open_regular
 
 FORMAT_VERSION = 1
 MAX_META_CHARS = 16 << 20  # a meta of a few thousand epochs of history is well under 1 MB
-
-
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half of one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    faults.hit(f"write:{name}", path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        # mkstemp makes the file private (0600); give it the permissions any other new file gets.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        faults.hit(f"tmp:{name}", path)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 def save_checkpoint(path, model_state, optim_state=None, meta=None):

@@ -51,7 +51,7 @@ def _save(fig, path):
     """Render to memory, then write atomically: a kill never leaves half a PNG."""
     import io
 
-    from .checkpoint import atomic_write_bytes
+    from .atomicio import atomic_write_bytes
 
     ext = os.path.splitext(os.fspath(path))[1][1:].lower()
     buffer = io.BytesIO()

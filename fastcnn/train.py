@@ -278,7 +278,7 @@ class Trainer:
 
     def _write_text(self, name: str, text: str) -> None:
         """Write a text file of the run atomically; OutputError when it fails."""
-        from .checkpoint import atomic_write_bytes
+        from .atomicio import atomic_write_bytes
 
         path = self.folder.file(name)
         try:
@@ -519,7 +519,8 @@ class Trainer:
         before its checkpoint, or missing because the kill came after it, is set right); best.npz is
         restored from last.npz when a kill came between the two writes of an older version.
         """
-        from .checkpoint import atomic_write_bytes, open_checkpoint
+        from .atomicio import atomic_write_bytes
+        from .checkpoint import open_checkpoint
 
         out = self.out_dir
         last = os.path.join(out, "last.npz")

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from fastcnn.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from fastcnn.atomicio import atomic_write_bytes
+from fastcnn.checkpoint import load_checkpoint, save_checkpoint
 from fastcnn.errors import CheckpointError
 
 

@@ -7,6 +7,7 @@ real files. URL prefixes select a behaviour: ``/good/`` serves the files,
 but sends half and hangs up, ``/short/`` sends half the file with a matching
 Content-Length (so only the MD5 can tell), ``/corrupt/`` flips a byte.
 """
+import errno
 import hashlib
 import os
 import socket
@@ -14,6 +15,7 @@ import socket
 import numpy as np
 import pytest
 
+from fastcnn import atomicio
 from fastcnn.data import download as dl
 from fastcnn.data import load_dataset
 from fastcnn.data.idx import write_idx
@@ -271,10 +273,25 @@ def test_temp_file_not_creatable(tmp_path, served, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(dl.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(atomicio.tempfile, "mkstemp", denied)
     with pytest.raises(DataError, match="cannot write to the data folder") as info:
         load(tmp_path, [url + "/good/"], md5)
     assert str(tmp_path / "mnist") in str(info.value)
+
+
+def test_disk_full_while_writing(tmp_path, served, monkeypatch):
+    """A write that fails half way (ENOSPC): one DataError naming the folder, no temporary file left."""
+    url, md5, _ = served
+
+    def disk_full(url, out, *args):
+        out.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dl, "_fetch_into", disk_full)
+    with pytest.raises(DataError, match="cannot write to the data folder .*No space left on device") as info:
+        load(tmp_path, [url + "/good/"], md5)
+    assert str(tmp_path / "mnist") in str(info.value)
+    assert os.listdir(tmp_path / "mnist") == []
 
 
 def test_file_url_mirror(tmp_path):

@@ -16,12 +16,11 @@ import hashlib
 import http.client
 import os
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from fastcnn.atomicio import fsync_dir
+from fastcnn.atomicio import AtomicFile
 from fastcnn.errors import DataError
 
 __all__ = ["DEFAULT_TIMEOUT", "mirrors_for", "download_files", "download_file", "md5_of",
@@ -105,22 +104,14 @@ def download_file(url, dest, md5=None, *, timeout=DEFAULT_TIMEOUT, progress=True
     dest = Path(dest)
     folder = dest.parent
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{dest.name}.", suffix=".part")
+        part = AtomicFile(dest, suffix=".part")
     except OSError as e:
         raise DataError(f"cannot write to the data folder {folder}: {e.strerror or e}") from None
     try:
-        with os.fdopen(fd, "wb") as out:
+        with part as out:
             _fetch_into(url, out, dest.name, md5, timeout, progress)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(folder)
+    except OSError as e:  # writing, syncing or renaming the file (the network's errors are DownloadFailed)
+        raise DataError(f"cannot write to the data folder {folder}: {e.strerror or e}") from None
 
 
 def _fetch_into(url, out, name, md5, timeout, progress):
@@ -154,11 +145,7 @@ def _fetch_into(url, out, name, md5, timeout, progress):
                     raise DownloadFailed(_describe(e)) from None
                 if not chunk:
                     break
-                try:
-                    out.write(chunk)
-                except OSError as e:
-                    raise DataError(f"cannot write to the data folder {os.path.dirname(out.name)}: "
-                                    f"{e.strerror or e}") from None
+                out.write(chunk)
                 h.update(chunk)
                 received += len(chunk)
                 if bar is not None:
