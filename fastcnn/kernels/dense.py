@@ -77,67 +77,7 @@ def _dense_forward(x, w, b, y):
             yr = y[n]
             for o in range(O):
                 yr[o] = b[o]
-        if n1 - n0 == 4:
-            # 4 rows x 4 inputs per pass: 8 loads and 4 stores per 16 FMAs.
-            y0 = y[n0]
-            y1 = y[n0 + 1]
-            y2 = y[n0 + 2]
-            y3 = y[n0 + 3]
-            x0 = x[n0]
-            x1 = x[n0 + 1]
-            x2 = x[n0 + 2]
-            x3 = x[n0 + 3]
-            I4 = I - I % 4
-            for i in range(0, I4, 4):
-                w0 = w[i]
-                w1 = w[i + 1]
-                w2 = w[i + 2]
-                w3 = w[i + 3]
-                a00 = x0[i]
-                a01 = x0[i + 1]
-                a02 = x0[i + 2]
-                a03 = x0[i + 3]
-                a10 = x1[i]
-                a11 = x1[i + 1]
-                a12 = x1[i + 2]
-                a13 = x1[i + 3]
-                a20 = x2[i]
-                a21 = x2[i + 1]
-                a22 = x2[i + 2]
-                a23 = x2[i + 3]
-                a30 = x3[i]
-                a31 = x3[i + 1]
-                a32 = x3[i + 2]
-                a33 = x3[i + 3]
-                for o in range(O):
-                    v0 = w0[o]
-                    v1 = w1[o]
-                    v2 = w2[o]
-                    v3 = w3[o]
-                    y0[o] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
-                    y1[o] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
-                    y2[o] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
-                    y3[o] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
-            for i in range(I4, I):
-                wr = w[i]
-                a0 = x0[i]
-                a1 = x1[i]
-                a2 = x2[i]
-                a3 = x3[i]
-                for o in range(O):
-                    wv = wr[o]
-                    y0[o] += a0 * wv
-                    y1[o] += a1 * wv
-                    y2[o] += a2 * wv
-                    y3[o] += a3 * wv
-        else:
-            for i in range(I):
-                wr = w[i]
-                for n in range(n0, n1):
-                    a = x[n, i]
-                    yr = y[n]
-                    for o in range(O):
-                        yr[o] += a * wr[o]
+        _small_rows_update(y[n0:n1], x[n0:n1], w)
 
 
 @njit(cache=True, fastmath=True, parallel=prange_only(), error_model="numpy")
@@ -195,67 +135,80 @@ def _dense_backward_weight(x, dy, dw, db):
         if use_gemm:
             gemm(dwf, i0 * O, O, xf, i0, 1, I, dyf, 0, O, N, 1, 0, 0, i1 - i0, O // VL)
             continue
-        if i1 - i0 == 4:
-            d0 = dw[i0]
-            d1 = dw[i0 + 1]
-            d2 = dw[i0 + 2]
-            d3 = dw[i0 + 3]
-            # 4 rows of dw x 4 batch rows per pass: 8 loads and 4 stores per 16 FMAs.
-            N4 = N - N % 4
-            for n in range(0, N4, 4):
-                g0 = dy[n]
-                g1 = dy[n + 1]
-                g2 = dy[n + 2]
-                g3 = dy[n + 3]
-                a00 = x[n, i0]
-                a01 = x[n + 1, i0]
-                a02 = x[n + 2, i0]
-                a03 = x[n + 3, i0]
-                a10 = x[n, i0 + 1]
-                a11 = x[n + 1, i0 + 1]
-                a12 = x[n + 2, i0 + 1]
-                a13 = x[n + 3, i0 + 1]
-                a20 = x[n, i0 + 2]
-                a21 = x[n + 1, i0 + 2]
-                a22 = x[n + 2, i0 + 2]
-                a23 = x[n + 3, i0 + 2]
-                a30 = x[n, i0 + 3]
-                a31 = x[n + 1, i0 + 3]
-                a32 = x[n + 2, i0 + 3]
-                a33 = x[n + 3, i0 + 3]
-                for o in range(O):
-                    v0 = g0[o]
-                    v1 = g1[o]
-                    v2 = g2[o]
-                    v3 = g3[o]
-                    d0[o] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
-                    d1[o] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
-                    d2[o] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
-                    d3[o] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
-            for n in range(N4, N):
-                g = dy[n]
-                xr = x[n]
-                a0 = xr[i0]
-                a1 = xr[i0 + 1]
-                a2 = xr[i0 + 2]
-                a3 = xr[i0 + 3]
-                for o in range(O):
-                    gv = g[o]
-                    d0[o] += a0 * gv
-                    d1[o] += a1 * gv
-                    d2[o] += a2 * gv
-                    d3[o] += a3 * gv
-        else:
-            for n in range(N):
-                g = dy[n]
-                for i in range(i0, i1):
-                    a = x[n, i]
-                    dwr = dw[i]
-                    for o in range(O):
-                        dwr[o] += a * g[o]
+        _small_rows_update(dw[i0:i1], x[:, i0:i1].T, dy)
     for o in range(O):
         db[o] = zero
     for n in range(N):
         g = dy[n]
         for o in range(O):
             db[o] += g[o]
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _small_rows_update(out, a, b):
+    """out (R, O) += a (R, K) @ b (K, O) in plain loops: the path for layers too small or too narrow
+    for the GEMM (e.g. O = 10), of the forward (out = rows of y, a = the same rows of x, b = w) and of
+    the weight gradient (out = rows of dw, a = the matching columns of x, transposed; b = dy).
+
+    R == 4: 4 rows x 4 steps of k per pass (8 loads and 4 stores per 16 FMAs); otherwise k outer,
+    rows inner, each row of b reused R times from the L1 cache. Inner loops run over the contiguous
+    O axis. Every element accumulates over k in order: the same for any thread count.
+    """
+    R, K = a.shape
+    O = b.shape[1]
+    if R == 4:
+        out0 = out[0]
+        out1 = out[1]
+        out2 = out[2]
+        out3 = out[3]
+        K4 = K - K % 4
+        for k in range(0, K4, 4):
+            b0 = b[k]
+            b1 = b[k + 1]
+            b2 = b[k + 2]
+            b3 = b[k + 3]
+            a00 = a[0, k]
+            a01 = a[0, k + 1]
+            a02 = a[0, k + 2]
+            a03 = a[0, k + 3]
+            a10 = a[1, k]
+            a11 = a[1, k + 1]
+            a12 = a[1, k + 2]
+            a13 = a[1, k + 3]
+            a20 = a[2, k]
+            a21 = a[2, k + 1]
+            a22 = a[2, k + 2]
+            a23 = a[2, k + 3]
+            a30 = a[3, k]
+            a31 = a[3, k + 1]
+            a32 = a[3, k + 2]
+            a33 = a[3, k + 3]
+            for o in range(O):
+                v0 = b0[o]
+                v1 = b1[o]
+                v2 = b2[o]
+                v3 = b3[o]
+                out0[o] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
+                out1[o] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
+                out2[o] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
+                out3[o] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
+        for k in range(K4, K):
+            bk = b[k]
+            a0 = a[0, k]
+            a1 = a[1, k]
+            a2 = a[2, k]
+            a3 = a[3, k]
+            for o in range(O):
+                v = bk[o]
+                out0[o] += a0 * v
+                out1[o] += a1 * v
+                out2[o] += a2 * v
+                out3[o] += a3 * v
+    else:
+        for k in range(K):
+            bk = b[k]
+            for r in range(R):
+                ar = a[r, k]
+                outr = out[r]
+                for o in range(O):
+                    outr[o] += ar * bk[o]
