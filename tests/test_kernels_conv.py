@@ -52,6 +52,18 @@ CASES = {
     # partials): a last block of rows shorter than an item, kernel rows clipped.
     "direct_row_items": (3, 9, 10, 20, 32, (3, 3), (2, 1), (1, 1, 0, 0), (2, 1)),
     "direct_row_items_valid": (2, 7, 8, 16, 16, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1)),
+    # Few channels and a kernel column outside the image: the forward copies the kernel
+    # rows into zero-padded rows (any stride, row dilation); the weight gradient reads a
+    # zero-padded copy of x, and a zero-padded copy of dy when Cout is not a multiple
+    # of the vector length (partials, or row items straight into a padded dw).
+    "padded_rows_cin1_5x5": (3, 12, 11, 1, 6, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1)),
+    "padded_rows_cin3_7x7_stride2": (2, 15, 18, 3, 24, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1)),
+    "padded_rows_right_edge_only": (2, 9, 10, 2, 5, (3, 3), (2, 2), (0, 1, 0, 1), (1, 1)),
+    "padded_rows_dil_h": (2, 11, 9, 3, 8, (3, 3), (2, 1), (2, 2, 1, 1), (2, 1)),
+    "padded_row_items_cout24": (2, 8, 9, 10, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    "padded_row_items_cout100": (2, 7, 7, 48, 100, (3, 5), (1, 1), (1, 1, 2, 2), (1, 1)),
+    # ... but images too large for those copies: the weight gradient's im2col blocks.
+    "padded_large_image_im2col": (1, 24, 24, 48, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
 }
 
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -159,7 +171,8 @@ def test_float32_is_computed_in_float32():
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
-    "name", ["pad_int", "dilation_2_1_pad_stride", "same_even_2x3", "cin1_cout1", "stride2_leftover"]
+    "name", ["pad_int", "dilation_2_1_pad_stride", "same_even_2x3", "cin1_cout1", "stride2_leftover",
+             "padded_rows_cin1_5x5", "padded_row_items_cout24"]
 )
 def test_gradients_central_difference(name):
     x, w, b, G, stride, padding, dilation = _make(CASES[name], np.float64, seed=1)
@@ -297,7 +310,8 @@ def test_outputs_overwritten_not_accumulated(dtype):
     np.testing.assert_array_equal(y, y1)
 
 
-@pytest.mark.parametrize("name", ["big_channels", "direct_row_items"])
+@pytest.mark.parametrize("name", ["big_channels", "direct_row_items", "padded_rows_cin3_7x7_stride2",
+                                  "padded_row_items_cout100"])
 def test_weight_gradient_deterministic_across_thread_counts(name):
     import numba
 

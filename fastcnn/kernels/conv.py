@@ -27,19 +27,24 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   ow*sw + kw, ci]`` (row stride sw*Cin) times ``w[kh]`` seen as (KW*Cin, Cout);
   x is read in place, no im2col. Otherwise, when KW*Cin >= _MIN_DIRECT, one
   product per kernel column kw over the output pixels whose input column is
-  inside the image; else (few, small taps) an im2col row ``(OW, KH*KW*Cin)``
-  is gathered and done as one product.
+  inside the image; else (few channels, e.g. a first layer with padding), when
+  dil_w == 1, the kernel rows are copied into zero-padded rows and one product
+  reads them as the full-width case reads x; else (few channels, dilated
+  columns) an im2col row ``(OW, KH*KW*Cin)`` is gathered and done as one product.
 * backward input, per input row (n, ih): the transpose of the forward:
   for each (kh, kw) whose output row exists, ``dx[n, ih, iw] += dy[n, oh, ow]
   @ w[kh, kw].T`` over the range of ``ow`` that lands inside the row, C rows
   at stride sw*Cin. Each dx row is written by one thread: no races, fixed order.
 * backward weight: the split of the work never depends on the thread count,
   so dw is bit-identical run to run and whatever the number of threads.
-  Direct path (no kernel column outside the image, Cout a multiple of the
-  vector length): per image and kernel row kh one product ``dw[kh] += A @
-  dy[n]`` with ``A[kw*Cin + ci, (oh, ow)] = x[n, ih, ow*sw + kw, ci]``,
+  Direct path (dil_w == 1): per image and kernel row kh one product ``dw[kh]
+  += A @ dy[n]`` with ``A[kw*Cin + ci, (oh, ow)] = x[n, ih, ow*sw + kw, ci]``,
   reducing over all the image's output pixels (output rows are the segments)
-  in registers. With enough (kh, kw, ci) rows (at least _MIN_ROW_TILES
+  in registers. When a kernel column falls outside the image, x is first
+  copied with zero columns; when Cout is not a multiple of the vector length,
+  dy with zero columns (and dw goes through a padded buffer); these copies are
+  made when KW*Cin < _MIN_DIRECT or an image of both is small
+  (_DIRECT_COPY_BYTES), else such layers take the im2col path below. With enough (kh, kw, ci) rows (at least _MIN_ROW_TILES
   microkernel tiles) the rows are dealt to items of _ROW_TILES_PER_ITEM tiles,
   each owning its rows of dw and reducing over every image in order: no
   partial buffers and no reduction pass. Otherwise work is dealt in order to a
@@ -75,6 +80,11 @@ _PIXEL_BLOCK = 256
 # the images itself: no partial buffers, no reduction pass.
 _MIN_ROW_TILES = 12
 _ROW_TILES_PER_ITEM = 8
+# Weight gradient: the direct path reads zero-padded copies of x and dy (padding,
+# Cout not a multiple of the vector length) when an image of both takes at most
+# this many bytes, or when KW*Cin < _MIN_DIRECT (measured on 2 cores: past it,
+# e.g. 32x32x64 images, im2col's pixel blocks are faster).
+_DIRECT_COPY_BYTES = 192 * 1024
 # Forward: below this many contiguous inputs per kernel row (KW*Cin), gather
 # an im2col row and do one product (K = KH*KW*Cin) instead of one per tap.
 _MIN_DIRECT = 32
@@ -155,6 +165,11 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
     direct = KW * Cin >= _MIN_DIRECT
     # Output columns whose every kernel column is inside the image.
     full_w = dil_w == 1 and pad_left == 0 and (OW - 1) * stride_w + KW <= W
+    # Few channels and a kernel column outside the image (padding, or a right edge): the output
+    # row's kernel rows are copied into a slab of zero-padded rows of SW inputs each, and one
+    # product reads it as the full-width case reads x.
+    slab = not full_w and not direct and dil_w == 1
+    SW = max(pad_left + W, (OW - 1) * stride_w + KW)
     # Without padded columns the products accumulate straight into y.
     in_place = Np == Cout
     R = N * OH
@@ -163,8 +178,11 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
         # Scratch once per chunk of rows (rows are independent: any split
         # gives the same result).
         acc = np.empty((OW, Np), dtype=y.dtype)
-        col = np.empty((OW, 0 if direct else K), dtype=y.dtype)
+        col = np.empty((OW, 0 if direct or slab else K), dtype=y.dtype)
         colf = col.reshape(-1)
+        # Zero columns left and right of the copied inputs, written once.
+        rows_p = np.zeros((KH if slab else 0, SW * Cin), dtype=y.dtype)
+        rows_pf = rows_p.reshape(-1)
         for r in range((c * R) // nchunks, ((c + 1) * R) // nchunks):
             n = r // OH
             oh = r - n * OH
@@ -187,6 +205,12 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
                     gemm(af, 0, Np, x3[n].reshape(-1), (kh0 * dil_h - t) * W * Cin, stride_w * Cin, 1,
                           wflat, kh0 * KW * Cin * Np, Np, KW * Cin, kh1 - kh0, dil_h * W * Cin, KW * Cin * Np,
                           OW, NVt)
+            elif slab:
+                if kh1 > kh0:
+                    for kh in range(kh0, kh1):
+                        copy_vector(rows_p[kh, pad_left * Cin:(pad_left + W) * Cin], x3[n, kh * dil_h - t])
+                    gemm(af, 0, Np, rows_pf, kh0 * SW * Cin, stride_w * Cin, 1, wflat, kh0 * KW * Cin * Np, Np,
+                          KW * Cin, kh1 - kh0, SW * Cin, KW * Cin * Np, OW, NVt)
             elif direct:
                 for kw in range(KW):
                     # ow with 0 <= ow*sw - pl + kw*dw < W
@@ -275,9 +299,9 @@ def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil
 def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
     """dw (KH, KW, Cin, Cout) and db (Cout,) = dL/dw, dL/db; both overwritten (not accumulated).
 
-    Direct path (no kernel column outside the image, Cout a multiple of the
-    vector length): per image and kernel row, one product reduces over all the
-    image's output pixels straight from x and dy. With at least _MIN_ROW_TILES
+    Direct path (dil_w == 1; see the module docstring for when x and dy are
+    read from zero-padded copies): per image and kernel row, one product reduces
+    over all the image's output pixels straight from x and dy. With at least _MIN_ROW_TILES
     row tiles, the rows of dw are dealt to items (a block of rows of one kernel
     row each) that reduce over every image in order, and each item sums a fixed
     share of the dy rows into its db partial. Otherwise the images are dealt to
@@ -303,10 +327,23 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     x3 = x.reshape(N, H, W * Cin)
     dy2 = dy.reshape(P, Cout)
     budget = max(1, _PARTIAL_BUDGET // max(1, K * Np))
-    # Direct (no im2col): every kernel column inside the image and no padded
-    # columns; per image and kernel row kh, one product reduces over all the
-    # output pixels of the image: A[kw*Cin + ci, (oh, ow)] = x[n, ih, ow*sw + kw, ci].
-    direct = dil_w == 1 and pad_left == 0 and (OW - 1) * stride_w + KW <= W and Np == Cout
+    # Direct (no im2col) when dil_w == 1: per image and kernel row kh, one product
+    # reduces over all the output pixels of the image: A[kw*Cin + ci, (oh, ow)] =
+    # x[n, ih, ow*sw + kw, ci]. When a kernel column falls outside the image (padding,
+    # or a right edge), x is read from a copy xw with zero columns, rows of WP inputs;
+    # when Cout is not a multiple of the vector length, dy from a copy dyw with zero
+    # columns (rows of Np) and the rows of dw go to dwp (K, Np) first.
+    # The copies pay when im2col gathers few inputs per kernel row (KW*Cin below
+    # _MIN_DIRECT), or when an image of x and of dy together stay within
+    # _DIRECT_COPY_BYTES (past that, the products' passes over them are slower than
+    # im2col's blocks).
+    wide = not (pad_left == 0 and (OW - 1) * stride_w + KW <= W)
+    WP = max(pad_left + W, (OW - 1) * stride_w + KW) if wide else W
+    copies = wide or Np != Cout
+    direct = dil_w == 1 and (not copies or KW * Cin < _MIN_DIRECT
+                             or (H * WP * Cin + OHW * Np) * dw.itemsize <= _DIRECT_COPY_BYTES)
+    wide = direct and wide
+    padcols = direct and Np != Cout
     PB = _PIXEL_BLOCK
     nblocks = (P + PB - 1) // PB
     if direct:
@@ -325,12 +362,27 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
         nchunks = KH * nrb
     partial = np.zeros((0 if rows else nchunks, K * Np), dtype=dw.dtype)
     partial_b = np.zeros((nchunks, Cout), dtype=dw.dtype)
-    dwf = dw.reshape(-1)
-    xf = x.reshape(-1)
-    dyf = dy.reshape(-1)
     zero = dw.dtype.type(0)
-    HWC = H * W * Cin
-    OHWC = OHW * Cout
+    xw = np.empty((N if wide else 0, H, WP * Cin), dtype=dw.dtype)
+    dyw = np.empty((N if padcols else 0, OHW, Np), dtype=dw.dtype)
+    if wide or padcols:
+        for n in prange(N):
+            if wide:
+                for ih in range(H):
+                    xrow = xw[n, ih]
+                    fill(xrow[:pad_left * Cin], zero)
+                    copy_vector(xrow[pad_left * Cin:(pad_left + W) * Cin], x3[n, ih])
+                    fill(xrow[(pad_left + W) * Cin:], zero)
+            if padcols:
+                for t in range(OHW):
+                    copy_vector(dyw[n, t, :Cout], dy2[n * OHW + t])
+                    fill(dyw[n, t, Cout:], zero)
+    dwp = np.empty((K if padcols and rows else 0, Np), dtype=dw.dtype)
+    dwf = dwp.reshape(-1) if padcols else dw.reshape(-1)
+    xf = xw.reshape(-1) if wide else x.reshape(-1)
+    dyf = dyw.reshape(-1) if padcols else dy.reshape(-1)
+    HWC = H * WP * Cin
+    OHWC = OHW * Np
     # One prange for all the paths: each prange is compiled as its own gufunc.
     for c in prange(nchunks):
         pb = partial_b[c]
@@ -342,15 +394,15 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
             kh = c // nrb
             r0 = (c - kh * nrb) * RB
             r1 = min(L, r0 + RB)
-            fill(dwf[(kh * L + r0) * Cout:(kh * L + r1) * Cout], zero)
+            fill(dwf[(kh * L + r0) * Np:(kh * L + r1) * Np], zero)
             u = pad_top - kh * dil_h
             oh0 = max(0, _ceil_div(u, stride_h))
             oh1 = min(OH, _ceil_div(H + u, stride_h))
             if oh1 > oh0:
                 for n in range(N):
-                    gemm(dwf, (kh * L + r0) * Cout, Cout, xf, n * HWC + (oh0 * stride_h - u) * W * Cin + r0, 1,
-                          stride_w * Cin, dyf, n * OHWC + oh0 * OW * Cout, Cout, OW, oh1 - oh0,
-                          stride_h * W * Cin, OW * Cout, r1 - r0, NVt)
+                    gemm(dwf, (kh * L + r0) * Np, Np, xf, n * HWC + (oh0 * stride_h - u) * WP * Cin + r0, 1,
+                          stride_w * Cin, dyf, n * OHWC + oh0 * OW * Np, Np, OW, oh1 - oh0,
+                          stride_h * WP * Cin, OW * Np, r1 - r0, NVt)
         elif direct:
             pc = partial[c]
             for n in range((c * N) // nchunks, ((c + 1) * N) // nchunks):
@@ -361,8 +413,8 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
                     oh1 = min(OH, _ceil_div(H + u, stride_h))
                     if oh1 <= oh0:
                         continue
-                    gemm(pc, kh * L * Np, Np, xf, n * HWC + (oh0 * stride_h - u) * W * Cin, 1, stride_w * Cin,
-                          dyf, n * OHWC + oh0 * OW * Cout, Cout, OW, oh1 - oh0, stride_h * W * Cin, OW * Cout, L,
+                    gemm(pc, kh * L * Np, Np, xf, n * HWC + (oh0 * stride_h - u) * WP * Cin, 1, stride_w * Cin,
+                          dyf, n * OHWC + oh0 * OW * Np, Np, OW, oh1 - oh0, stride_h * WP * Cin, OW * Np, L,
                           NVt)
                 for t in range(OHW):
                     dp = dy2[n * OHW + t]
@@ -398,6 +450,10 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
                     for co in range(Cout):
                         pb[co] += dp[co]
     # Fixed-order reduction of the partials.
+    if rows and padcols:
+        dwm = dw.reshape(K, Cout)
+        for k in range(K):
+            copy_vector(dwm[k], dwp[k, :Cout])
     if not rows:
         dwm = dw.reshape(K, Cout)
         for k in prange(K):
