@@ -44,10 +44,11 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   copied with zero columns; when Cout is not a multiple of the vector length,
   dy with zero columns (and dw goes through a padded buffer); these copies are
   made when KW*Cin < _MIN_DIRECT or an image of both is small
-  (_DIRECT_COPY_BYTES), else such layers take the im2col path below. With enough (kh, kw, ci) rows (at least _MIN_ROW_TILES
-  microkernel tiles) the rows are dealt to items of _ROW_TILES_PER_ITEM tiles,
-  each owning its rows of dw and reducing over every image in order: no
-  partial buffers and no reduction pass. Otherwise work is dealt in order to a
+  (_DIRECT_COPY_BYTES), else such layers take the im2col path below. With
+  enough (kh, kw, ci) rows (at least _MIN_ROW_TILES microkernel tiles) the
+  rows are dealt to items of _ROW_TILES_PER_ITEM tiles, each owning its rows
+  of dw and reducing over every image in order: no partial buffers and no
+  reduction pass. Otherwise work is dealt in order to a
   fixed number of chunks (of images, or of blocks of _PIXEL_BLOCK pixels whose
   im2col rows are gathered and ``col_block.T @ dy_block`` added), each with its
   own ``(KH*KW*Cin, Cout)`` partial, and the partials are added in chunk order.
