@@ -33,58 +33,50 @@ from numba import njit, prange
 CHUNK = 16384  # elements per work item (64 KiB of float32 per array)
 
 
+# What ``_add_then_mask`` zeroes: nothing, where its result is <= 0 (a ReLU), or where ``y`` is <= 0.
+_KEEP, _RELU, _MASK_BY_Y = 0, 1, 2
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
+def _add_then_mask(a, b, y, out, add, mask):
+    """out = (a + b if add else a), then 0 where ``mask`` says: the one pass behind the four kernels below.
+
+    The flags are the same for every element (LLVM hoists the branches out of the loop).
+    """
+    af = a.reshape(a.size)
+    bf = b.reshape(b.size)
+    yf = y.reshape(y.size)
+    of = out.reshape(out.size)
+    n = af.shape[0]
+    zero = of.dtype.type(0)
+    for k in prange((n + CHUNK - 1) // CHUNK):
+        for i in range(k * CHUNK, min((k + 1) * CHUNK, n)):
+            z = af[i] + bf[i] if add else af[i]
+            if mask == _RELU:
+                z = zero if z <= zero else z
+            elif mask == _MASK_BY_Y:
+                z = zero if yf[i] <= zero else z
+            of[i] = z
+
+
 def add_relu_forward(a, b, out):
     """out = relu(a + b), one pass; NaN stays NaN."""
-    af = a.reshape(a.size)
-    bf = b.reshape(b.size)
-    of = out.reshape(out.size)
-    n = af.shape[0]
-    zero = of.dtype.type(0)
-    for k in prange((n + CHUNK - 1) // CHUNK):
-        for i in range(k * CHUNK, min((k + 1) * CHUNK, n)):
-            z = af[i] + bf[i]
-            of[i] = zero if z <= zero else z
+    _add_then_mask(a, b, a, out, True, _RELU)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
 def add_forward(a, b, out):
     """out = a + b, one pass."""
-    af = a.reshape(a.size)
-    bf = b.reshape(b.size)
-    of = out.reshape(out.size)
-    n = af.shape[0]
-    for k in prange((n + CHUNK - 1) // CHUNK):
-        for i in range(k * CHUNK, min((k + 1) * CHUNK, n)):
-            of[i] = af[i] + bf[i]
+    _add_then_mask(a, b, a, out, True, _KEEP)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
 def relu_mask_backward(y, dy, out):
     """out = 0 where y <= 0 else dy (y: the ReLU's output; dy passes where y is NaN)."""
-    yf = y.reshape(y.size)
-    gf = dy.reshape(dy.size)
-    of = out.reshape(out.size)
-    n = yf.shape[0]
-    zero = of.dtype.type(0)
-    for k in prange((n + CHUNK - 1) // CHUNK):
-        for i in range(k * CHUNK, min((k + 1) * CHUNK, n)):
-            of[i] = zero if yf[i] <= zero else gf[i]
+    _add_then_mask(dy, dy, y, out, False, _MASK_BY_Y)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
 def add_relu_mask_backward(a, b, y, out):
     """out = 0 where y <= 0 else a + b, one pass (the add, then the ReLU gradient at output y)."""
-    af = a.reshape(a.size)
-    bf = b.reshape(b.size)
-    yf = y.reshape(y.size)
-    of = out.reshape(out.size)
-    n = af.shape[0]
-    zero = of.dtype.type(0)
-    for k in prange((n + CHUNK - 1) // CHUNK):
-        for i in range(k * CHUNK, min((k + 1) * CHUNK, n)):
-            s = af[i] + bf[i]
-            of[i] = zero if yf[i] <= zero else s
+    _add_then_mask(a, b, y, out, True, _MASK_BY_Y)
 
 
 # -- NumPy references: the unfused computation --------------------------------------------------------
