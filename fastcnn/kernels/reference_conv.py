@@ -21,13 +21,14 @@ def _output_size(size, kernel, stride, pad_before, pad_after, dilation):
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _window(oh, ow, kh, kw, stride, dilation):
-    """Slices of the padded input that output pixel (oh, ow) looks at."""
+def _windows(OH, OW, kh, kw, stride, dilation):
+    """Each output pixel (oh, ow) with the slices of the padded input it looks at (rows, cols)."""
     sh, sw = stride
     dh, dw = dilation
-    rows = slice(oh * sh, oh * sh + dh * (kh - 1) + 1, dh)
-    cols = slice(ow * sw, ow * sw + dw * (kw - 1) + 1, dw)
-    return rows, cols
+    for oh in range(OH):
+        for ow in range(OW):
+            yield (oh, ow, slice(oh * sh, oh * sh + dh * (kh - 1) + 1, dh),
+                   slice(ow * sw, ow * sw + dw * (kw - 1) + 1, dw))
 
 
 def conv2d_forward_ref(x, w, b, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1)):
@@ -38,11 +39,9 @@ def conv2d_forward_ref(x, w, b, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1
     OW = _output_size(W, KW, stride[1], padding[2], padding[3], dilation[1])
     xp = _pad(x, padding)
     y = np.zeros((N, OH, OW, Cout), dtype=x.dtype)
-    for oh in range(OH):
-        for ow in range(OW):
-            rows, cols = _window(oh, ow, KH, KW, stride, dilation)
-            patch = xp[:, rows, cols, :]                        # (N, KH, KW, Cin)
-            y[:, oh, ow, :] = np.einsum("nhwc,hwco->no", patch, w)
+    for oh, ow, rows, cols in _windows(OH, OW, KH, KW, stride, dilation):
+        patch = xp[:, rows, cols, :]                        # (N, KH, KW, Cin)
+        y[:, oh, ow, :] = np.einsum("nhwc,hwco->no", patch, w)
     if b is not None:
         y += b
     return y
@@ -55,10 +54,8 @@ def conv2d_backward_input_ref(dy, w, x_shape, stride=(1, 1), padding=(0, 0, 0, 0
     KH, KW = w.shape[:2]
     top, bottom, left, right = padding
     dxp = np.zeros((N, H + top + bottom, W + left + right, Cin), dtype=dy.dtype)
-    for oh in range(OH):
-        for ow in range(OW):
-            rows, cols = _window(oh, ow, KH, KW, stride, dilation)
-            dxp[:, rows, cols, :] += np.einsum("no,hwco->nhwc", dy[:, oh, ow, :], w)
+    for oh, ow, rows, cols in _windows(OH, OW, KH, KW, stride, dilation):
+        dxp[:, rows, cols, :] += np.einsum("no,hwco->nhwc", dy[:, oh, ow, :], w)
     return dxp[:, top:top + H, left:left + W, :].copy()
 
 
@@ -68,11 +65,9 @@ def conv2d_backward_weight_ref(x, dy, w_shape, stride=(1, 1), padding=(0, 0, 0, 
     _, OH, OW, _ = dy.shape
     xp = _pad(x, padding)
     dw = np.zeros(w_shape, dtype=x.dtype)
-    for oh in range(OH):
-        for ow in range(OW):
-            rows, cols = _window(oh, ow, KH, KW, stride, dilation)
-            patch = xp[:, rows, cols, :]                        # (N, KH, KW, Cin)
-            dw += np.einsum("nhwc,no->hwco", patch, dy[:, oh, ow, :])
+    for oh, ow, rows, cols in _windows(OH, OW, KH, KW, stride, dilation):
+        patch = xp[:, rows, cols, :]                        # (N, KH, KW, Cin)
+        dw += np.einsum("nhwc,no->hwco", patch, dy[:, oh, ow, :])
     db = dy.sum(axis=(0, 1, 2))
     return dw, db
 
@@ -141,10 +136,8 @@ def depthwise_forward_ref(x, w, b, stride=(1, 1), padding=(0, 0, 0, 0), dilation
     OW = _output_size(W, KW, stride[1], padding[2], padding[3], dilation[1])
     xp = _expand(_pad(x, padding), Cm // C)
     y = np.zeros((N, OH, OW, Cm), dtype=x.dtype)
-    for oh in range(OH):
-        for ow in range(OW):
-            rows, cols = _window(oh, ow, KH, KW, stride, dilation)
-            y[:, oh, ow, :] = np.einsum("nhwo,hwo->no", xp[:, rows, cols, :], w[:, :, 0, :])
+    for oh, ow, rows, cols in _windows(OH, OW, KH, KW, stride, dilation):
+        y[:, oh, ow, :] = np.einsum("nhwo,hwo->no", xp[:, rows, cols, :], w[:, :, 0, :])
     if b is not None:
         y += b
     return y
@@ -158,10 +151,8 @@ def depthwise_backward_input_ref(dy, w, x_shape, stride=(1, 1), padding=(0, 0, 0
     m = Cm // C
     top, bottom, left, right = padding
     dxp = np.zeros((N, H + top + bottom, W + left + right, Cm), dtype=dy.dtype)
-    for oh in range(OH):
-        for ow in range(OW):
-            rows, cols = _window(oh, ow, KH, KW, stride, dilation)
-            dxp[:, rows, cols, :] += np.einsum("no,hwo->nhwo", dy[:, oh, ow, :], w[:, :, 0, :])
+    for oh, ow, rows, cols in _windows(OH, OW, KH, KW, stride, dilation):
+        dxp[:, rows, cols, :] += np.einsum("no,hwo->nhwo", dy[:, oh, ow, :], w[:, :, 0, :])
     dxp = dxp.reshape(*dxp.shape[:3], C, m).sum(axis=4)
     return dxp[:, top:top + H, left:left + W, :].copy()
 
@@ -173,8 +164,6 @@ def depthwise_backward_weight_ref(x, dy, w_shape, stride=(1, 1), padding=(0, 0, 
     _, OH, OW, _ = dy.shape
     xp = _expand(_pad(x, padding), Cm // x.shape[3])
     dw = np.zeros(w_shape, dtype=x.dtype)
-    for oh in range(OH):
-        for ow in range(OW):
-            rows, cols = _window(oh, ow, KH, KW, stride, dilation)
-            dw[:, :, 0, :] += np.einsum("nhwo,no->hwo", xp[:, rows, cols, :], dy[:, oh, ow, :])
+    for oh, ow, rows, cols in _windows(OH, OW, KH, KW, stride, dilation):
+        dw[:, :, 0, :] += np.einsum("nhwo,no->hwo", xp[:, rows, cols, :], dy[:, oh, ow, :])
     return dw, dy.sum(axis=(0, 1, 2))
