@@ -1,10 +1,8 @@
 """avgpool2d: the mean of each window, no padding (PyTorch's AvgPool2d)."""
 import numpy as np
 
-from ..errors import ConfigError
-from ..schema import int_or_pair, optional
-from ..shapes import pair, window_output_size
-from .base import Layer, hw, kernel_module, require_rank, window
+from ..shapes import pair
+from .base import Layer, hw, kernel_module, pool_window_options, pooled_shape, window
 
 pool = kernel_module("pool")
 
@@ -13,10 +11,7 @@ class AvgPool2D(Layer):
     """Each output is the mean of its pool_h x pool_w window; output size floor((H - pool) / stride) + 1."""
 
     kind = "avgpool2d"
-    options = {
-        "pool_size": (int_or_pair(1), 2),
-        "stride": (optional(int_or_pair(1)), None),
-    }
+    options = pool_window_options(padding=False)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -25,14 +20,7 @@ class AvgPool2D(Layer):
         self.stride = pair(c["stride"]) if c["stride"] is not None else self.pool
 
     def output_shape(self, in_shape, path="avgpool2d"):
-        require_rank(in_shape, 3, path, "avgpool2d")
-        h, w, c = in_shape
-        oh = window_output_size(h, self.pool[0], self.stride[0], 0, 0)
-        ow = window_output_size(w, self.pool[1], self.stride[1], 0, 0)
-        if oh < 1 or ow < 1:
-            raise ConfigError(path, f"avgpool2d with pool {list(self.pool)}, stride {list(self.stride)} turns "
-                                    f"input {tuple(in_shape)} into an output of size {oh}x{ow} (below 1)")
-        return (oh, ow, c)
+        return pooled_shape(self, in_shape, path)
 
     def _geometry(self):
         return (self.pool[0], self.pool[1], self.stride[0], self.stride[1])
@@ -46,10 +34,9 @@ class AvgPool2D(Layer):
         return y
 
     def backward(self, dy, need_input_grad=True):
-        dy = self._check_dy(dy)
-        if not need_input_grad:
+        dy, dx = self._begin_backward(dy, need_input_grad, self.x_shape)
+        if dx is None:
             return None
-        dx = self._buffer("dx", self.x_shape)
         pool.avgpool2d_backward(dy, dx, *self._geometry())
         return dx
 

@@ -44,7 +44,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..errors import ConfigError
-from ..schema import Schema, resolve_options
+from ..schema import Schema, int_or_pair, optional, resolve_options
+from ..shapes import window_output_size
 
 Shape = Tuple[int, ...]
 
@@ -191,6 +192,11 @@ class Layer(Scratch):
     def _check_dy(self, dy):
         return checked_gradient(self, dy, self._dy_shape, self.dtype)
 
+    def _begin_backward(self, dy, need_input_grad, x_shape):
+        """(checked dy, the input-gradient buffer of shape ``x_shape`` or None when it is not wanted)."""
+        dy = self._check_dy(dy)
+        return dy, (self._buffer("dx", x_shape) if need_input_grad else None)
+
     def __repr__(self):
         shown = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({shown})"
@@ -238,6 +244,30 @@ def hw(pair_value) -> str:
 def window(pair_value) -> str:
     a, b = (int(v) for v in pair_value)
     return f"{a}x{b}"
+
+
+def pool_window_options(padding: bool) -> dict:
+    """The options of a pooling window (maxpool2d, avgpool2d): pool_size, stride (default: the pool
+    size) and, where the type pads, padding."""
+    options = {
+        "pool_size": (int_or_pair(1), 2),
+        "stride": (optional(int_or_pair(1)), None),
+    }
+    if padding:
+        options["padding"] = (int_or_pair(0), 0)
+    return options
+
+
+def pooled_shape(layer, in_shape, path, pad=(0, 0)):
+    """(OH, OW, C) of a pooling window layer (``layer.pool``, ``layer.stride``); ConfigError below 1x1."""
+    require_rank(in_shape, 3, path, layer.kind)
+    h, w, c = in_shape
+    oh = window_output_size(h, layer.pool[0], layer.stride[0], pad[0], pad[0])
+    ow = window_output_size(w, layer.pool[1], layer.stride[1], pad[1], pad[1])
+    if oh < 1 or ow < 1:
+        raise ConfigError(path, f"{layer.kind} with pool {list(layer.pool)}, stride {list(layer.stride)} turns "
+                                f"input {tuple(in_shape)} into an output of size {oh}x{ow} (below 1)")
+    return (oh, ow, c)
 
 
 def torch_dtype(layer, torch):

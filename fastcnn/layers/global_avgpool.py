@@ -25,11 +25,10 @@ class GlobalAvgPool(Layer):
         return y
 
     def backward(self, dy, need_input_grad=True):
-        dy = self._check_dy(dy)
-        if not need_input_grad:
+        dy, dx = self._begin_backward(dy, need_input_grad, self.x_shape)
+        if dx is None:
             return None
         n, h, w, c = self.x_shape
-        dx = self._buffer("dx", self.x_shape)
         pool.avgpool2d_backward(dy.reshape(n, 1, 1, c), dx, h, w, h, w)
         return dx
 

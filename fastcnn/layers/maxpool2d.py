@@ -2,20 +2,15 @@
 import numpy as np
 
 from ..errors import ConfigError
-from ..schema import int_or_pair, optional
-from ..shapes import pair, window_output_size
-from .base import Layer, hw, kernel_module, require_rank, window
+from ..shapes import pair
+from .base import Layer, hw, kernel_module, pool_window_options, pooled_shape, require_rank, window
 
 pool = kernel_module("pool")
 
 
 class MaxPool2D(Layer):
     kind = "maxpool2d"
-    options = {
-        "pool_size": (int_or_pair(1), 2),
-        "stride": (optional(int_or_pair(1)), None),
-        "padding": (int_or_pair(0), 0),
-    }
+    options = pool_window_options(padding=True)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -25,18 +20,12 @@ class MaxPool2D(Layer):
         self.pad = pair(c["padding"])
 
     def output_shape(self, in_shape, path="maxpool2d"):
-        require_rank(in_shape, 3, path, "maxpool2d")
-        h, w, c = in_shape
+        require_rank(in_shape, 3, path, self.kind)
         for axis in (0, 1):
             if self.pad[axis] > self.pool[axis] // 2:
                 raise ConfigError(f"{path}.padding", f"must be at most half the pool size "
                                                      f"({self.pool[axis] // 2}), got {self.pad[axis]}")
-        oh = window_output_size(h, self.pool[0], self.stride[0], self.pad[0], self.pad[0])
-        ow = window_output_size(w, self.pool[1], self.stride[1], self.pad[1], self.pad[1])
-        if oh < 1 or ow < 1:
-            raise ConfigError(path, f"maxpool2d with pool {list(self.pool)}, stride {list(self.stride)} turns "
-                                    f"input {tuple(in_shape)} into an output of size {oh}x{ow} (below 1)")
-        return (oh, ow, c)
+        return pooled_shape(self, in_shape, path, self.pad)
 
     def window_args(self):
         """(pool_h, pool_w, stride_h, stride_w, pad_top, pad_left): the kernels' geometry arguments."""
@@ -51,10 +40,9 @@ class MaxPool2D(Layer):
         return y
 
     def backward(self, dy, need_input_grad=True):
-        dy = self._check_dy(dy)
-        if not need_input_grad:
+        dy, dx = self._begin_backward(dy, need_input_grad, self.x_shape)
+        if dx is None:
             return None
-        dx = self._buffer("dx", self.x_shape)
         pool.maxpool2d_backward(dy, self.argmax, dx)
         return dx
 

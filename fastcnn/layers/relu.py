@@ -15,10 +15,9 @@ class ReLU(Layer):
         return y
 
     def backward(self, dy, need_input_grad=True):
-        dy = self._check_dy(dy)
-        if not need_input_grad:
+        dy, dx = self._begin_backward(dy, need_input_grad, dy.shape)
+        if dx is None:
             return None
-        dx = self._buffer("dx", dy.shape)
         activation.relu_backward(self.x.reshape(-1), dy.reshape(-1), dx.reshape(-1))
         return dx
 
