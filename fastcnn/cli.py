@@ -103,8 +103,10 @@ def train(config, overrides, resume, overwrite, threads, no_progress):
     replaces them only once the new run has written its first checkpoint.
     """
     from .config import load_config
+    from .launcher import refuse_multi_process_launch
     from .train import Trainer
 
+    refuse_multi_process_launch("train")
     if threads is not None:
         overrides = (*overrides, f"train.threads={threads}")
     cfg = load_config(config, overrides)
@@ -309,7 +311,8 @@ def main(argv=None):
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except UserError as e:
-        _error(str(e))
+        if not getattr(e, "quiet", False):  # e.g. the other copies started by an MPI launcher
+            _error(str(e))
         # OutputError while saving after a signal: 130/143, as the signal would have given.
         sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
     except _Stopped as e:

@@ -1,0 +1,60 @@
+"""Started by an MPI launcher? (``mpiexec -n K fastcnn train``, ``srun --mpi=pmi2``)
+
+Data-parallel training across processes is not implemented yet. A launcher that starts K copies of
+``fastcnn train`` would otherwise run K independent trainings racing for one ``output.dir``, so
+``train`` refuses before it reads data or writes anything: every copy exits 2, and only the
+first (rank 0) prints the reason, once.
+
+Launchers are recognized by the world size they put in each process's environment: Open MPI
+(``OMPI_COMM_WORLD_SIZE``), MPICH / Intel MPI / Slurm's PMI (``PMI_SIZE``), MVAPICH
+(``MV2_COMM_WORLD_SIZE``). A world of one process is an ordinary run.
+"""
+import os
+from typing import Optional, Tuple
+
+from .errors import UserError
+
+# (size variable, rank variable) per launcher family.
+_LAUNCHER_VARIABLES = (
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+    ("PMI_SIZE", "PMI_RANK"),
+    ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"),
+)
+
+
+class MultiProcessLaunch(UserError):
+    """Started as one of several processes; only rank 0 prints it (``quiet`` on the others)."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
+        self.quiet = rank > 0
+
+
+def launched_world() -> Optional[Tuple[str, int, int]]:
+    """(size variable, world size, this process's rank) when an MPI launcher started more than one
+    process, else None."""
+    for size_var, rank_var in _LAUNCHER_VARIABLES:
+        try:
+            size = int(os.environ.get(size_var, ""))
+        except ValueError:
+            continue
+        if size > 1:
+            try:
+                rank = int(os.environ.get(rank_var, "0"))
+            except ValueError:
+                rank = 0
+            return size_var, size, rank
+    return None
+
+
+def refuse_multi_process_launch(command: str = "train") -> None:
+    """Raise MultiProcessLaunch when an MPI launcher started several copies of this command."""
+    world = launched_world()
+    if world is None:
+        return
+    size_var, size, rank = world
+    raise MultiProcessLaunch(
+        f"fastcnn {command} was started as {size} processes by an MPI launcher ({size_var}={size}); "
+        f"training across processes is not supported yet: run one process (without mpiexec/srun), "
+        f"which uses all of the machine's cores", rank)
