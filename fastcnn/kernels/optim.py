@@ -34,6 +34,13 @@ from numba import njit, prange
 BLOCK = 4096
 
 
+@njit(cache=True, error_model="numpy")
+def _block(blk, n):
+    """Elements [s, e) of parallel item ``blk`` over n elements: fixed blocks of BLOCK, whatever the threads."""
+    s = blk * BLOCK
+    return s, min(n, s + BLOCK)
+
+
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
 def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_step):
     """p -= lr * d, d from grad + weight decay, momentum buffer, optional Nesterov.
@@ -45,8 +52,7 @@ def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first
     n = p.size
     for blk in prange((n + BLOCK - 1) // BLOCK):
         # Views indexed from 0: LLVM sees non-negative indices and vectorizes.
-        s = blk * BLOCK
-        e = min(n, s + BLOCK)
+        s, e = _block(blk, n)
         pb = p[s:e]
         gb = g[s:e]
         bb = buf[s:e]
@@ -78,8 +84,7 @@ def adam_update(p, g, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, 
     shrink = one - lr * weight_decay
     n = p.size
     for blk in prange((n + BLOCK - 1) // BLOCK):
-        s = blk * BLOCK
-        e = min(n, s + BLOCK)
+        s, e = _block(blk, n)
         pb = p[s:e]
         gb = g[s:e]
         mb = exp_avg[s:e]
@@ -119,7 +124,7 @@ def scale_inplace(g, factor):
     """g *= factor (factor already in g's dtype)."""
     n = g.size
     for blk in prange((n + BLOCK - 1) // BLOCK):
-        s = blk * BLOCK
-        gb = g[s:min(n, s + BLOCK)]
+        s, e = _block(blk, n)
+        gb = g[s:e]
         for i in range(gb.size):
             gb[i] *= factor
