@@ -62,6 +62,10 @@ CASES = {
     "padded_rows_dil_h": (2, 11, 9, 3, 8, (3, 3), (2, 1), (2, 2, 1, 1), (2, 1)),
     "padded_row_items_cout24": (2, 8, 9, 10, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
     "padded_row_items_cout100": (2, 7, 7, 48, 100, (3, 5), (1, 1), (1, 1, 2, 2), (1, 1)),
+    # One input channel, stride 1, fewer filters than a vector: the forward's product runs
+    # transposed (filters as rows, output pixels as vector columns), with or without padding.
+    "transposed_cin1_cout10_valid": (2, 9, 23, 1, 10, (3, 4), (1, 1), (0, 0, 0, 0), (1, 1)),
+    "transposed_cin1_cout3_pad_stride_h": (2, 10, 18, 1, 3, (5, 3), (2, 1), (2, 1, 1, 2), (2, 1)),
     # ... but images too large for those copies: the weight gradient's im2col blocks.
     "padded_large_image_im2col": (1, 24, 24, 48, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
 }
@@ -172,7 +176,7 @@ def test_float32_is_computed_in_float32():
 
 @pytest.mark.parametrize(
     "name", ["pad_int", "dilation_2_1_pad_stride", "same_even_2x3", "cin1_cout1", "stride2_leftover",
-             "padded_rows_cin1_5x5", "padded_row_items_cout24"]
+             "padded_rows_cin1_5x5", "padded_row_items_cout24", "transposed_cin1_cout3_pad_stride_h"]
 )
 def test_gradients_central_difference(name):
     x, w, b, G, stride, padding, dilation = _make(CASES[name], np.float64, seed=1)

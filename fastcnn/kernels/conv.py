@@ -31,6 +31,10 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   dil_w == 1, the kernel rows are copied into zero-padded rows and one product
   reads them as the full-width case reads x; else (few channels, dilated
   columns) an im2col row ``(OW, KH*KW*Cin)`` is gathered and done as one product.
+  One input channel at stride 1 with fewer filters than a vector (a grayscale
+  first layer such as LeNet's) runs transposed instead, per block of output
+  rows of an image: the filters are the microkernel's rows and the output
+  pixels its vector columns, read from the zero-padded input rows.
 * backward input, per input row (n, ih): the transpose of the forward:
   for each (kh, kw) whose output row exists, ``dx[n, ih, iw] += dy[n, oh, ow]
   @ w[kh, kw].T`` over the range of ``ow`` that lands inside the row, C rows
@@ -86,6 +90,9 @@ _ROW_TILES_PER_ITEM = 8
 # this many bytes, or when KW*Cin < _MIN_DIRECT (measured on 2 cores: past it,
 # e.g. 32x32x64 images, im2col's pixel blocks are faster).
 _DIRECT_COPY_BYTES = 192 * 1024
+# Forward, one input channel and fewer filters than a vector: output pixels per
+# transposed product (whole rows of SW padded columns).
+_TPOSED_COLUMNS = 1024
 # Forward: below this many contiguous inputs per kernel row (KW*Cin), gather
 # an im2col row and do one product (K = KH*KW*Cin) instead of one per tap.
 _MIN_DIRECT = 32
@@ -163,6 +170,7 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
     for co in range(Cout):
         bp[co] = b[co]
     x3 = x.reshape(N, H, W * Cin)
+    zero = y.dtype.type(0)
     direct = KW * Cin >= _MIN_DIRECT
     # Output columns whose every kernel column is inside the image.
     full_w = dil_w == 1 and pad_left == 0 and (OW - 1) * stride_w + KW <= W
@@ -171,6 +179,22 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
     # product reads it as the full-width case reads x.
     slab = not full_w and not direct and dil_w == 1
     SW = max(pad_left + W, (OW - 1) * stride_w + KW)
+    # One input channel, stride 1 and fewer filters than a vector (e.g. LeNet's first
+    # layer): the product runs transposed, the filters as the microkernel's rows and the
+    # output pixels of up to G output rows of an image as its vector columns, column
+    # g*SW + ow for pixel (oh0 + g, ow): A = the weights wt (KH, Cout, KW), B = the G +
+    # (KH-1)*dh input rows, zero-padded to SW columns (zero rows outside the image), one
+    # after the other in pin, read at column index + kh*dh*SW + kw; into accT (Cout, JP),
+    # then written out to y.
+    tposed = Cin == 1 and stride_h == 1 and stride_w == 1 and dil_w == 1 and Cout < VL
+    G = max(1, min(OH, _TPOSED_COLUMNS // SW))
+    JP = ((G * SW + VL - 1) // VL) * VL
+    wt = np.empty((KH if tposed else 0, Cout, KW), dtype=y.dtype)
+    for kh in range(wt.shape[0]):
+        for co in range(Cout):
+            for kw in range(KW):
+                wt[kh, co, kw] = w[kh, kw, 0, co]
+    wtf = wt.reshape(-1)
     # Without padded columns the products accumulate straight into y.
     in_place = Np == Cout
     R = N * OH
@@ -184,9 +208,41 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
         # Zero columns left and right of the copied inputs, written once.
         rows_p = np.zeros((KH if slab else 0, SW * Cin), dtype=y.dtype)
         rows_pf = rows_p.reshape(-1)
-        for r in range((c * R) // nchunks, ((c + 1) * R) // nchunks):
+        accT = np.empty((Cout if tposed else 0, JP), dtype=y.dtype)
+        accTf = accT.reshape(-1)
+        # Input rows, and zeros past the last one for the columns read beyond it.
+        pin = np.zeros(((G + (KH - 1) * dil_h) * SW + VL + KW) if tposed else 0, dtype=y.dtype)
+        r = (c * R) // nchunks
+        r_end = ((c + 1) * R) // nchunks
+        while tposed and r < r_end:
+            n = r // OH
+            oh0 = r - n * OH
+            g = min(G, OH - oh0, r_end - r)
+            nrows = g + (KH - 1) * dil_h
+            for i in range(nrows):
+                ih = oh0 - pad_top + i
+                if 0 <= ih < H:
+                    copy_vector(pin[i * SW + pad_left:i * SW + pad_left + W], x3[n, ih])
+                else:
+                    fill(pin[i * SW:(i + 1) * SW], zero)
+            fill(pin[nrows * SW:], zero)
+            for co in range(Cout):
+                fill(accT[co], b[co])
+            gemm(accTf, 0, JP, wtf, 0, KW, 1, pin, 0, 1, KW, KH, Cout * KW, dil_h * SW, Cout,
+                  (g * SW + VL - 1) // VL)
+            for i in range(g):
+                yrow = y[n, oh0 + i]
+                for ow in range(OW):
+                    for co in range(Cout):
+                        yrow[ow, co] = accT[co, i * SW + ow]
+            r += g
+        for r in range(r_end if tposed else (c * R) // nchunks, r_end):
             n = r // OH
             oh = r - n * OH
+            # Kernel rows inside the image: kh0 <= kh < kh1.
+            t = pad_top - oh * stride_h
+            kh0 = max(0, _ceil_div(t, dil_h))
+            kh1 = min(KH, _ceil_div(H + t, dil_h))
             if in_place:
                 af = y[n, oh].reshape(-1)
                 out = y[n, oh]
@@ -195,10 +251,6 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
                 out = acc
             for ow in range(OW):
                 copy_vector(out[ow], bp)
-            # Kernel rows inside the image: kh0 <= kh < kh1.
-            t = pad_top - oh * stride_h
-            kh0 = max(0, _ceil_div(t, dil_h))
-            kh1 = min(KH, _ceil_div(H + t, dil_h))
             if full_w:
                 # All taps of all valid kernel rows in one product: for kernel
                 # row kh, A[ow, kw*Cin + ci] = x3[n, ih, ow*sw*Cin + kw*Cin + ci].
