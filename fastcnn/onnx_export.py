@@ -36,6 +36,7 @@ from .errors import UserError
 ONNX_EXTRA = "pip install 'fastcnn[onnx]'"
 DEFAULT_OPSET = 17   # IR version 8: what onnxruntime 1.12+ (2022) and current runtimes load
 MIN_OPSET = 13       # every node emitted here has its current form since opset 13
+MAX_ONNX_BYTES = 1 << 30  # an .onnx file predict reads (protobuf itself stops at 2 GiB)
 
 # metadata_props keys (written by build_onnx, read by open_onnx)
 META_VERSION = "fastcnn_version"
@@ -287,20 +288,28 @@ def open_onnx(path, threads=None):
     input shape, class names and normalization from the metadata. One-line UserErrors for a missing or
     unusable file."""
     from .predict import Classifier
+    from .safeio import NotRegularFile, UnsafeFile, read_regular
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: not a regular file")
     ort = require_onnxruntime()
+    # The bytes are read here, bounded, and handed to onnxruntime: a FIFO or device does not hang or
+    # flood it, and a model that points to external data files (paths of its own choosing) cannot
+    # make it read them.
+    try:
+        model_bytes = read_regular(path, MAX_ONNX_BYTES)
+    except (NotRegularFile, UnsafeFile) as e:
+        raise UserError(f"{path}: {e}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: no warnings about initializers on stderr
     if threads is not None:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
     try:
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf/... types
         raise UserError(f"{path}: not an ONNX model onnxruntime can run ({_first_line(e)})") from None
     inputs = session.get_inputs()

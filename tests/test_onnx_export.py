@@ -318,6 +318,39 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
                     "junk.onnx", "not an ONNX model")
     _one_line_error(*run_cli(["predict", str(tmp_path / "none.onnx"), str(tmp_path / "x.npy")], capsys)[::2],
                     "no such file")
+    # not a regular file (a FIFO would hang a plain read), or larger than the bound: refused before reading
+    os.mkfifo(tmp_path / "pipe.onnx")
+    _one_line_error(*run_cli(["predict", str(tmp_path / "pipe.onnx"), str(tmp_path / "x.npy")], capsys)[::2],
+                    "pipe.onnx", "FIFO")
+    import fastcnn.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "MAX_ONNX_BYTES", 3)
+    _one_line_error(*run_cli(["predict", str(tmp_path / "junk.onnx"), str(tmp_path / "x.npy")], capsys)[::2],
+                    "junk.onnx", "more than the 3 allowed")
+
+
+def test_external_data_is_not_followed(tmp_path, capsys):
+    """A model whose initializer lives in an external file (a path of the model's choosing) is not run:
+    predict hands onnxruntime the bytes, never the path, so no file beside the model is read."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "secret.bin"
+    (tmp_path / "secret.bin").write_bytes(np.ones(1, np.float32).tobytes())
+    graph = helper.make_graph([helper.make_node("Conv", ["input_nchw", "w"], ["y"]),
+                               helper.make_node("Transpose", ["input"], ["input_nchw"], perm=[0, 3, 1, 2]),
+                               helper.make_node("Flatten", ["y"], ["logits"])],
+                              "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 2, 1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (tmp_path / "ext.onnx").write_bytes(model.SerializeToString())
+    np.save(tmp_path / "x.npy", np.zeros((2, 2), np.uint8))
+    _one_line_error(*run_cli(["predict", str(tmp_path / "ext.onnx"), str(tmp_path / "x.npy")], capsys)[::2],
+                    "ext.onnx", "not an ONNX model")
 
 
 def test_failed_write_leaves_the_old_file(tmp_path, capsys, monkeypatch):
