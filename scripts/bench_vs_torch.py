@@ -547,7 +547,9 @@ def main(argv=None):
              if run["loadavg_before"] is not None]
     print(f"\nfastcnn vs PyTorch, training step and inference: {args.threads} thread(s), {cpu_name()} "
           f"({available_cores()} cores); "
-          f"{args.steps} timed steps after {args.warmup} warm-up, median over {args.rounds} round(s); "
+          f"{args.steps} timed steps" + (f" at most (stopping after {args.max_seconds:g} s of them, at least 3)"
+                                          if args.max_seconds else "")
+          + f" after {args.warmup} warm-up, median over {args.rounds} round(s); "
           f"numba {first.get('numba')}, torch {torch_version}; "
           f"1-min load average {min(loads, default=0):.2f}-{max(loads, default=0):.2f}\n")
     table, noisy = markdown_table(cells, layouts, have_torch)
