@@ -48,7 +48,8 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   copied with zero columns; when Cout is not a multiple of the vector length,
   dy with zero columns (and dw goes through a padded buffer); these copies are
   made when KW*Cin < _MIN_DIRECT or an image of both is small
-  (_DIRECT_COPY_BYTES), else such layers take the im2col path below. With
+  (_DIRECT_COPY_BYTES), and the whole batch's copies fit _COPY_BUDGET_BYTES;
+  else such layers take the im2col path below. With
   enough (kh, kw, ci) rows (at least _MIN_ROW_TILES microkernel tiles) the
   rows are dealt to items of _ROW_TILES_PER_ITEM tiles, each owning its rows
   of dw and reducing over every image in order: no partial buffers and no
@@ -90,6 +91,9 @@ _ROW_TILES_PER_ITEM = 8
 # this many bytes, or when KW*Cin < _MIN_DIRECT (measured on 2 cores: past it,
 # e.g. 32x32x64 images, im2col's pixel blocks are faster).
 _DIRECT_COPY_BYTES = 192 * 1024
+# ... and when the copies of the whole batch take at most this many bytes (e.g. not
+# for a batch of 224x224 images into 24 filters, whose dy copy would take 400 MB).
+_COPY_BUDGET_BYTES = 1 << 28
 # Forward, one input channel and fewer filters than a vector: output pixels per
 # transposed product (whole rows of SW padded columns).
 _TPOSED_COLUMNS = 1024
@@ -393,8 +397,10 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     wide = not (pad_left == 0 and (OW - 1) * stride_w + KW <= W)
     WP = max(pad_left + W, (OW - 1) * stride_w + KW) if wide else W
     copies = wide or Np != Cout
-    direct = dil_w == 1 and (not copies or KW * Cin < _MIN_DIRECT
-                             or (H * WP * Cin + OHW * Np) * dw.itemsize <= _DIRECT_COPY_BYTES)
+    # Bytes of the copies for the whole batch (x only when padded, dy only when Cout is).
+    copy_bytes = N * ((H * WP * Cin if wide else 0) + (OHW * Np if Np != Cout else 0)) * dw.itemsize
+    direct = dil_w == 1 and (not copies or (copy_bytes <= _COPY_BUDGET_BYTES and (
+        KW * Cin < _MIN_DIRECT or (H * WP * Cin + OHW * Np) * dw.itemsize <= _DIRECT_COPY_BYTES)))
     wide = direct and wide
     padcols = direct and Np != Cout
     PB = _PIXEL_BLOCK
