@@ -28,13 +28,12 @@ class AvgPool2D(Layer):
     def forward(self, x, training):
         x = np.ascontiguousarray(x)
         self._begin_forward(x, training)
-        self.x_shape = x.shape
         y = self._buffer("y", (x.shape[0], *self.out_shape))
         pool.avgpool2d_forward(x, y, *self._geometry())
         return y
 
     def backward(self, dy, need_input_grad=True):
-        dy, dx = self._begin_backward(dy, need_input_grad, self.x_shape)
+        dy, dx = self._begin_backward(dy, need_input_grad)
         if dx is None:
             return None
         pool.avgpool2d_backward(dy, dx, *self._geometry())

@@ -180,22 +180,24 @@ class Layer(Scratch):
     _dy_shape = None  # the shape backward expects: that of the last forward's output
 
     def _begin_forward(self, x, training):
-        """Check x against the built input shape; remember the output shape and the mode."""
+        """Check x against the built input shape; remember the input and output shapes and the mode."""
         self._dy_shape = None
         in_shape = getattr(self, "in_shape", None)
         if in_shape is not None and (x.ndim != 1 + len(in_shape) or tuple(x.shape[1:]) != in_shape):
             raise ValueError(f"{type(self).__name__}.forward: input must have shape (batch, "
                              f"{', '.join(map(str, in_shape))}), got {x.shape}")
         self.training = bool(training)
+        self.x_shape = x.shape
         self._dy_shape = (x.shape[0], *self.out_shape) if in_shape is not None else None
 
     def _check_dy(self, dy):
         return checked_gradient(self, dy, self._dy_shape, self.dtype)
 
-    def _begin_backward(self, dy, need_input_grad, x_shape):
-        """(checked dy, the input-gradient buffer of shape ``x_shape`` or None when it is not wanted)."""
+    def _begin_backward(self, dy, need_input_grad):
+        """(checked dy, the input-gradient buffer (the last forward input's shape) or None when it is
+        not wanted)."""
         dy = self._check_dy(dy)
-        return dy, (self._buffer("dx", x_shape) if need_input_grad else None)
+        return dy, (self._buffer("dx", self.x_shape) if need_input_grad else None)
 
     def __repr__(self):
         shown = ", ".join(f"{k}={v!r}" for k, v in self.config.items())

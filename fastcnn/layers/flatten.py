@@ -12,7 +12,6 @@ class Flatten(Layer):
 
     def forward(self, x, training):
         self._begin_forward(x, training)
-        self.x_shape = x.shape
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy, need_input_grad=True):

@@ -18,14 +18,13 @@ class GlobalAvgPool(Layer):
     def forward(self, x, training):
         x = np.ascontiguousarray(x)
         self._begin_forward(x, training)
-        self.x_shape = x.shape
         n, h, w, c = x.shape
         y = self._buffer("y", (n, c))
         pool.avgpool2d_forward(x, y.reshape(n, 1, 1, c), h, w, h, w)  # average pooling, one window
         return y
 
     def backward(self, dy, need_input_grad=True):
-        dy, dx = self._begin_backward(dy, need_input_grad, self.x_shape)
+        dy, dx = self._begin_backward(dy, need_input_grad)
         if dx is None:
             return None
         n, h, w, c = self.x_shape

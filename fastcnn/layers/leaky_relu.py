@@ -21,7 +21,7 @@ class LeakyReLU(Layer):
         return y
 
     def backward(self, dy, need_input_grad=True):
-        dy, dx = self._begin_backward(dy, need_input_grad, dy.shape)
+        dy, dx = self._begin_backward(dy, need_input_grad)
         if dx is None:
             return None
         activation.leaky_relu_backward(self.x.reshape(-1), dy.reshape(-1), self.dtype.type(self.negative_slope),

@@ -33,14 +33,13 @@ class MaxPool2D(Layer):
 
     def forward(self, x, training):
         self._begin_forward(x, training)
-        self.x_shape = x.shape
         y = self._buffer("y", (x.shape[0], *self.out_shape))
         self.argmax = self._buffer("argmax", y.shape, np.int32)
         pool.maxpool2d_forward(x, y, self.argmax, *self.window_args())
         return y
 
     def backward(self, dy, need_input_grad=True):
-        dy, dx = self._begin_backward(dy, need_input_grad, self.x_shape)
+        dy, dx = self._begin_backward(dy, need_input_grad)
         if dx is None:
             return None
         pool.maxpool2d_backward(dy, self.argmax, dx)

@@ -15,7 +15,7 @@ class ReLU(Layer):
         return y
 
     def backward(self, dy, need_input_grad=True):
-        dy, dx = self._begin_backward(dy, need_input_grad, dy.shape)
+        dy, dx = self._begin_backward(dy, need_input_grad)
         if dx is None:
             return None
         activation.relu_backward(self.x.reshape(-1), dy.reshape(-1), dx.reshape(-1))
