@@ -103,6 +103,23 @@ def _out_size(size, k, stride, before, after, dil):
     return (size + before + after - dil * (k - 1) - 1) // stride + 1
 
 
+def _record_conv_like(out, kind, name, kernels, x, w, b, dy, args):
+    """The forward, input gradient and weight gradient of one convolution kernel set (conv or
+    depthwise), stored under ``<kind>_forward/<name>``, ``<kind>_backward_input/<name>`` and
+    ``<kind>_backward_weight/<name>/{dw,db}``."""
+    forward, backward_input, backward_weight = kernels
+    y = np.empty(dy.shape, x.dtype)
+    forward(x, w, b, y, *args)
+    dx = np.empty_like(x)
+    backward_input(dy, w, dx, *args)
+    gw, gb = np.empty_like(w), np.empty_like(b)
+    backward_weight(x, dy, gw, gb, *args)
+    out[f"{kind}_forward/{name}"] = y
+    out[f"{kind}_backward_input/{name}"] = dx
+    out[f"{kind}_backward_weight/{name}/dw"] = gw
+    out[f"{kind}_backward_weight/{name}/db"] = gb
+
+
 def _worker(path, groups=("conv", "depthwise", "dense", "loss", "optim"), dtypes=("float32", "float64")):
     """Compute every case of ``groups`` and ``dtypes`` with this process's thread count; save to the .npz ``path``."""
     import numba
@@ -121,17 +138,8 @@ def _worker(path, groups=("conv", "depthwise", "dense", "loss", "optim"), dtypes
         OW = _out_size(W, KW, sw, pad[2], pad[3], dw)
         dy = rng.standard_normal((N, OH, OW, Cout)).astype(dt)
         args = (sh, sw, pad[0], pad[2], dh, dw)
-        y = np.empty((N, OH, OW, Cout), dt)
-        conv.conv2d_forward(x, w, b, y, *args)
-        dx = np.empty_like(x)
-        conv.conv2d_backward_input(dy, w, dx, *args)
-        gw = np.empty_like(w)
-        gb = np.empty_like(b)
-        conv.conv2d_backward_weight(x, dy, gw, gb, *args)
-        out[f"conv_forward/{name}"] = y
-        out[f"conv_backward_input/{name}"] = dx
-        out[f"conv_backward_weight/{name}/dw"] = gw
-        out[f"conv_backward_weight/{name}/db"] = gb
+        _record_conv_like(out, "conv", name, (conv.conv2d_forward, conv.conv2d_backward_input,
+                                              conv.conv2d_backward_weight), x, w, b, dy, args)
     for name, N, H, W, C, m, KH, KW, sh, sw, pad, dh, dw, dt in DEPTHWISE_CASES if "depthwise" in groups else ():
         if dt not in dtypes:
             continue
@@ -143,17 +151,8 @@ def _worker(path, groups=("conv", "depthwise", "dense", "loss", "optim"), dtypes
         OW = _out_size(W, KW, sw, pad[2], pad[3], dw)
         dy = rng.standard_normal((N, OH, OW, C * m)).astype(dt)
         args = (sh, sw, pad[0], pad[2], dh, dw)
-        y = np.empty((N, OH, OW, C * m), dt)
-        depthwise.depthwise_forward(x, w, b, y, *args)
-        dx = np.empty_like(x)
-        depthwise.depthwise_backward_input(dy, w, dx, *args)
-        gw = np.empty_like(w)
-        gb = np.empty_like(b)
-        depthwise.depthwise_backward_weight(x, dy, gw, gb, *args)
-        out[f"depthwise_forward/{name}"] = y
-        out[f"depthwise_backward_input/{name}"] = dx
-        out[f"depthwise_backward_weight/{name}/dw"] = gw
-        out[f"depthwise_backward_weight/{name}/db"] = gb
+        _record_conv_like(out, "depthwise", name, (depthwise.depthwise_forward, depthwise.depthwise_backward_input,
+                                                   depthwise.depthwise_backward_weight), x, w, b, dy, args)
         dx2, gw2, gb2 = np.empty_like(x), np.empty_like(w), np.empty_like(b)
         depthwise.depthwise_backward(x, dy, w, dx2, gw2, gb2, *args)   # both in one parallel region
         for key, val in dict(dx=dx2, dw=gw2, db=gb2).items():
