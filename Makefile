@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed
-	$(PIP) -e '.[dev,images,plot,onnx]' '$(TORCH)'
+	$(PIP) -e '.[dev,images,plot,onnx,mpi]' '$(TORCH)'
 	touch $@
 
 install: $(VENV)/.installed

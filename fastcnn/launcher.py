@@ -1,13 +1,15 @@
 """Started by an MPI launcher? (``mpiexec -n K fastcnn train``, ``srun --mpi=pmi2``)
 
-Data-parallel training across processes is not implemented yet. A launcher that starts K copies of
-``fastcnn train`` would otherwise run K independent trainings racing for one ``output.dir``, so
-``train`` refuses before it reads data or writes anything: every copy exits 2, and only the
-first (rank 0) prints the reason, once.
+``launched_world()`` tells from the environment alone, without importing any MPI: fastcnn/distributed.py
+asks it first and imports mpi4py only when a launcher started several processes (so the K copies
+form one MPI job, or each reports that mpi4py is missing; never K independent runs racing for one
+``output.dir``). ``refuse_multi_process_launch`` is the older refusal, kept for commands that do not
+run across processes: every copy exits 2, and only the first (rank 0) prints the reason, once.
 
 Launchers are recognized by the world size they put in each process's environment: Open MPI
-(``OMPI_COMM_WORLD_SIZE``), MPICH / Intel MPI / Slurm's PMI (``PMI_SIZE``), MVAPICH
-(``MV2_COMM_WORLD_SIZE``). A world of one process is an ordinary run.
+(``OMPI_COMM_WORLD_SIZE``), MPICH / Intel MPI / Slurm's PMI (``PMI_SIZE``; MPICH's hydra sets
+``PMI_SIZE``, ``PMI_RANK``, ``PMI_FD``, ``MPI_LOCALNRANKS``, ``MPI_LOCALRANKID``), MVAPICH
+(``MV2_COMM_WORLD_SIZE``). A world of one process (``mpiexec -n 1``) is an ordinary run.
 """
 import os
 from typing import Optional, Tuple

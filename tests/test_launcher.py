@@ -1,12 +1,16 @@
-"""Started by an MPI launcher as several processes: `fastcnn train` refuses before it writes anything
-(data-parallel training is not implemented yet), exit 2, the reason printed by rank 0 only."""
+"""A launcher's environment without the job behind it (``PMI_SIZE=4`` set by hand, or Open MPI's
+variables around mpi4py over MPICH): `fastcnn train` refuses before it writes anything, exit 2, the
+reason printed by rank 0 only. Each copy would otherwise be a world of one training on its own; with
+mpi4py installed fastcnn.distributed sees MPI's world of 1 against the launcher's 4, without it it
+says mpi4py is missing (tests/test_distributed.py). Real jobs: tests/test_distributed.py."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from fastcnn.launcher import launched_world
+from fastcnn.errors import UserError
+from fastcnn.launcher import MultiProcessLaunch, launched_world, refuse_multi_process_launch
 
 from conftest import REPO
 
@@ -59,3 +63,16 @@ def test_launched_world(monkeypatch):
     monkeypatch.setenv("PMI_SIZE", "2")
     monkeypatch.setenv("PMI_RANK", "1")
     assert launched_world() == ("PMI_SIZE", 2, 1)
+
+
+def test_refuse_multi_process_launch(monkeypatch):
+    for size_var, rank_var in LAUNCHERS:
+        monkeypatch.delenv(size_var, raising=False)
+        monkeypatch.delenv(rank_var, raising=False)
+    refuse_multi_process_launch()  # one process: nothing to refuse
+    monkeypatch.setenv("MV2_COMM_WORLD_SIZE", "3")
+    monkeypatch.setenv("MV2_COMM_WORLD_RANK", "2")
+    with pytest.raises(MultiProcessLaunch, match=r"fastcnn eval was started as 3 processes .*MV2_COMM_WORLD_SIZE=3"
+                       ) as raised:
+        refuse_multi_process_launch("eval")
+    assert isinstance(raised.value, UserError) and raised.value.rank == 2 and raised.value.quiet
