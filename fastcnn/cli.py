@@ -103,17 +103,28 @@ def train(config, overrides, resume, overwrite, threads, no_progress):
     replaces them only once the new run has written its first checkpoint.
     """
     from .config import load_config
-    from .launcher import refuse_multi_process_launch
+    from .distributed import current_group
+    from .errors import UserError
     from .train import Trainer
 
-    refuse_multi_process_launch("train")
+    # Started by an MPI launcher (mpiexec -n K, srun): the K processes train one model together.
+    group = current_group()
     if threads is not None:
         overrides = (*overrides, f"train.threads={threads}")
-    cfg = load_config(config, overrides)
+    try:
+        cfg = load_config(config, overrides)
+    except UserError as e:  # the same mistake on every process: rank 0 reports it
+        e.quiet = not group.is_root
+        raise
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=not no_progress, log=click.echo,
-                      started=_STARTED, ignore_signals_after_stop=True)
-    result = trainer.run()
-    if result["best_accuracy"] is not None:
+                      started=_STARTED, ignore_signals_after_stop=True, group=group)
+    try:
+        result = trainer.run()
+    except BaseException as e:
+        if group.size > 1:
+            _end_process_group(group, e)
+        raise
+    if result["best_accuracy"] is not None and group.is_root:
         click.echo(f"Best validation accuracy {result['best_accuracy']:.4f}; "
                    f"checkpoints in {result['output_dir']} (evaluate: fastcnn eval {result['output_dir']}/best.npz)")
 
@@ -287,6 +298,37 @@ def plot(run_dir, output):
 
     path = draw_curves(run_dir, output)
     click.echo(f"Wrote {path}")
+
+
+def _end_process_group(group, error):
+    """An error in one process of a multi-process run (fastcnn train under mpiexec).
+
+    Raised by every process at once (a failed start, checked together; a stop by signal or a
+    divergence, which all processes see at the same step): each exits with it, rank 0 alone
+    reporting. Raised by this process alone (a full disk on rank 0, a bug): it reports it, naming
+    its rank, and ends every process (MPI Abort) so that none waits for it forever.
+    """
+    from .errors import UserError
+    from .train import Interrupted, TrainingDiverged, exit_code_of
+
+    if getattr(error, "agreed", False) or isinstance(error, (Interrupted, TrainingDiverged)):
+        if not group.is_root:
+            sys.exit(exit_code_of(error))  # quietly: rank 0 reports
+        return
+    code = exit_code_of(error)
+    where = "" if group.is_root else f"process {group.rank}: "
+    if isinstance(error, UserError):
+        _error(f"{where}{error}")
+    elif isinstance(error, KeyboardInterrupt):
+        _error(f"{where}interrupted")
+    else:
+        import traceback
+
+        click.echo(f"Error: {where}internal error, ending every process of the run:", err=True)
+        traceback.print_exception(type(error), error, error.__traceback__)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    group.abort(code)
 
 
 def main(argv=None):

@@ -120,6 +120,9 @@ class LocalGroup(Group):
     def barrier(self) -> None:
         pass
 
+    def idle_barrier(self) -> None:
+        pass
+
     def abort(self, code: int = 1) -> None:
         _flush()
         os._exit(int(code))
@@ -187,6 +190,14 @@ class MPIGroup(Group):
 
     def barrier(self) -> None:
         self._comm.Barrier()
+
+    def idle_barrier(self, poll_s: float = 0.005) -> None:
+        """A barrier that sleeps while it waits instead of spinning: for waits that may be long (rank 0
+        compiling the kernels or writing a checkpoint), so that the waiting ranks leave the cores to
+        it and run their Python signal handlers (Ctrl-C) meanwhile."""
+        request = self._comm.Ibarrier()
+        while not request.Test():
+            time.sleep(poll_s)
 
     def abort(self, code: int = 1) -> None:
         """End every process of the job now (MPI_Abort); mpiexec exits ``code``. Call it when this

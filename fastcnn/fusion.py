@@ -23,7 +23,7 @@ the winners' terms in pooled order.
 import numpy as np
 
 from .layers.base import checked_gradient, kernel_module
-from .layers.batchnorm import BatchNorm, batchnorm_eval_backward
+from .layers.batchnorm import BatchNorm, batchnorm_eval_backward, check_batch_values
 from .layers.leaky_relu import LeakyReLU
 from .layers.maxpool2d import MaxPool2D
 from .layers.relu import ReLU
@@ -122,15 +122,13 @@ class BatchNormReLU(Block):
     def forward(self, x, training):
         bn = self.bn
         x = np.ascontiguousarray(x)
-        if training and x.ndim >= 1 and x.shape[-1] and x.size // x.shape[-1] < 2:  # before any state changes
-            raise ValueError(f"batchnorm in training needs more than 1 value per channel, "
-                             f"got input shape {x.shape}")
+        check_batch_values(bn, x, training)  # before any state changes
         self._begin_forward(x, training)
         dt = x.dtype
         c = x.shape[-1]
         x2 = x.reshape(-1, c)
         beta = bn.params["beta"].data
-        mean, scale = bn.normalization(x2, training)  # the layer's statistics (and running statistics)
+        mean, scale = bn.normalization(x2, training, bn.batch_shard(x.shape[0]))  # the layer's statistics
         if training:
             self.x = x
             self.beta = self._buffer("beta", (c,), dt)
@@ -160,22 +158,26 @@ class BatchNormReLU(Block):
         if not self.training:
             return self._eval_backward(dy, need_input_grad)
         bn = self.bn
-        gamma = bn.params["gamma"]
-        beta = bn.params["beta"]
         x = self.x
         c = x.shape[-1]
-        dx = self._buffer("dx", x.shape, x.dtype) if need_input_grad else None
+        n = x.shape[0]
+        count = bn.stat_shard.total * (x.size // c // n)  # values per channel in the whole batch
+        x2, dy2 = x.reshape(-1, c), dy.reshape(-1, c)
         if self.pool is None:
-            dx2 = dx.reshape(-1, c) if need_input_grad else x.reshape(-1, c)  # unused placeholder
-            fused.batchnorm_relu_backward(x.reshape(-1, c), dy.reshape(-1, c), gamma.data, bn.mean, bn.scale,
-                                          self.beta, bn.invstd, dx2, gamma.grad, beta.grad, need_input_grad)
-            return dx
-        fused.pooled_batchnorm_reduce(dy.reshape(-1, c), self.argmax.reshape(-1, c), self.xsel.reshape(-1, c),
-                                      bn.invstd, gamma.grad, beta.grad)
+            part_b, part_g, bounds = bn.backward_parts(x2.shape[0] // n)
+            fused.batchnorm_relu_backward_reduce(x2, dy2, bn.mean, bn.scale, self.beta, bounds, part_b, part_g)
+        else:  # the sums over the pooled tensors
+            part_b, part_g, bounds = bn.backward_parts(dy2.shape[0] // n)
+            fused.pooled_batchnorm_reduce(dy2, self.argmax.reshape(-1, c), self.xsel.reshape(-1, c), bounds,
+                                          part_b, part_g)
+        k1, k2, k3 = bn.backward_coefficients(part_b, part_g, count)
         if not need_input_grad:
             return None
-        fused.batchnorm_relu_maxpool2d_backward_dx(x, dy, self.argmax, gamma.data, bn.mean, bn.invstd, gamma.grad,
-                                                   beta.grad, dx)
+        dx = self._buffer("dx", x.shape, x.dtype)
+        if self.pool is None:
+            fused.batchnorm_relu_backward_dx(x2, dy2, bn.mean, bn.scale, self.beta, k1, k2, k3, dx.reshape(-1, c))
+        else:
+            fused.batchnorm_relu_maxpool2d_backward_dx(x, dy, self.argmax, bn.mean, k1, k2, k3, dx)
         return dx
 
     def _eval_backward(self, dy, need_input_grad):
@@ -195,7 +197,7 @@ class BatchNormReLU(Block):
         else:
             # The winners of that forward: the training kernel (same arithmetic) rerun on the same
             # x, running mean and scale, into buffers of its own (the training caches stay).
-            mean, scale = bn.normalization(x.reshape(-1, c), False)
+            mean, scale = bn.normalization(x.reshape(-1, c), False, None)
             y = self._buffer("eval_y2", dy.shape, dt)
             argmax = self._buffer("eval_argmax2", dy.shape, np.int32)
             xsel = self._buffer("eval_xsel2", dy.shape, dt)

@@ -3,8 +3,7 @@
 ``launched_world()`` tells from the environment alone, without importing any MPI: fastcnn/distributed.py
 asks it first and imports mpi4py only when a launcher started several processes (so the K copies
 form one MPI job, or each reports that mpi4py is missing; never K independent runs racing for one
-``output.dir``). ``refuse_multi_process_launch`` is the older refusal, kept for commands that do not
-run across processes: every copy exits 2, and only the first (rank 0) prints the reason, once.
+``output.dir``).
 
 Launchers are recognized by the world size they put in each process's environment: Open MPI
 (``OMPI_COMM_WORLD_SIZE``), MPICH / Intel MPI / Slurm's PMI (``PMI_SIZE``; MPICH's hydra sets
@@ -48,15 +47,3 @@ def launched_world() -> Optional[Tuple[str, int, int]]:
                 rank = 0
             return size_var, size, rank
     return None
-
-
-def refuse_multi_process_launch(command: str = "train") -> None:
-    """Raise MultiProcessLaunch when an MPI launcher started several copies of this command."""
-    world = launched_world()
-    if world is None:
-        return
-    size_var, size, rank = world
-    raise MultiProcessLaunch(
-        f"fastcnn {command} was started as {size} processes by an MPI launcher ({size_var}={size}); "
-        f"training across processes is not supported yet: run one process (without mpiexec/srun), "
-        f"which uses all of the machine's cores", rank)

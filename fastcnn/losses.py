@@ -1,12 +1,18 @@
 """Loss functions (public API): ``fastcnn.softmax_cross_entropy``."""
+import math
 from typing import Tuple
 
 import numpy as np
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray,
-                          label_smoothing: float = 0.0) -> Tuple[float, np.ndarray]:
+                          label_smoothing: float = 0.0, shard=None) -> Tuple[float, np.ndarray]:
     """Fused softmax cross-entropy, mean over the batch.
+
+    The mean is over the batch's chunks (fastcnn/shard.py): each chunk's row losses summed exactly
+    (math.fsum), the chunks added in order. ``shard``: the part of a batch split over processes
+    that these rows are (BatchShard; default: the whole batch); the loss is then the whole batch's
+    and dlogits is divided by its size.
 
     ``label_smoothing`` eps in [0, 1): PyTorch's ``cross_entropy(..., label_smoothing=eps)``,
     ``(1 - eps) * CE(label) + eps * mean over classes of -log p``.
@@ -45,10 +51,15 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray,
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"label_smoothing: must be in [0, 1), got {label_smoothing!r}")
 
-    from fastcnn.kernels.loss import softmax_cross_entropy_kernel
+    from fastcnn.kernels.loss import softmax_cross_entropy_rows
+    from fastcnn.shard import shard_for
 
+    shard = shard_for(shard, n)
     logits = np.ascontiguousarray(logits)
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     dlogits = np.empty_like(logits)
-    loss = softmax_cross_entropy_kernel(logits, labels, dlogits, eps)
-    return float(loss), dlogits
+    row_loss = np.empty(n, np.float64)
+    softmax_cross_entropy_rows(logits, labels, dlogits, eps, shard.total, row_loss)
+    chunk_loss = np.array([math.fsum(row_loss[s]) for s in shard.slices()], dtype=np.float64)
+    total = shard.fold(chunk_loss, np.empty((), np.float64))
+    return float(total) / shard.total, dlogits

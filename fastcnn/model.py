@@ -36,6 +36,7 @@ class Sequential:
         # (seed, layer index, step)). The trainer sets ``model.step = <global step>`` before each training
         # forward; left alone, forward(training=True) increments it after each call.
         self.step = 0
+        self.shard = None  # the part of each batch this process holds (set_shard); None: all of it
         # (output shape, dtype, training) of the last forward that completed; backward checks against it.
         self._last_forward = None
         self._stepped = [m for _, m in self.named_modules() if getattr(m, "uses_step", False)]
@@ -44,6 +45,13 @@ class Sequential:
                 layer.index = i
 
     # -- the training step -------------------------------------------------
+    def set_shard(self, shard) -> None:
+        """The part of the batch this process holds in the next steps (fastcnn/shard.py BatchShard;
+        None: every batch whole, the default). Layers use it for batches of its local size."""
+        self.shard = shard
+        for _, module in self.named_modules():
+            module.shard = shard
+
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         """x: (N, H, W, C) NHWC -> logits (N, num_classes), a fresh array.
 

@@ -56,10 +56,14 @@ def train_step(model: Any, opt: Any, x: np.ndarray, y: np.ndarray, *,
     left alone, ``model.step`` counts the training forwards, as the trainer's global step does.
     """
     from .losses import softmax_cross_entropy
+    from .shard import shard_for
 
+    # The part of the batch this process holds (Sequential.set_shard; the whole batch by default):
+    # the loss, the count and the gradients are the whole batch's, on every process.
+    shard = shard_for(getattr(model, "shard", None), len(y))
     logits = model.forward(x, training=True)
-    loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing)
-    count = len(y)
+    loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing, shard)
+    count = shard.total
     if not np.isfinite(loss):
         return StepResult(loss, 0, count, f"the loss is {loss}")
     model.backward(dlogits, input_grad=False)
@@ -72,7 +76,7 @@ def train_step(model: Any, opt: Any, x: np.ndarray, y: np.ndarray, *,
 
         clip(model.parameters(), clip_grad_norm)
     opt.step()
-    return StepResult(loss, int((logits.argmax(axis=1) == y).sum()), count)
+    return StepResult(loss, shard.sum_int(int((logits.argmax(axis=1) == y).sum())), count)
 
 
 def first_nonfinite_grad(model: Any) -> str | None:

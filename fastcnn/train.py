@@ -102,6 +102,46 @@ def load_data(cfg, progress=True):
     return x_tr, y_tr, x_val, y_val, ds
 
 
+def _silent(*args, **kwargs) -> None:
+    """The log of processes other than rank 0."""
+
+
+class PeerFailed(UserError):
+    """Another process of the run failed (it, or rank 0, reports why): exit quietly with its code."""
+
+    def __init__(self, code: int):
+        super().__init__(f"another process failed (exit code {code})")
+        self.exit_code = code
+        self.quiet = True
+
+
+def exit_code_of(error: BaseException | None) -> int:
+    """The exit status an error gives fastcnn train (0: no error)."""
+    if error is None:
+        return 0
+    if isinstance(error, UserError):
+        return int(getattr(error, "exit_code", 2))
+    if isinstance(error, (KeyboardInterrupt, Interrupted)):
+        return int(getattr(error, "code", 130))
+    return 1
+
+
+def agreed_failure(error: BaseException | None, codes: np.ndarray, rank: int) -> BaseException:
+    """What a process raises when a step failed somewhere (``codes``: every rank's exit code, 0 where
+    it succeeded): its own error, quiet when rank 0 failed too (rank 0 reports it) and naming its
+    rank when rank 0 did not; else PeerFailed with the highest code."""
+    if error is None:
+        return PeerFailed(int(codes.max()))
+    if rank > 0 and isinstance(error, UserError):
+        if codes[0]:
+            error.quiet = True
+        else:
+            named = UserError(f"process {rank}: {error}")
+            named.exit_code = int(getattr(error, "exit_code", 2))
+            return named
+    return error
+
+
 class TrainingDiverged(Exception):
     """A NaN or Inf in the loss or a gradient with ``train.on_nan: stop`` (exit code 1, one line)."""
 
@@ -223,8 +263,17 @@ class Trainer:
 
     def __init__(self, cfg: Any, resume: str | None = None, overwrite: bool = False, progress: bool = True,
                  log: Callable[[str], Any] = print, started: float | None = None,
-                 ignore_signals_after_stop: bool = False):
+                 ignore_signals_after_stop: bool = False, group: Any = None):
         self.cfg = cfg
+        # The processes training this model (fastcnn/distributed.py; None: this one alone). Rank 0
+        # alone writes output.dir, logs and shows progress; every process trains its share of each
+        # batch (fastcnn/shard.py) and the results are the same bit for bit as one process's.
+        self.group = group
+        self.distributed = group is not None and group.size > 1
+        self.root = not self.distributed or group.is_root
+        if not self.root:
+            progress = False
+            log = _silent
         self.ignore_signals_after_stop = ignore_signals_after_stop
         self.resume = resume
         self.overwrite = overwrite
@@ -248,6 +297,7 @@ class Trainer:
             "config": to_dict(self.cfg), "epoch": epoch, "batch": batch_in_epoch, "step": self.opt.step_count,
             "running": running, "best_accuracy": self.best_accuracy, "history": self.history,
             "skipped_steps": self.skipped_steps, "threads": self.threads, "fastcnn_version": __version__,
+            "processes": self.group.size if self.distributed else 1,
             "schedule": self.schedule.state_dict(), "stopped_early": self.stopped_early,
             "early_stopping": self.early_stopping.state_dict() if self.early_stopping else None,
             # The batch order is a pure function of (seed, epoch) and nothing else draws random numbers
@@ -266,6 +316,8 @@ class Trainer:
         """Write checkpoint ``name`` atomically; OutputError (one line, what is intact) when it fails."""
         from .checkpoint import save_checkpoint
 
+        if not self.root:  # rank 0 writes
+            return os.path.join(self.out_dir, name)
         path = self.folder.file(name)
         try:
             save_checkpoint(path, self.model.state_dict(), self.opt.state_dict(),
@@ -280,6 +332,8 @@ class Trainer:
         """Write a text file of the run atomically; OutputError when it fails."""
         from .atomicio import atomic_write_bytes
 
+        if not self.root:  # rank 0 writes
+            return
         path = self.folder.file(name)
         try:
             atomic_write_bytes(path, text.encode("utf-8"))
@@ -292,7 +346,7 @@ class Trainer:
 
     def _commit(self) -> None:
         """--overwrite: once the first checkpoint is written, the new run's folder replaces the old one."""
-        if self.folder.committed:
+        if not self.root or self.folder.committed:
             return
         try:
             self.folder.commit()
@@ -571,30 +625,90 @@ class Trainer:
         from .data import BatchLoader
 
         cfg = self.cfg
-        self.threads = set_threads(cfg.train.threads)
         self.out_dir = cfg.output.dir
-        mode = self._check_output()
-        x_train, y_train, x_val, y_val, ds = self._load()
+        # Several processes: every step below runs on each (rank 0 first where it downloads, writes or
+        # compiles), and a failure anywhere ends all of them with the same exit code, reported once.
+        threads = cfg.train.threads
+        if threads is None and self.distributed:
+            from .distributed import default_threads
+
+            threads = default_threads(self.group)  # this process's share of the node's cores
+        self.threads = self._together(lambda: set_threads(threads))
+        mode = self._together(self._check_output, on="root")
+        x_train, y_train, x_val, y_val, ds = self._together(self._load, on="root first")
         self.dataset = ds
         start_epoch, start_batch, running = self.position
         self.loader = BatchLoader(x_train, y_train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, reuse=True,
                                   drop_last=self._needs_drop_last(len(x_train)))
-        if start_batch > len(self.loader):
-            raise UserError(f"--resume {self.resume}: saved at batch {start_batch} of an epoch of "
-                            f"{len(self.loader)} batches (data.batch_size or data.num_train changed since)")
+        self._together(self._check_positions, on="all")
         # Everything the run needs is loaded and checked: only now create (and lock) the output folder,
         # so a failed start leaves nothing behind and never touches an earlier run.
-        self._open_output(mode)
+        self._together(lambda: self._open_output(mode), on="root")
         if self.resume:
             self.log(f"Resuming from {self.resume}: epoch {start_epoch + 1}, batch {start_batch}")
-        self._write_text("config.yaml", f"# fastcnn {__version__}, run {self.run_id}\n" + to_yaml(cfg))
+        self._together(lambda: self._write_text("config.yaml", f"# fastcnn {__version__}, run {self.run_id}\n"
+                                                + to_yaml(cfg)), on="root")
         faults.hit("start:after-config")
+        where = (f"{self.group.size} processes x {self.threads} thread(s)" if self.distributed
+                 else f"{self.threads} thread(s)")
         self.log(f"Training on {len(x_train)} images ({ds.name}), validating on {len(x_val)}; "
-                 f"{self.model.num_parameters():,} parameters; {self.threads} thread(s); output {self.out_dir}")
-        warm_up(cfg.model, log=self.log, optimizer=cfg.train.optimizer,
-                clip=cfg.train.clip_grad_norm is not None)
+                 f"{self.model.num_parameters():,} parameters; {where}; output {self.out_dir}")
+        # Rank 0 compiles (or loads the kernel cache) first; the others then load what it cached.
+        self._together(lambda: warm_up(cfg.model, log=self.log, optimizer=cfg.train.optimizer,
+                                       clip=cfg.train.clip_grad_norm is not None), on="root first")
         self.augmenter = ds.augmenter  # training batches only; None when data.augment enables nothing
         return x_val, y_val, start_epoch, start_batch, running
+
+    def _check_positions(self) -> None:
+        """The resumed position fits the epoch; with several processes, every batch can be shared."""
+        from .shard import GRAD_CHUNKS
+
+        start_batch = self.position[1]
+        n_batches = len(self.loader)
+        if start_batch > n_batches:
+            raise UserError(f"--resume {self.resume}: saved at batch {start_batch} of an epoch of "
+                            f"{n_batches} batches (data.batch_size or data.num_train changed since)")
+        if not self.distributed:
+            return
+        k = self.group.size
+        n_train, batch = self.loader.num_samples, self.cfg.data.batch_size
+        smallest = min(batch, n_train) if self.loader.drop_last or n_train % batch == 0 else n_train % batch
+        if k > GRAD_CHUNKS:
+            raise UserError(f"{k} processes: at most {GRAD_CHUNKS} can share a batch (each takes whole chunks of "
+                            f"the {GRAD_CHUNKS} that every batch is split into); start at most {GRAD_CHUNKS}")
+        if k > smallest:
+            raise UserError(f"{k} processes need at least {k} images in every batch, but the last batch of an "
+                            f"epoch holds {smallest} ({n_train} training images, data.batch_size {batch}); "
+                            f"start fewer processes or change data.batch_size")
+
+    def _together(self, fn: Callable[[], Any], on: str = "all") -> Any:
+        """fn() on every process ("all"), on rank 0 alone ("root"), or on rank 0 and then on the others
+        ("root first": rank 0 downloads or compiles what the others then find); its result.
+
+        One process: just fn(). Several: when fn fails on any process, every process raises: the
+        failing ones their own error (rank 0's printed; another's printed, naming its rank, when rank 0
+        did not fail), the others a quiet PeerFailed; the exit code is the highest of the failures.
+        """
+        if not self.distributed:
+            return fn()
+        result = None
+        steps = {"all": ("all",), "root": ("root",), "root first": ("root", "others")}[on]
+        for who in steps:
+            error = None
+            if who == "all" or (who == "root") == self.root:
+                try:
+                    result = fn()
+                except BaseException as e:  # noqa: BLE001 - every process must hear of it
+                    error = e
+            self.group.idle_barrier()  # rank 0 may take long (compiling): the others wait without spinning
+            codes = self.group.allgather_rows(np.array([exit_code_of(error)], np.int64), [1] * self.group.size)
+            if codes.any():
+                failure = agreed_failure(error, codes, self.group.rank)
+                failure.agreed = True  # every process raises now: nothing to abort (fastcnn/cli.py)
+                if isinstance(failure, UserError):  # mpiexec ORs the exit codes: all exit with one
+                    failure.exit_code = int(codes.max())
+                raise failure
+        return result
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> dict:
@@ -667,8 +781,7 @@ class Trainer:
             self.opt.lr = self.schedule.lr(epoch + b / len(loader))
             self.nan_policy.before_step()
             self.model.step = epoch * len(loader) + b  # dropout masks: a function of the position
-            result = train_step(self.model, self.opt, xb, yb, clip_grad_norm=clip,
-                                label_smoothing=self.cfg.train.label_smoothing)
+            result = self._step(xb, yb, clip)
             if result.ok:
                 add_step(sums, result)
             else:
@@ -682,6 +795,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
                                 acc=f"{sums['correct'] / sums['seen']:.4f}",
                                 img_s=f"{sums['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
+            if self.distributed:  # every process stops at the same step, whichever got the signal
+                agreed = self.group.allreduce_max(stop.signum or 0)
+                if agreed and stop.signum is None:
+                    stop.signum = agreed
             if stop.signum is not None:
                 bar.close()
                 sums["seconds"] += time.perf_counter() - t_epoch
@@ -693,10 +810,27 @@ class Trainer:
         sums["seconds"] += time.perf_counter() - t_epoch
         return sums
 
+    def _step(self, xb: np.ndarray, yb: np.ndarray, clip) -> StepResult:
+        """train_step on this process's share of the batch (all of it in one process)."""
+        if not self.distributed:
+            return train_step(self.model, self.opt, xb, yb, clip_grad_norm=clip,
+                              label_smoothing=self.cfg.train.label_smoothing)
+        from .shard import BatchShard
+
+        shard = BatchShard(len(yb), self.group)
+        self.model.set_shard(shard)
+        try:
+            return train_step(self.model, self.opt, xb[shard.start:shard.stop], yb[shard.start:shard.stop],
+                              clip_grad_norm=clip, label_smoothing=self.cfg.train.label_smoothing)
+        finally:
+            self.model.set_shard(None)
+
     def _plot_curves(self) -> None:
         """curves.png beside metrics.jsonl when matplotlib is installed; a plotting failure only warns."""
         from .plots import save_curves
 
+        if not self.root:
+            return
         try:
             path = save_curves(self.folder.write_dir)
         except Exception as e:  # noqa: BLE001 - the checkpoints are saved; a plot must not fail the run

@@ -14,10 +14,13 @@ small geometries and shapes only, so that they run in a few minutes.
 import numba
 import numpy as np
 import pytest
+from test_kernels_norm import backward as bn_backward
+from test_kernels_norm import row_bounds, statistics
 
 from fastcnn.kernels import activation, fused, norm, pool
 from fastcnn.layers.batchnorm import invstd_and_scale
 from fastcnn.shapes import window_output_size
+from fastcnn.shard import fold_into
 
 JIT = not numba.config.DISABLE_JIT
 DTYPES = [np.float32, np.float64]
@@ -191,8 +194,8 @@ def unfused_bn_train(x2, gamma, beta, dtype):
     """The BatchNorm layer's training forward: statistics, invstd, the normalize pass."""
     c = x2.shape[1]
     y = np.empty_like(x2)
-    mean, var, invstd, scale = (np.empty(c, dtype) for _ in range(4))
-    norm.batchnorm_stats(x2, mean, var)
+    invstd, scale = (np.empty(c, dtype) for _ in range(2))
+    mean, var = statistics(x2, row_bounds(x2.shape[0]))
     invstd_and_scale(gamma, var, dtype(1e-5), invstd, scale)
     norm.batchnorm_forward(x2, mean, scale, beta, y)
     return y, mean, var, invstd
@@ -206,8 +209,7 @@ BN_SHAPES = [(64 * 13 * 13, 32), (3 * 7 * 9, 5), (2, 17), (300, 64), (513, 3)]
 def test_batchnorm_statistics_and_invstd(shape, dtype, rng):
     x = (rng.normal(size=shape) * 3 + 1).astype(dtype)
     gamma, _ = bn_params(shape[1], dtype, rng, "normal")
-    mean, var = np.full(shape[1], np.nan, dtype), np.full(shape[1], np.nan, dtype)
-    norm.batchnorm_stats(x, mean, var)
+    mean, var = statistics(x, row_bounds(shape[0]))
     x64 = x.astype(np.float64)
     r = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=r, atol=r)
@@ -233,9 +235,7 @@ def test_batchnorm_relu_equals_batchnorm_then_relu(shape, kind, dtype, rng):
     dy = rng.normal(size=x.shape).astype(dtype)
     dz = np.empty_like(z)
     activation.relu_backward(z.reshape(-1), dy.reshape(-1), dz.reshape(-1))
-    dx_ref = np.empty_like(x)
-    dgamma_ref, dbeta_ref = np.empty(c, dtype), np.empty(c, dtype)
-    norm.batchnorm_backward(x, dz, gamma, mean, invstd, dx_ref, dgamma_ref, dbeta_ref)
+    dx_ref, dgamma_ref, dbeta_ref = bn_backward(x, dz, gamma, mean, invstd)
 
     # The same statistics and invstd: every result is bit-identical (same arithmetic, same
     # chunked sums in the same order).
@@ -243,16 +243,17 @@ def test_batchnorm_relu_equals_batchnorm_then_relu(shape, kind, dtype, rng):
     y = np.full_like(x, np.nan)
     fused.batchnorm_relu_forward(x, mean, scale, beta, y)
     assert np.array_equal(y, y_ref)
-    dx = np.full_like(x, np.nan)
-    dgamma, dbeta = np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)
-    fused.batchnorm_relu_backward(x, dy, gamma, mean, scale, beta, invstd, dx, dgamma, dbeta, True)
+    bounds = row_bounds(x.shape[0])
+    part_b, part_g = (np.full((len(bounds) - 1, c), np.nan, dtype) for _ in range(2))
+    fused.batchnorm_relu_backward_reduce(x, dy, mean, scale, beta, bounds, part_b, part_g)
+    dbeta = fold_into(part_b, np.empty(c, dtype))
+    dgamma = fold_into(part_g, np.empty(c, dtype)) * invstd
     assert np.array_equal(dbeta, dbeta_ref)
     assert np.array_equal(dgamma, dgamma_ref)
+    dx = np.full_like(x, np.nan)
+    fused.batchnorm_relu_backward_dx(x, dy, mean, scale, beta,
+                                     *norm.dx_coefficients(gamma, invstd, dgamma, dbeta, x.shape[0]), dx)
     assert np.array_equal(dx, dx_ref)
-    # need_dx=False: the parameter gradients only, dx untouched.
-    dx2 = np.full_like(x, 7.0)
-    fused.batchnorm_relu_backward(x, dy, gamma, mean, scale, beta, invstd, dx2, dgamma, dbeta, False)
-    assert np.array_equal(dgamma, dgamma_ref) and np.all(dx2 == 7.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -271,10 +272,8 @@ def test_batchnorm_relu_maxpool_equals_the_three_layers(g, kind, dtype, rng):
     dr = unfused_pool_backward(dy, am_ref, x.shape)
     dz = np.empty_like(x)
     activation.relu_backward(z2.reshape(-1), dr.reshape(-1), dz.reshape(-1))
-    dx_ref = np.empty_like(x)
-    dgamma_ref, dbeta_ref = np.empty(c, dtype), np.empty(c, dtype)
-    norm.batchnorm_backward(x.reshape(-1, c), dz.reshape(-1, c), gamma, mean, invstd, dx_ref.reshape(-1, c),
-                            dgamma_ref, dbeta_ref)
+    dx_ref, dgamma_ref, dbeta_ref = bn_backward(x.reshape(-1, c), dz.reshape(-1, c), gamma, mean, invstd)
+    dx_ref = dx_ref.reshape(x.shape)
 
     scale = gamma * invstd
     y = np.full(y_ref.shape, np.nan, dtype)
@@ -297,8 +296,11 @@ def test_batchnorm_relu_maxpool_equals_the_three_layers(g, kind, dtype, rng):
                                            *pool_args(g))
     assert np.array_equal(y_eval, y_ref)
 
-    dgamma, dbeta = np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)
-    fused.pooled_batchnorm_reduce(dy.reshape(-1, c), am.reshape(-1, c), xsel.reshape(-1, c), invstd, dgamma, dbeta)
+    bounds = row_bounds(y_ref.size // c)
+    part_b, part_g = (np.full((len(bounds) - 1, c), np.nan, dtype) for _ in range(2))
+    fused.pooled_batchnorm_reduce(dy.reshape(-1, c), am.reshape(-1, c), xsel.reshape(-1, c), bounds, part_b, part_g)
+    dbeta = fold_into(part_b, np.empty(c, dtype))
+    dgamma = fold_into(part_g, np.empty(c, dtype)) * invstd
     # The reductions add the winners' terms in pooled order (and, with overlapping
     # windows, dy1*d + dy2*d for (dy1 + dy2)*d): equal within rounding.
     assert_close(dbeta, dbeta_ref, dtype, "dbeta")
@@ -306,11 +308,14 @@ def test_batchnorm_relu_maxpool_equals_the_three_layers(g, kind, dtype, rng):
     if kind == "negative":
         assert not np.any(dbeta) and not np.any(dgamma)
     dx = np.full(x.shape, np.nan, dtype)
-    fused.batchnorm_relu_maxpool2d_backward_dx(x, dy, am, gamma, mean, invstd, dgamma, dbeta, dx)
+    m = x.size // c
+    fused.batchnorm_relu_maxpool2d_backward_dx(x, dy, am, mean, *norm.dx_coefficients(gamma, invstd, dgamma, dbeta, m),
+                                               dx)
     assert_close(dx, dx_ref, dtype, "dx")
     # With the reference's own dgamma/dbeta the dx pass is bit-identical (same routed
     # gradient, added in the same order, same formula).
-    fused.batchnorm_relu_maxpool2d_backward_dx(x, dy, am, gamma, mean, invstd, dgamma_ref, dbeta_ref, dx)
+    fused.batchnorm_relu_maxpool2d_backward_dx(x, dy, am, mean,
+                                               *norm.dx_coefficients(gamma, invstd, dgamma_ref, dbeta_ref, m), dx)
     assert np.array_equal(dx, dx_ref)
 
 

@@ -10,6 +10,7 @@ import pytest
 from fastcnn.kernels import norm as K
 from fastcnn.kernels import reference as R
 from fastcnn.layers.batchnorm import invstd_and_scale
+from fastcnn.shard import fold_into
 
 from conftest import numerical_grad as central_differences
 
@@ -31,13 +32,31 @@ def params(rng, C, dtype):
     return gamma, beta
 
 
-def train_forward(x, gamma, beta, eps=EPS):
+def row_bounds(M, chunks=3):
+    """Row offsets of min(chunks, M) chunks of M rows (as fastcnn.shard splits a batch)."""
+    g = max(1, min(chunks, M))
+    return np.array([c * M // g for c in range(g + 1)], dtype=np.int64)
+
+
+def statistics(x, bounds):
+    """(mean, biased variance) of x (M, C) from the per-chunk kernels, the chunks added in order."""
+    M, C = x.shape
+    dt = x.dtype.type
+    part = np.empty((len(bounds) - 1, C), x.dtype)
+    K.chunk_sums(x, bounds, part)
+    mean = fold_into(part, np.empty(C, x.dtype)) * (dt(1) / dt(M))
+    K.chunk_squared_deviations(x, mean, bounds, part)
+    var = fold_into(part, np.empty(C, x.dtype)) * (dt(1) / dt(M))
+    return mean, var
+
+
+def train_forward(x, gamma, beta, eps=EPS, chunks=3):
     """The BatchNorm layer's training forward: statistics, invstd and scale, the normalize pass."""
     M, C = x.shape
     dt = x.dtype.type
     y = np.empty_like(x)
-    mean, var, invstd, scale = (np.empty(C, x.dtype) for _ in range(4))
-    K.batchnorm_stats(x, mean, var)
+    invstd, scale = (np.empty(C, x.dtype) for _ in range(2))
+    mean, var = statistics(x, row_bounds(M, chunks))
     invstd_and_scale(gamma, var, dt(eps), invstd, scale)
     K.batchnorm_forward(x, mean, scale, beta, y)
     return y, mean, var, invstd
@@ -51,12 +70,44 @@ def eval_forward(x, gamma, beta, running_mean, running_var, eps=EPS):
     return y
 
 
-def backward(x, dy, gamma, mean, invstd):
+def backward(x, dy, gamma, mean, invstd, chunks=3):
+    """The BatchNorm layer's training backward: sums per chunk, added in order, then dx."""
+    M, C = x.shape
+    bounds = row_bounds(M, chunks)
+    part_b, part_g = (np.empty((len(bounds) - 1, C), x.dtype) for _ in range(2))
+    K.batchnorm_backward_reduce(x, dy, mean, bounds, part_b, part_g)
+    dbeta = fold_into(part_b, np.empty_like(gamma))
+    dgamma = fold_into(part_g, np.empty_like(gamma)) * invstd
     dx = np.empty_like(x)
-    dgamma = np.empty_like(gamma)
-    dbeta = np.empty_like(gamma)
-    K.batchnorm_backward(x, dy, gamma, mean, invstd, dx, dgamma, dbeta)
+    K.batchnorm_backward_dx(x, dy, mean, *K.dx_coefficients(gamma, invstd, dgamma, dbeta, M), dx)
     return dx, dgamma, dbeta
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunk_sums_depend_on_the_chunk_alone(dtype):
+    """What makes K processes give one process's result: a chunk's partial sums are the same bit for
+    bit whether it is computed among others or on its own rows (a process holding only it)."""
+    rng = np.random.default_rng(5)
+    M, C = 5 * 300 + 7, 6  # chunks of several 256-row blocks and a ragged end
+    x = (3 + 2 * rng.standard_normal((M, C))).astype(dtype)
+    dy = rng.standard_normal((M, C)).astype(dtype)
+    mean = x.mean(axis=0).astype(dtype)
+    bounds = row_bounds(M, 5)
+    all_s, all_d, all_b, all_g = (np.empty((5, C), dtype) for _ in range(4))
+    K.chunk_sums(x, bounds, all_s)
+    K.chunk_squared_deviations(x, mean, bounds, all_d)
+    K.batchnorm_backward_reduce(x, dy, mean, bounds, all_b, all_g)
+    for g in range(5):
+        rows = slice(bounds[g], bounds[g + 1])
+        one = np.array([0, bounds[g + 1] - bounds[g]], dtype=np.int64)
+        s, d, b, gg = (np.empty((1, C), dtype) for _ in range(4))
+        K.chunk_sums(x[rows], one, s)
+        K.chunk_squared_deviations(x[rows], mean, one, d)
+        K.batchnorm_backward_reduce(x[rows], dy[rows], mean, one, b, gg)
+        for whole, alone in ((all_s, s), (all_d, d), (all_b, b), (all_g, gg)):
+            assert np.array_equal(whole[g], alone[0])
+    np.testing.assert_allclose(fold_into(all_s, np.empty(C, dtype)), x.sum(axis=0, dtype=np.float64),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
 def tol(dtype):

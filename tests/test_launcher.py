@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from fastcnn.errors import UserError
-from fastcnn.launcher import MultiProcessLaunch, launched_world, refuse_multi_process_launch
+from fastcnn.launcher import launched_world
 
 from conftest import REPO
 
@@ -65,14 +64,3 @@ def test_launched_world(monkeypatch):
     assert launched_world() == ("PMI_SIZE", 2, 1)
 
 
-def test_refuse_multi_process_launch(monkeypatch):
-    for size_var, rank_var in LAUNCHERS:
-        monkeypatch.delenv(size_var, raising=False)
-        monkeypatch.delenv(rank_var, raising=False)
-    refuse_multi_process_launch()  # one process: nothing to refuse
-    monkeypatch.setenv("MV2_COMM_WORLD_SIZE", "3")
-    monkeypatch.setenv("MV2_COMM_WORLD_RANK", "2")
-    with pytest.raises(MultiProcessLaunch, match=r"fastcnn eval was started as 3 processes .*MV2_COMM_WORLD_SIZE=3"
-                       ) as raised:
-        refuse_multi_process_launch("eval")
-    assert isinstance(raised.value, UserError) and raised.value.rank == 2 and raised.value.quiet

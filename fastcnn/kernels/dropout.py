@@ -68,11 +68,13 @@ def _mix(z):
 
 
 @njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
-def dropout_forward(x, key, threshold, scale, y, mask):
+def dropout_forward(x, key, threshold, scale, y, mask, first=0):
     """x, y (R, W, C); mask uint8 (R, W, C) written: 1 kept, 0 dropped; y = x * scale where kept, else 0.
 
     R is batch x rows (N*H for an NHWC activation, N for a flat one with W = 1).
     key, threshold: np.uint64 from dropout_key / dropout_threshold; scale in x's dtype.
+    ``first``: the flat index e of x's first element in the whole batch (x is the part of a
+    batch split over processes that starts there; 0 for a whole batch).
     """
     R, W, C = x.shape
     zero = x.dtype.type(0)
@@ -83,7 +85,7 @@ def dropout_forward(x, key, threshold, scale, y, mask):
             xr = x[r, w]
             yr = y[r, w]
             mr = mask[r, w]
-            base = np.uint64((r * W + w) * C) + one  # (e + 1) for c = 0
+            base = np.uint64(first + (r * W + w) * C) + one  # (e + 1) for c = 0
             for c in range(C):
                 h = _mix(key + (base + np.uint64(c)) * G64)
                 keep = (h >> shift) >= threshold

@@ -60,7 +60,7 @@ def leaky_relu_maxpool2d_forward(x, slope, y, argmax, pool_h, pool_w, stride_h, 
 def leaky_relu_maxpool2d_backward(dy, argmax, slope, dx):
     """dx of y = maxpool(leaky_relu(x)) from the argmax codes of leaky_relu_maxpool2d_forward:
     zero, dy at each code >= 0, slope * dy at -2 - code for each code <= -2."""
-    pool.maxpool2d_route(dy, argmax, dx, LEAKY, slope, None, None, None, None, None, None)
+    pool.maxpool2d_route(dy, argmax, dx, LEAKY, slope, None, None, None, None, None)
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
@@ -71,14 +71,19 @@ def batchnorm_relu_forward(x, mean, scale, beta, y):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
-def batchnorm_relu_backward(x, dy, gamma, mean, scale, beta, invstd, dx, dgamma, dbeta, need_dx):
-    """Backward of y = relu(batchnorm(x)) on (M,C) views, batch statistics: dy through the
-    ReLU at z (recomputed from x as in the forward), then the BatchNorm layer's reductions
-    and (if need_dx) input gradient. Two passes over x and dy instead of the unfused
-    three and no full-size ReLU-gradient array."""
-    norm.reduce_pass(x, dy, None, invstd, dgamma, dbeta, RELU, 0.0, mean, scale, beta)
-    if need_dx:
-        norm.dx_pass(x, dy, gamma, invstd, dgamma, dbeta, dx, RELU, 0.0, mean, scale, beta)
+def batchnorm_relu_backward_reduce(x, dy, mean, scale, beta, bounds, part_b, part_g):
+    """The batch-norm sums of y = relu(batchnorm(x)) per sample chunk on (M,C) views, batch
+    statistics: g = dy through the ReLU at z (recomputed from x as in the forward), part_b[c] = sum g,
+    part_g[c] = sum g * (x - mean) over chunk c's rows (norm.reduce_pass)."""
+    norm.reduce_pass(x, dy, None, bounds, part_b, part_g, RELU, 0.0, mean, scale, beta)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
+def batchnorm_relu_backward_dx(x, dy, mean, scale, beta, k1, k2, k3, dx):
+    """dx of y = relu(batchnorm(x)) on (M,C) views, the coefficients from norm.dx_coefficients: two
+    passes over x and dy in all (with the reduction) instead of the unfused three, and no full-size
+    ReLU-gradient array."""
+    norm.dx_pass(x, dy, dx, k1, k2, k3, RELU, 0.0, mean, scale, beta)
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
@@ -98,18 +103,17 @@ def batchnorm_relu_maxpool2d_forward(x, mean, scale, beta, y, argmax, xsel, stor
 
 
 @njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
-def pooled_batchnorm_reduce(dy, argmax, xsel, invstd, dgamma, dbeta):
-    """The batch-norm reductions from the pooled tensors, (P,C) views (P = N*OH*OW):
-    dbeta = sum of dy over windows with a winner (argmax >= 0), dgamma = invstd *
-    sum dy * xsel. Equal to the sums over the full-size routed gradient up to the
-    order of the terms."""
-    norm.reduce_pass(xsel, dy, argmax, invstd, dgamma, dbeta, RELU, 0.0, None, None, None)
+def pooled_batchnorm_reduce(dy, argmax, xsel, bounds, part_b, part_g):
+    """The batch-norm sums per sample chunk from the pooled tensors, (P,C) views (P = N*OH*OW, chunk
+    c the rows [bounds[c], bounds[c+1])): part_b = sum of dy over windows with a winner (argmax >=
+    0), part_g = sum dy * xsel. Equal to the sums over the full-size routed gradient up to the order
+    of the terms."""
+    norm.reduce_pass(xsel, dy, argmax, bounds, part_b, part_g, RELU, 0.0, None, None, None)
 
 
 @njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
-def batchnorm_relu_maxpool2d_backward_dx(x, dy, argmax, gamma, mean, invstd, dgamma, dbeta, dx):
-    """dx (N,H,W,C) of y = maxpool(relu(batchnorm(x))), dgamma/dbeta from
-    pooled_batchnorm_reduce: per image, dx = the routed gradient (the max-pool
-    scatter), then in place dx = k1*dx - k2 - k3*(x - mean), the BatchNorm layer's
-    formula."""
-    pool.maxpool2d_route(dy, argmax, dx, RELU, 0.0, x, gamma, mean, invstd, dgamma, dbeta)
+def batchnorm_relu_maxpool2d_backward_dx(x, dy, argmax, mean, k1, k2, k3, dx):
+    """dx (N,H,W,C) of y = maxpool(relu(batchnorm(x))), the coefficients from norm.dx_coefficients
+    (the sums of pooled_batchnorm_reduce): per image, dx = the routed gradient (the max-pool
+    scatter), then in place dx = k1*dx - k2 - k3*(x - mean), the BatchNorm layer's formula."""
+    pool.maxpool2d_route(dy, argmax, dx, RELU, 0.0, x, mean, k1, k2, k3)

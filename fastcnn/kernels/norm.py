@@ -16,9 +16,11 @@ invstd = 1/sqrt(var + eps) is computed by the caller in NumPy, correctly rounded
 may vectorize a float32 1/sqrt as a hardware estimate plus a Newton step, whose
 last bit depends on how the loop compiled.
 
-Reductions over M are computed per fixed-size chunk of rows into a partial
-buffer (each parallel iteration owns its row of the buffer), then summed over
-chunks in a fixed order: deterministic whatever the thread count, and more
+Reductions over M are computed per sample chunk (fastcnn/shard.py: the rows
+[bounds[g], bounds[g+1]) of chunk g's samples), each in blocks of CHUNK rows
+(each parallel iteration owns its block's row of a partial buffer) added in
+block order; the layer adds the chunks in chunk order, over every process.
+Deterministic whatever the thread count and the number of processes, and more
 accurate than one long running sum.
 
 Caching note: see fastcnn/kernels/activation.py (after editing this file, clear
@@ -30,53 +32,78 @@ from numba import njit, prange
 from . import activation as act_
 from .activation import FASTMATH, NONE
 
-# Rows per partial sum. Fixed (not derived from the thread count) so results
-# do not depend on how many threads run.
+# Rows per block of a partial sum. Fixed (not derived from the thread count) so results do not
+# depend on how many threads run.
 CHUNK = 256
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _sum_chunks(part, out, scale):
-    """out[c] = scale * sum_k part[k, c], summed in chunk order."""
-    nchunks, C = part.shape
-    for c in range(C):
-        out[c] = part[0, c] if nchunks > 0 else part.dtype.type(0)
-    for k in range(1, nchunks):
-        pr = part[k]
+@njit(cache=True, error_model="numpy")
+def block_layout(bounds):
+    """Blocks of at most CHUNK rows that never cross a sample chunk's rows [bounds[c], bounds[c+1]):
+    (start, stop) of each block and ``first`` (G + 1): chunk c's blocks are first[c]:first[c+1]."""
+    G = bounds.shape[0] - 1
+    nb = 0
+    for c in range(G):
+        nb += (bounds[c + 1] - bounds[c] + CHUNK - 1) // CHUNK
+    start = np.empty(nb, np.int64)
+    stop = np.empty(nb, np.int64)
+    first = np.empty(G + 1, np.int64)
+    k = 0
+    for c in range(G):
+        first[c] = k
+        m = bounds[c]
+        while m < bounds[c + 1]:
+            start[k] = m
+            stop[k] = min(m + CHUNK, bounds[c + 1])
+            k += 1
+            m += CHUNK
+    first[G] = k
+    return start, stop, first
+
+
+@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _fold_blocks(part, first, out):
+    """out[c] = sum of the blocks' partials part[first[c]:first[c+1]], in block order (0 for none)."""
+    G, C = out.shape
+    for g in range(G):
+        og = out[g]
         for c in range(C):
-            out[c] += pr[c]
-    for c in range(C):
-        out[c] *= scale
+            og[c] = part[first[g], c] if first[g + 1] > first[g] else part.dtype.type(0)
+        for k in range(first[g] + 1, first[g + 1]):
+            pk = part[k]
+            for c in range(C):
+                og[c] += pk[c]
 
 
 @njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
-def batchnorm_stats(x, mean, var):
-    """Training statistics of x (M, C): mean and biased variance, two passes (mean, then squared
-    deviations: accurate in float32 even with a large mean)."""
-    M, C = x.shape
-    dt = x.dtype.type
-    one = dt(1)
-    zero = dt(0)
-    inv_m = one / dt(M)
-    nchunks = (M + CHUNK - 1) // CHUNK
-    part = np.zeros((nchunks, C), dtype=x.dtype)
-    for k in prange(nchunks):
+def chunk_sums(x, bounds, out):
+    """out (G, C) = per sample chunk, the sum of the rows [bounds[g], bounds[g+1]) of x (M, C): the
+    first pass of the batch statistics (fastcnn/shard.py adds the chunks in order)."""
+    start, stop, first = block_layout(bounds)
+    part = np.zeros((start.shape[0], x.shape[1]), dtype=x.dtype)
+    for k in prange(start.shape[0]):
         pr = part[k]
-        for m in range(k * CHUNK, min((k + 1) * CHUNK, M)):
+        for m in range(start[k], stop[k]):
             xr = x[m]
-            for c in range(C):
+            for c in range(xr.shape[0]):
                 pr[c] += xr[c]
-    _sum_chunks(part, mean, inv_m)
-    for k in prange(nchunks):
+    _fold_blocks(part, first, out)
+
+
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
+def chunk_squared_deviations(x, mean, bounds, out):
+    """out (G, C) = per sample chunk, the sum of (x - mean)**2 over its rows: the second pass of the
+    batch statistics (two passes: accurate in float32 even with a large mean)."""
+    start, stop, first = block_layout(bounds)
+    part = np.zeros((start.shape[0], x.shape[1]), dtype=x.dtype)
+    for k in prange(start.shape[0]):
         pr = part[k]
-        for c in range(C):
-            pr[c] = zero
-        for m in range(k * CHUNK, min((k + 1) * CHUNK, M)):
+        for m in range(start[k], stop[k]):
             xr = x[m]
-            for c in range(C):
+            for c in range(xr.shape[0]):
                 d = xr[c] - mean[c]
                 pr[c] += d * d
-    _sum_chunks(part, var, inv_m)
+    _fold_blocks(part, first, out)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
@@ -86,9 +113,10 @@ def centered(u, c, mean):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
-def reduce_pass(x, dy, routed, invstd, dgamma, dbeta, act, slope, mean, scale, beta):
-    """dbeta = sum g, dgamma = invstd * sum g * (x - mean) over the rows of (P, C) views (inlined, ``act``
-    constant).
+def reduce_pass(x, dy, routed, bounds, part_b, part_g, act, slope, mean, scale, beta):
+    """Per sample chunk g (rows [bounds[g], bounds[g+1]) of the (P, C) views): part_b[g] = sum of g,
+    part_g[g] = sum of g * (x - mean) (inlined, ``act`` constant). The caller adds the chunks in
+    order (fastcnn/shard.py): dbeta = sum part_b, dgamma = invstd * sum part_g.
 
     Without ``routed``: g = dy through the activation ``act`` (NONE: the BatchNorm layer; RELU: the
     fused batch norm + ReLU block) at z = (x - mean) * scale + beta, recomputed as in the forward
@@ -97,17 +125,18 @@ def reduce_pass(x, dy, routed, invstd, dgamma, dbeta, act, slope, mean, scale, b
     (``mean`` None) and routed the argmax codes: g = dy where routed >= 0, else 0 (the sums over the
     full-size routed gradient, up to the order of the terms).
     """
-    P, C = x.shape
+    C = x.shape[1]
     dt = x.dtype.type
     zero = dt(0)
     s = dt(slope)
-    nchunks = (P + CHUNK - 1) // CHUNK
-    part_b = np.zeros((nchunks, C), dtype=x.dtype)
-    part_g = np.zeros((nchunks, C), dtype=x.dtype)
-    for k in prange(nchunks):
-        pb = part_b[k]
-        pg = part_g[k]
-        for m in range(k * CHUNK, min((k + 1) * CHUNK, P)):
+    start, stop, first = block_layout(bounds)
+    nblocks = start.shape[0]
+    blk_b = np.zeros((nblocks, C), dtype=x.dtype)
+    blk_g = np.zeros((nblocks, C), dtype=x.dtype)
+    for k in prange(nblocks):
+        pb = blk_b[k]
+        pg = blk_g[k]
+        for m in range(start[k], stop[k]):
             xr = x[m]
             dyr = dy[m]
             for c in range(C):
@@ -118,16 +147,15 @@ def reduce_pass(x, dy, routed, invstd, dgamma, dbeta, act, slope, mean, scale, b
                     g = dyr[c] if routed[m, c] >= 0 else zero
                 pb[c] += g
                 pg[c] += g * centered(u, c, mean)
-    _sum_chunks(part_b, dbeta, dt(1))
-    _sum_chunks(part_g, dgamma, dt(1))
-    for c in range(C):
-        dgamma[c] *= invstd[c]
+    _fold_blocks(blk_b, first, part_b)
+    _fold_blocks(blk_g, first, part_g)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def dx_coefficients(gamma, invstd, dgamma, dbeta, M):
     """(k1, k2, k3) with dx = k1 * g - k2 - k3 * (x - mean), the batch-norm input gradient
-    gamma*invstd/M * (M*g - dbeta - xhat*dgamma/invstd) (dgamma as reduce_pass leaves it)."""
+    gamma*invstd/M * (M*g - dbeta - xhat*dgamma/invstd) (dgamma = invstd * sum g * (x - mean);
+    M the rows of the whole batch, over every process)."""
     dt = gamma.dtype.type
     inv_m = dt(1) / dt(M)
     C = gamma.shape[0]
@@ -156,13 +184,12 @@ def dx_rows(x, g, dx, k1, k2, k3, act, s, zero, mean, scale, beta):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
-def dx_pass(x, dy, gamma, invstd, dgamma, dbeta, dx, act, slope, mean, scale, beta):
-    """dx of the training batch norm (then ``act``) on (M, C) views, given dgamma and dbeta from
-    reduce_pass (inlined, ``act`` constant). With max-pool, pool.maxpool2d_route applies dx_rows
-    after its scatter instead."""
+def dx_pass(x, dy, dx, k1, k2, k3, act, slope, mean, scale, beta):
+    """dx of the training batch norm (then ``act``) on (M, C) views, dx = k1 * g - k2 - k3 * (x - mean)
+    with the coefficients of dx_coefficients (inlined, ``act`` constant). With max-pool,
+    pool.maxpool2d_route applies dx_rows after its scatter instead."""
     M = x.shape[0]
     dt = x.dtype.type
-    k1, k2, k3 = dx_coefficients(gamma, invstd, dgamma, dbeta, M)
     nchunks = (M + CHUNK - 1) // CHUNK
     for k in prange(nchunks):
         m0 = k * CHUNK
@@ -180,11 +207,14 @@ def batchnorm_forward(x, mean, scale, beta, y):
 
 
 @njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
-def batchnorm_backward(x, dy, gamma, mean, invstd, dx, dgamma, dbeta):
-    """Training backward (batch statistics) on (M, C) views.
+def batchnorm_backward_reduce(x, dy, mean, bounds, part_b, part_g):
+    """Training backward sums per sample chunk on (M, C) views: part_b[g] = sum dy, part_g[g] =
+    sum dy * (x - mean) over chunk g's rows [bounds[g], bounds[g+1])."""
+    reduce_pass(x, dy, None, bounds, part_b, part_g, NONE, 0.0, mean, None, None)
 
-    dbeta = sum dy; dgamma = sum dy*xhat;
-    dx = gamma*invstd/M * (M*dy - dbeta - xhat*dgamma), xhat = (x-mean)*invstd.
-    """
-    reduce_pass(x, dy, None, invstd, dgamma, dbeta, NONE, 0.0, mean, None, None)
-    dx_pass(x, dy, gamma, invstd, dgamma, dbeta, dx, NONE, 0.0, mean, None, None)
+
+@njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
+def batchnorm_backward_dx(x, dy, mean, k1, k2, k3, dx):
+    """Training input gradient on (M, C) views: dx = k1 * dy - k2 - k3 * (x - mean), the coefficients
+    from dx_coefficients (gamma*invstd/M * (M*dy - dbeta - xhat*dgamma), xhat = (x-mean)*invstd)."""
+    dx_pass(x, dy, dx, k1, k2, k3, NONE, 0.0, mean, None, None)

@@ -242,14 +242,14 @@ def _route_image(dy, argmax, dxn, n, act, s):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy", inline="always")
-def maxpool2d_route(dy, argmax, dx, act, slope, x, gamma, mean, invstd, dgamma, dbeta):
+def maxpool2d_route(dy, argmax, dx, act, slope, x, mean, k1, k2, k3):
     """dx (N,H,W,C) overwritten with the max-pool backward of dy (N,OH,OW,C) through the argmax codes
     of maxpool2d_scan with activation ``act``: zero, plus each dy at its winner, plus (LEAKY) slope *
     dy at a winner <= 0; overlapping windows accumulate, in window order. Inlined into each kernel
     that runs it, ``act`` constant.
 
-    With the batch-norm epilogue (``x`` (N,H,W,C), ``gamma``, ``mean``, ``invstd`` and ``dgamma``,
-    ``dbeta`` from norm.reduce_pass; else all None): the routed gradient g then becomes, in place
+    With the batch-norm epilogue (``x`` (N,H,W,C), ``mean`` and the coefficients ``k1``, ``k2``,
+    ``k3`` of norm.dx_coefficients; else all None): the routed gradient g then becomes, in place
     while the image is in cache, the batch-norm input gradient k1 * g - k2 - k3 * (x - mean)
     (norm.dx_rows): the fused batch norm + ReLU + max-pool block's dx.
 
@@ -260,10 +260,6 @@ def maxpool2d_route(dy, argmax, dx, act, slope, x, gamma, mean, invstd, dgamma, 
     s = dx.dtype.type(slope)
     zero = dx.dtype.type(0)
     dx3 = dx.reshape((N, H * W, C))
-    if x is None:
-        k1 = k2 = k3 = np.empty(0, dx.dtype)
-    else:
-        k1, k2, k3 = norm.dx_coefficients(gamma, invstd, dgamma, dbeta, N * H * W)
     for n in prange(N):
         dxn = dx3[n]
         _route_image(dy, argmax, dxn, n, act, s)
@@ -286,7 +282,7 @@ def maxpool2d_forward(x, y, argmax, pool_h, pool_w, stride_h, stride_w, pad_top,
 def maxpool2d_backward(dy, argmax, dx):
     """dx (N,H,W,C) overwritten: zero, then each dy added at its argmax (code >= 0: also the backward
     of the fused ReLU + max-pool block, whose -1 routes nothing)."""
-    maxpool2d_route(dy, argmax, dx, NONE, 0.0, None, None, None, None, None, None)
+    maxpool2d_route(dy, argmax, dx, NONE, 0.0, None, None, None, None, None)
 
 
 # ------------------------------------------------------------ average pooling

@@ -176,6 +176,16 @@ class Layer(Scratch):
     def backward(self, dy: np.ndarray, need_input_grad: bool = True) -> Optional[np.ndarray]:
         raise NotImplementedError
 
+    # The part of the batch this process holds (fastcnn/shard.py; set by Sequential.set_shard).
+    shard = None
+
+    def batch_shard(self, n: int):
+        """The BatchShard of a forward batch of ``n`` samples: the one set for the step when it
+        holds n samples, else the whole batch in this process."""
+        from ..shard import shard_for
+
+        return shard_for(self.shard, n)
+
     # Shape checks: the kernels do no bounds checking.
     _dy_shape = None  # the shape backward expects: that of the last forward's output
 

@@ -44,23 +44,24 @@ class BatchNorm(Layer):
         self.buffers["running_var"] = np.ones(c, self.dtype)
 
     def forward(self, x, training):
-        if training and x.ndim >= 1 and x.shape[-1] and x.size // x.shape[-1] < 2:  # before any state changes
-            raise ValueError(f"batchnorm in training needs more than 1 value per channel, got input shape {x.shape}")
+        check_batch_values(self, x, training)  # before any state changes
         self._begin_forward(x, training)
         c = x.shape[-1]
         x2 = x.reshape(-1, c)
         y = self._buffer("y", x.shape)
         self.x = x  # a reference, for the backward (training or evaluation)
-        mean, scale = self.normalization(x2, training)
+        mean, scale = self.normalization(x2, training, self.batch_shard(x.shape[0]))
         norm.batchnorm_forward(x2, mean, scale, self.params["beta"].data, y.reshape(-1, c))
         return y
 
-    def normalization(self, x2, training):
+    def normalization(self, x2, training, shard):
         """(mean, scale = gamma * invstd) of the normalize pass over x2 (M, C), in buffers of the layer.
 
-        Training: the batch statistics (self.mean, self.var, self.invstd, kept for the backward), and
-        the running statistics updated; evaluation: the running statistics. The fused batch norm +
-        ReLU (+ max-pool) block (fastcnn/fusion.py) calls this too: one home for the statistics."""
+        Training: the batch statistics over the whole batch ``shard`` describes (fastcnn/shard.py: per
+        sample chunk, added in chunk order over every process; self.mean, self.var, self.invstd kept
+        for the backward, with the shard as self.stat_shard), and the running statistics updated;
+        evaluation: the running statistics. The fused batch norm + ReLU (+ max-pool) block
+        (fastcnn/fusion.py) calls this too: one home for the statistics."""
         c = x2.shape[1]
         gamma = self.params["gamma"].data
         eps = self.dtype.type(self.eps)
@@ -70,10 +71,38 @@ class BatchNorm(Layer):
             return self.buffers["running_mean"], scale
         self.mean, self.var, self.invstd, self.scale = (self._buffer(k, (c,))
                                                         for k in ("mean", "var", "invstd", "scale"))
-        norm.batchnorm_stats(x2, self.mean, self.var)
+        rows = x2.shape[0] // shard.local
+        count = shard.total * rows  # values per channel in the whole batch
+        bounds = shard.row_bounds(rows)
+        part = self._buffer("stat_chunks", (len(bounds) - 1, c))
+        inv_count = self.dtype.type(1) / self.dtype.type(count)
+        norm.chunk_sums(x2, bounds, part)
+        np.multiply(shard.fold(part, self.mean), inv_count, out=self.mean)
+        norm.chunk_squared_deviations(x2, self.mean, bounds, part)
+        np.multiply(shard.fold(part, self.var), inv_count, out=self.var)
         invstd_and_scale(gamma, self.var, eps, self.invstd, self.scale)
-        self.update_running_stats(self.mean, self.var, x2.shape[0])
+        self.update_running_stats(self.mean, self.var, count)
+        self.stat_shard = shard
         return self.mean, self.scale
+
+    def backward_coefficients(self, part_b, part_g, count):
+        """From the backward sums per sample chunk of this process (part_b[g] = sum of g, part_g[g] =
+        sum of g * (x - mean); g the gradient reaching the batch norm's output): beta.grad = sum g and
+        gamma.grad = invstd * sum g * (x - mean) over the whole batch (the chunks added in order over
+        every process), and the coefficients (k1, k2, k3) of dx = k1 * g - k2 - k3 * (x - mean)
+        (``count``: values per channel in the whole batch)."""
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        self.stat_shard.fold(part_b, beta.grad)
+        np.multiply(self.stat_shard.fold(part_g, gamma.grad), self.invstd, out=gamma.grad)
+        return norm.dx_coefficients(gamma.data, self.invstd, gamma.grad, beta.grad, count)
+
+    def backward_parts(self, rows):
+        """Buffers (part_b, part_g) for the backward sums of the held chunks and their row bounds in
+        a view with ``rows`` rows per sample."""
+        shard = self.stat_shard
+        c = self.in_shape[-1]
+        return (self._buffer("sum_chunks_b", (len(shard.local_bounds) - 1, c)),
+                self._buffer("sum_chunks_g", (len(shard.local_bounds) - 1, c)), shard.row_bounds(rows))
 
     def update_running_stats(self, mean, var, count):
         """running = (1 - momentum) * running + momentum * batch statistic; the variance unbiased
@@ -90,10 +119,16 @@ class BatchNorm(Layer):
         if not self.training:
             return batchnorm_eval_backward(self, self.x, dy, self._buffer("dx", dy.shape) if need_input_grad else None)
         c = dy.shape[-1]
+        x2, dy2 = self.x.reshape(-1, c), dy.reshape(-1, c)
+        rows = x2.shape[0] // self.stat_shard.local
+        part_b, part_g, bounds = self.backward_parts(rows)
+        norm.batchnorm_backward_reduce(x2, dy2, self.mean, bounds, part_b, part_g)
+        k1, k2, k3 = self.backward_coefficients(part_b, part_g, self.stat_shard.total * rows)
+        if not need_input_grad:
+            return None
         dx = self._buffer("dx", dy.shape)
-        norm.batchnorm_backward(self.x.reshape(-1, c), dy.reshape(-1, c), self.params["gamma"].data, self.mean,
-                                self.invstd, dx.reshape(-1, c), self.params["gamma"].grad, self.params["beta"].grad)
-        return dx if need_input_grad else None
+        norm.batchnorm_backward_dx(x2, dy2, self.mean, k1, k2, k3, dx.reshape(-1, c))
+        return dx
 
     def onnx_nodes(self, graph, x):
         """Evaluation mode: the running statistics; (N, C, H, W) after a conv, (N, C) after a dense layer."""
@@ -111,6 +146,15 @@ class BatchNorm(Layer):
             mod.running_mean.copy_(torch.from_numpy(self.buffers["running_mean"]))
             mod.running_var.copy_(torch.from_numpy(self.buffers["running_var"]))
         return mod
+
+
+def check_batch_values(bn, x, training):
+    """ValueError when a training batch gives a channel fewer than 2 values (over every process)."""
+    if not training or x.ndim < 1 or not x.shape[-1]:
+        return
+    n = x.shape[0]
+    if (bn.batch_shard(n).total * (x.size // x.shape[-1] // n) if n else 0) < 2:
+        raise ValueError(f"batchnorm in training needs more than 1 value per channel, got input shape {x.shape}")
 
 
 def invstd_and_scale(gamma, var, eps, invstd, scale):

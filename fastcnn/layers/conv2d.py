@@ -106,12 +106,16 @@ class Conv2D(Layer):
         w = self.params["weight"]
         db = self.params["bias"].grad if self.use_bias else self._buffer("db", (self.filters,))
         dx = None if not need_input_grad else self._buffer("dx", self.x.shape)
+        x, geometry = self.x, self._geometry()
+        shard = self.batch_shard(x.shape[0])
         if self.groups == 1:
-            conv.conv2d_backward_weight(self.x, dy, w.grad, db, *self._geometry())
+            shard.sum_chunks(self._buffer, lambda s, dw, db: conv.conv2d_backward_weight(
+                x[s], dy[s], dw, db, *geometry), w.grad, db)
             if dx is not None:
-                conv.conv2d_backward_input(dy, w.data, dx, *self._geometry())
-        else:
-            depthwise.grouped_backward(self.x, dy, w.data, dx, w.grad, db, self.groups, *self._geometry())
+                conv.conv2d_backward_input(dy, w.data, dx, *geometry)
+        else:  # per chunk (the depthwise kernel computes dx in the same pass)
+            shard.sum_chunks(self._buffer, lambda s, dw, db: depthwise.grouped_backward(
+                x[s], dy[s], w.data, None if dx is None else dx[s], dw, db, self.groups, *geometry), w.grad, db)
         return dx
 
     def onnx_nodes(self, graph, x):

@@ -52,7 +52,9 @@ class Dense(Layer):
         dy = self._check_dy(dy)
         w = self.params["weight"]
         db = self.params["bias"].grad if self.use_bias else self._buffer("db", (self.units,))
-        dense.dense_backward_weight(self.x, dy, w.grad, db)
+        x = self.x
+        self.batch_shard(x.shape[0]).sum_chunks(
+            self._buffer, lambda s, dw, db: dense.dense_backward_weight(x[s], dy[s], dw, db), w.grad, db)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", self.x.shape)

@@ -46,7 +46,8 @@ class Dropout(Layer):
         self.mask = self._buffer("mask", x.shape, np.uint8)
         self._scale = x.dtype.type(1.0 / (1.0 - self.rate))
         dropout_kernels.dropout_forward(rows(x), self.mask_key(), dropout_kernels.dropout_threshold(self.rate),
-                                        self._scale, rows(y), rows(self.mask))
+                                        self._scale, rows(y), rows(self.mask),
+                                        self.batch_shard(x.shape[0]).start * (x.size // max(1, x.shape[0])))
         return y
 
     def backward(self, dy, need_input_grad=True):
