@@ -83,6 +83,16 @@ def _owner(text: str) -> dict:
     return out
 
 
+def _open_folder(folder: str):
+    """A descriptor of ``folder`` to remove files in it by name wherever it is moved; None where unsupported."""
+    if os.stat not in os.supports_dir_fd or os.unlink not in os.supports_dir_fd:
+        return None
+    try:
+        return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -100,6 +110,7 @@ class RunLock:
         self.folder = os.fspath(folder)
         self.path = os.path.join(self.folder, LOCK_NAME)
         self.fd = None
+        self._dir_fd = None  # the folder itself: it follows the folder if it is moved while the run holds it
         self.stale = None  # the owner record of a dead run whose lock file was taken over
 
     def acquire(self, wait: bool = False) -> "RunLock":
@@ -121,6 +132,7 @@ class RunLock:
                 same = False
             if same:
                 self.fd = fd
+                self._dir_fd = _open_folder(self.folder)
                 break
             os.close(fd)
         else:
@@ -201,18 +213,31 @@ class RunLock:
                 f"or pass --set output.dir=OTHER")
 
     def release(self) -> None:
+        """Remove the lock file (where the folder is now, if it was moved meanwhile) and drop the lock.
+
+        Only the file this lock holds is removed, never one another run created at the same name.
+        """
         if self.fd is None:
             return
         try:
-            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
-                os.unlink(self.path)
+            held = os.fstat(self.fd)
+            if self._dir_fd is not None:
+                found = os.stat(LOCK_NAME, dir_fd=self._dir_fd, follow_symlinks=False)
+                if (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino):
+                    os.unlink(LOCK_NAME, dir_fd=self._dir_fd)
+            else:
+                found = os.stat(self.path, follow_symlinks=False)
+                if (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino):
+                    os.unlink(self.path)
         except OSError:
             pass
-        try:
-            os.close(self.fd)  # drops the flock
-        except OSError:
-            pass
-        self.fd = None
+        for fd in (self.fd, self._dir_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)  # (the lock file's: drops the flock)
+                except OSError:
+                    pass
+        self.fd = self._dir_fd = None
 
 
 # -- atomic exchange of two folders ------------------------------------------------

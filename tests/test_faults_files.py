@@ -100,6 +100,7 @@ def test_output_folder_moved_away_mid_run(tmp_path, capsys, monkeypatch):
                      rf"the run was writing\); the checkpoints written so far moved with it", one_line(err))
     assert verify_run(str(moved)) == []  # what was written is whole, where it went
     assert load_checkpoint(moved / "last.npz").meta["epoch"] == 1
+    assert not (moved / ".fastcnn.lock").exists()  # the run's lock is released where its folder went
 
 
 # -- hostile checkpoints -----------------------------------------------------------------

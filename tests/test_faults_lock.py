@@ -70,6 +70,22 @@ def test_lock_is_exclusive_and_released(tmp_path):
     b.release()
 
 
+def test_lock_released_in_a_folder_moved_meanwhile(tmp_path):
+    """The lock file goes with the folder and is removed there; a lock file that is not ours is left alone."""
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    run.mkdir()
+    lock = RunLock(run).acquire()
+    os.rename(run, moved)
+    lock.release()
+    assert os.listdir(moved) == []
+    os.rename(moved, run)
+    lock = RunLock(run).acquire()
+    os.unlink(run / LOCK_NAME)
+    (run / LOCK_NAME).write_text("pid=1 host=elsewhere started=2020-01-01T00:00:00\n")  # another run's
+    lock.release()
+    assert (run / LOCK_NAME).read_text().startswith("pid=1 ")
+
+
 def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
