@@ -75,7 +75,7 @@ def model_from_checkpoint(checkpoint, cfg=None):
     return cfg, model
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> dict:
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 500, group=None) -> dict:
     """Evaluation-mode metrics and the confusion matrix of ``model`` on ``(x, y)``.
 
     Returns {'loss', 'accuracy', 'per_class_accuracy' (None for a class with no
@@ -83,18 +83,33 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> dict
     samples of true class t predicted as p (rows: true, columns: predicted).
     The trainer's validation (metrics.jsonl's val_loss, val_accuracy) and
     ``fastcnn eval`` both call this: same batching, same loss, same numbers.
+
+    ``group`` (fastcnn/distributed.py, several processes holding the same model): process r
+    evaluates batches r, r + K, ...; the batch losses are gathered and added in batch order, so
+    every process returns the numbers one process computes.
     """
     from .losses import softmax_cross_entropy
 
     k = model.num_classes
+    size, rank = (group.size, group.rank) if group is not None else (1, 0)
+    starts = range(0, len(x), batch_size)
     confusion = np.zeros((k, k), np.int64)
-    total_loss = 0.0
-    for start in range(0, len(x), batch_size):
+    batch_loss = np.zeros(len(starts), np.float64)  # loss x size of each batch
+    for i, start in enumerate(starts):
+        if i % size != rank:
+            continue
         xb, yb = x[start:start + batch_size], np.asarray(y[start:start + batch_size])
         logits = model.forward(xb, training=False)
         loss, _ = softmax_cross_entropy(logits, yb)
-        total_loss += float(loss) * len(yb)
+        batch_loss[i] = float(loss) * len(yb)
         np.add.at(confusion, (yb, logits.argmax(axis=1)), 1)
+    if size > 1:
+        owner = np.arange(len(starts)) % size
+        batch_loss = group.allgather_rows(batch_loss[None], [1] * size)[owner, np.arange(len(starts))]
+        confusion = group.allgather_rows(confusion[None], [1] * size).sum(axis=0)
+    total_loss = 0.0
+    for value in batch_loss:  # in batch order, as one process adds them
+        total_loss += float(value)
     return metrics_from_confusion(confusion, total_loss)
 
 

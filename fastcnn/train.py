@@ -846,7 +846,7 @@ class Trainer:
         last.npz redoes the epoch bit for bit, so a best.npz a kill left one epoch ahead is what the
         resumed run writes again.
         """
-        val = evaluate(self.model, x_val, y_val)
+        val = evaluate(self.model, x_val, y_val, group=self.group if self.distributed else None)
         record = epoch_record(epoch, self.opt.step_count, sums, val, self.opt.lr, self.skipped_steps)
         self.history.append(record)
         improved = self.best_accuracy is None or val["accuracy"] > self.best_accuracy

@@ -42,8 +42,9 @@ PLAIN = {
         {"type": "flatten"},
         {"type": "dense", "units": 5},
     ]},
-    # 300 = 2 x 128 + 44: the last batch is partial, and 44 images are shared by the processes too.
-    "data": {"dataset": "synthetic", "batch_size": 128, "num_train": 300, "num_test": 64},
+    # 300 = 2 x 128 + 44: the last batch is partial, and 44 images are shared by the processes too;
+    # 1100 validation images: 3 batches of evaluation (500, 500, 100) shared by the processes.
+    "data": {"dataset": "synthetic", "batch_size": 128, "num_train": 300, "num_test": 1100},
     "train": {"epochs": 2, "optimizer": {"name": "adam", "lr": 0.01}},
 }
 
