@@ -185,3 +185,26 @@ def test_more_processes_than_the_last_batch_can_share_is_refused(tmp_path):
     assert proc.stderr.count("Error:") == 1, proc.stderr
     assert "3 processes need at least 3 images in every batch" in proc.stderr
     assert not (tmp_path / "small").exists()
+
+
+def test_ctrl_c_on_the_launcher_saves_once_and_exits_130(tmp_path):
+    cfg = dict(PLAIN, train=dict(PLAIN["train"], epochs=1000))
+    config = _write_config(tmp_path, "long", cfg)
+    out = tmp_path / "interrupted"
+    command = [str(MPIEXEC), "-n", "2", *FASTCNN, "train", config, "--no-progress", "--set", f"output.dir={out}"]
+    job = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "last.npz").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "the job never trained"
+            time.sleep(0.5)
+        job.send_signal(signal.SIGINT)  # mpiexec forwards it to every process
+        stdout, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 130, stdout + stderr
+    assert stderr.count("Resume with: fastcnn train") == 1, stderr
+    with open_checkpoint(str(out / "last.npz")) as checkpoint:
+        assert checkpoint.meta["processes"] == 2 and checkpoint.meta["epoch"] >= 1
