@@ -123,3 +123,27 @@ def test_deterministic_across_thread_counts(shape):
     for r in results[1:]:
         for a, a0 in zip(r, results[0]):
             np.testing.assert_array_equal(a, a0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_in, n_out", [(100, 128), (37, 10), (300, 32)])
+def test_weight_gradient_by_chunks_equals_separate_calls_added_in_order(dtype, n_in, n_out):
+    """With chunk bounds (fastcnn/shard.py) the kernel gives, bit for bit, the chunks' results of
+    separate calls added in chunk order: what a process holding only some chunks computes."""
+    from fastcnn.shard import fold_into
+
+    rng = np.random.default_rng(3)
+    n = 53
+    x = rng.standard_normal((n, n_in)).astype(dtype)
+    dy = rng.standard_normal((n, n_out)).astype(dtype)
+    bounds = np.array([0, 7, 14, 20, 27, 33, 40, 46, 53], dtype=np.int64)
+    dw, db = np.full((n_in, n_out), np.nan, dtype), np.full(n_out, np.nan, dtype)
+    K.dense_backward_weight(x, dy, dw, db, bounds)
+    parts_w = np.empty((8, n_in, n_out), dtype)
+    parts_b = np.empty((8, n_out), dtype)
+    for g in range(8):
+        s = slice(bounds[g], bounds[g + 1])
+        K.dense_backward_weight(x[s], dy[s], parts_w[g], parts_b[g])
+    assert dw.tobytes() == fold_into(parts_w, np.empty_like(dw)).tobytes()
+    assert db.tobytes() == fold_into(parts_b, np.empty_like(db)).tobytes()
+    np.testing.assert_allclose(dw, x.astype(np.float64).T @ dy, rtol=1e-4, atol=1e-4)

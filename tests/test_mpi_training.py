@@ -7,6 +7,7 @@ of last.npz (weights, buffers, optimizer state) must equal the one-process run's
 K = 2 and 4, and so must the metrics; a resume with another K continues bit-identically; a killed
 process ends the job instead of hanging it; mistakes are reported once.
 """
+import contextlib
 import json
 import os
 import signal
@@ -137,29 +138,35 @@ def test_resume_with_another_number_of_processes(one_process):
         _assert_same_run(reference, out, f"resumed by {k} process(es)")
 
 
-def test_a_killed_process_ends_the_job(tmp_path):
-    cfg = dict(PLAIN, train=dict(PLAIN["train"], epochs=1000))
-    config = _write_config(tmp_path, "long", cfg)
-    out = tmp_path / "killed"
+@contextlib.contextmanager
+def _long_job(tmp_path, name):
+    """A 2-process job training for a long time, yielded (with its output folder) once rank 0 has
+    written last.npz (training is under way on both processes); killed at the end if still alive."""
+    config = _write_config(tmp_path, "long", dict(PLAIN, train=dict(PLAIN["train"], epochs=1000)))
+    out = tmp_path / name
     command = [str(MPIEXEC), "-n", "2", *FASTCNN, "train", config, "--no-progress", "--set", f"output.dir={out}"]
-    job = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    job = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         deadline = time.monotonic() + 300
-        while not (out / "last.npz").exists():  # training has started on both processes
+        while not (out / "last.npz").exists():
             assert job.poll() is None and time.monotonic() < deadline, "the job never trained"
             time.sleep(0.5)
-        ranks = subprocess.run(["pgrep", "-f", f"output.dir={out}"], capture_output=True, text=True).stdout.split()
-        ranks = [int(p) for p in ranks if int(p) != job.pid]
-        victim = max(ranks)  # one process of the two (not the launcher)
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        job.wait(timeout=60)
-        assert time.monotonic() - killed < 30, "the job took more than 30 s to end"
-        assert job.returncode != 0
+        yield job, out
     finally:
         if job.poll() is None:
             job.kill()
             job.wait()
+
+
+def test_a_killed_process_ends_the_job(tmp_path):
+    with _long_job(tmp_path, "killed") as (job, out):
+        ranks = subprocess.run(["pgrep", "-f", f"output.dir={out}"], capture_output=True, text=True).stdout.split()
+        ranks = [int(p) for p in ranks if int(p) != job.pid]
+        os.kill(max(ranks), signal.SIGKILL)  # one process of the two (not the launcher)
+        killed = time.monotonic()
+        job.communicate(timeout=60)
+        assert time.monotonic() - killed < 30, "the job took more than 30 s to end"
+        assert job.returncode != 0
     # The checkpoints written before stay good.
     assert _arrays(out / "last.npz")
 
@@ -188,22 +195,9 @@ def test_more_processes_than_the_last_batch_can_share_is_refused(tmp_path):
 
 
 def test_ctrl_c_on_the_launcher_saves_once_and_exits_130(tmp_path):
-    cfg = dict(PLAIN, train=dict(PLAIN["train"], epochs=1000))
-    config = _write_config(tmp_path, "long", cfg)
-    out = tmp_path / "interrupted"
-    command = [str(MPIEXEC), "-n", "2", *FASTCNN, "train", config, "--no-progress", "--set", f"output.dir={out}"]
-    job = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "last.npz").exists():
-            assert job.poll() is None and time.monotonic() < deadline, "the job never trained"
-            time.sleep(0.5)
+    with _long_job(tmp_path, "interrupted") as (job, out):
         job.send_signal(signal.SIGINT)  # mpiexec forwards it to every process
         stdout, stderr = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
     assert job.returncode == 130, stdout + stderr
     assert stderr.count("Resume with: fastcnn train") == 1, stderr
     with open_checkpoint(str(out / "last.npz")) as checkpoint:

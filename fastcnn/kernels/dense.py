@@ -37,10 +37,16 @@ def dense_backward_input(dy, w, dx):
     _dense_backward_input(np.ascontiguousarray(dy), np.ascontiguousarray(w), dx)
 
 
-def dense_backward_weight(x, dy, dw, db):
-    """dw (I,O) = x.T @ dy, db (O,) = dy.sum(0); both overwritten (dw C-contiguous)."""
+def dense_backward_weight(x, dy, dw, db, bounds=None):
+    """dw (I,O) = x.T @ dy, db (O,) = dy.sum(0); both overwritten (dw C-contiguous).
+
+    ``bounds`` (int64, G + 1 row offsets; default one chunk [0, N]): the sums over the rows of each
+    chunk [bounds[g], bounds[g+1]) are computed from zero, then added in chunk order
+    (fastcnn/shard.py): bit for bit the chunks' results of separate calls, added in order."""
     ensure_gemm(dw.dtype)
-    _dense_backward_weight(np.ascontiguousarray(x), np.ascontiguousarray(dy), dw, db)
+    if bounds is None:
+        bounds = np.array([0, x.shape[0]], dtype=np.int64)
+    _dense_backward_weight(np.ascontiguousarray(x), np.ascontiguousarray(dy), dw, db, bounds)
 
 
 @njit(cache=True, fastmath=True, parallel=prange_only(), error_model="numpy")
@@ -109,14 +115,17 @@ def _dense_backward_input(dy, w, dx):
 
 
 @njit(cache=True, fastmath=True, parallel=prange_only(), error_model="numpy")
-def _dense_backward_weight(x, dy, dw, db):
-    """dw (I,O) = x.T @ dy, db (O,) = dy.sum(0); both overwritten.
+def _dense_backward_weight(x, dy, dw, db, bounds):
+    """dw (I,O) = x.T @ dy, db (O,) = dy.sum(0), summed per chunk of rows (``bounds``) from zero and
+    the chunks added in order; both overwritten.
 
-    Parallel over blocks of rows of dw: each row is owned by one iteration
-    (no partial buffers); a block shares each loaded row of dy.
+    Parallel over blocks of rows of dw: each row is owned by one iteration (no partial buffers of
+    the whole dw); a block shares each loaded row of dy, and its chunks after the first are computed
+    into a block-sized scratch (in cache) and added.
     """
-    N, I = x.shape
+    I = x.shape[1]
     O = dy.shape[1]
+    G = bounds.shape[0] - 1
     zero = dw.dtype.type(0)
     VL = VBYTES // dw.itemsize
     # GEMM (O a multiple of the vector length): blocks of _BWD_ROWS rows,
@@ -124,24 +133,42 @@ def _dense_backward_weight(x, dy, dw, db):
     # step I); otherwise blocks of ROWS rows. One prange: each is its own gufunc.
     use_gemm = O % VL == 0
     xf = x.reshape(-1)
-    dwf = dw.reshape(-1)
     dyf = dy.reshape(-1)
     RB = _BWD_ROWS if use_gemm else ROWS
     nblocks = (I + RB - 1) // RB
     for blk in prange(nblocks):
         i0 = blk * RB
         i1 = min(i0 + RB, I)
-        fill(dwf[i0 * O:i1 * O], zero)
-        if use_gemm:
-            gemm(dwf, i0 * O, O, xf, i0, 1, I, dyf, 0, O, N, 1, 0, 0, i1 - i0, O // VL)
-            continue
-        _small_rows_update(dw[i0:i1], x[:, i0:i1].T, dy)
+        out = dw[i0:i1]
+        part = np.empty((i1 - i0 if G > 1 else 0, O), dtype=dw.dtype)
+        for g in range(G):
+            dst = out if g == 0 else part
+            n0 = bounds[g]
+            n1 = bounds[g + 1]
+            fill(dst.reshape(-1), zero)
+            if use_gemm:
+                gemm(dst.reshape(-1), 0, O, xf, n0 * I + i0, 1, I, dyf, n0 * O, O, n1 - n0, 1, 0, 0, i1 - i0,
+                     O // VL)
+            else:
+                _small_rows_update(dst, x[n0:n1, i0:i1].T, dy[n0:n1])
+            if g > 0:
+                for r in range(i1 - i0):
+                    outr = out[r]
+                    partr = part[r]
+                    for o in range(O):
+                        outr[o] += partr[o]
     for o in range(O):
         db[o] = zero
-    for n in range(N):
-        g = dy[n]
+    s = np.empty(O, dtype=db.dtype)
+    for g in range(G):
         for o in range(O):
-            db[o] += g[o]
+            s[o] = zero
+        for n in range(bounds[g], bounds[g + 1]):
+            row = dy[n]
+            for o in range(O):
+                s[o] += row[o]
+        for o in range(O):
+            db[o] = s[o] if g == 0 else db[o] + s[o]
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")

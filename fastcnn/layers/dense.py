@@ -53,8 +53,12 @@ class Dense(Layer):
         w = self.params["weight"]
         db = self.params["bias"].grad if self.use_bias else self._buffer("db", (self.units,))
         x = self.x
-        self.batch_shard(x.shape[0]).sum_chunks(
-            self._buffer, lambda s, dw, db: dense.dense_backward_weight(x[s], dy[s], dw, db), w.grad, db)
+        shard = self.batch_shard(x.shape[0])
+        if shard.distributed:  # each chunk's sums, gathered and added in chunk order
+            shard.sum_chunks(self._buffer, lambda s, dw, db: dense.dense_backward_weight(x[s], dy[s], dw, db),
+                             w.grad, db)
+        else:  # the same sums, added inside the kernel (dw written once)
+            dense.dense_backward_weight(x, dy, w.grad, db, shard.local_bounds)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", self.x.shape)
