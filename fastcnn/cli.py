@@ -10,6 +10,7 @@ import time
 import click
 
 from . import __version__
+from .errors import Terminated
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET  # plain constants: imports neither onnx nor NumPy
 
 _STARTED = time.perf_counter()
@@ -342,6 +343,7 @@ def main(argv=None):
     try:
         cli.main(args=argv, prog_name="fastcnn", standalone_mode=False)
     except click.exceptions.Abort as e:  # click's name for a KeyboardInterrupt it caught
+        _ignore_signals()
         if isinstance(e.__cause__ or e.__context__, Terminated):
             _error("terminated")
             sys.exit(143)
@@ -358,12 +360,15 @@ def main(argv=None):
         # OutputError while saving after a signal: 130/143, as the signal would have given.
         sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
     except _Stopped as e:
+        _ignore_signals()
         _error(str(e))
         sys.exit(e.code)
     except Terminated:
+        _ignore_signals()
         _error("terminated")
         sys.exit(143)
     except KeyboardInterrupt:
+        _ignore_signals()
         _error("interrupted")
         sys.exit(130)
     except MemoryError:
@@ -380,8 +385,7 @@ def main(argv=None):
             sys.exit(EXIT_INTERNAL)
         if isinstance(e, Interrupted):
             # Everything is saved; a further Ctrl-C must not cut these lines or change the exit code.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _ignore_signals()
             click.echo(f"\nInterrupted: saved {e.checkpoint}", err=True)
             click.echo(f"Resume with: fastcnn train {' '.join(_resume_args(e.checkpoint))}", err=True)
             sys.exit(e.code)
@@ -389,8 +393,10 @@ def main(argv=None):
     sys.exit(0)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside the training loop (which handles it itself)."""
+def _ignore_signals():
+    """Exiting on a signal: a further Ctrl-C or SIGTERM must not cut the last line or change the exit code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _terminate(signum, frame):

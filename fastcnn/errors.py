@@ -24,3 +24,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, corrupt or does not match the model."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop's own handling (or a second one inside it): exit 143."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import __version__, faults
 from .config import ConfigError, to_dict, to_yaml
-from .errors import UserError
+from .errors import Terminated, UserError
 from .evaluate import evaluate
 from .rundir import RUN_FILES, OutputError, RunFolder, RunLock, describe_oserror
 from .runtime import set_threads, warm_up
@@ -70,7 +70,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -412,7 +412,8 @@ class Trainer:
         if os.path.isdir(out):
             RunLock(out).check_free()  # a live run there: say so before anything else
         present = [n for n in RUN_FILES if os.path.lexists(os.path.join(out, n))]
-        checkpoints = [n for n in CHECKPOINT_FILES if n in present]
+        # A checkpoint is a regular file: a folder named last.npz is something in the way (below).
+        checkpoints = [n for n in CHECKPOINT_FILES if n in present and self._kind(os.path.join(out, n)) == "a file"]
         if self.resume:
             mode = "resume"
             others = self._other_runs(checkpoints)

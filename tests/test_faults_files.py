@@ -56,7 +56,7 @@ def test_output_dir_is_a_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("name, extra, words", [
     ("metrics.jsonl", [], "metrics.jsonl is a folder, not a file; move it away (or pass --overwrite)"),
-    ("last.npz", [], "already holds a run (last.npz)"),
+    ("last.npz", [], "last.npz is a folder, not a file; move it away (or pass --overwrite)"),
     ("config.yaml", ["--resume", "ELSEWHERE"], "config.yaml is a folder, not a file; move it away"),
 ])
 def test_a_folder_in_the_way_is_reported_before_training(tmp_path, capsys, small_checkpoint, name, extra, words):
