@@ -105,21 +105,19 @@ def train(config, overrides, resume, overwrite, threads, no_progress):
     """
     from .config import load_config
     from .distributed import current_group
-    from .errors import UserError
-    from .train import Trainer
+    from .train import Trainer, run_together
 
     # Started by an MPI launcher (mpiexec -n K, srun): the K processes train one model together.
     group = current_group()
     if threads is not None:
         overrides = (*overrides, f"train.threads={threads}")
     try:
-        cfg = load_config(config, overrides)
-    except UserError as e:  # the same mistake on every process: rank 0 reports it
-        e.quiet = not group.is_root
-        raise
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=not no_progress, log=click.echo,
-                      started=_STARTED, ignore_signals_after_stop=True, group=group)
-    try:
+        if group.size > 1:  # a mistake (or a file missing on one machine) ends every process, said once
+            cfg = run_together(group, lambda: load_config(config, overrides))
+        else:
+            cfg = load_config(config, overrides)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite, progress=not no_progress, log=click.echo,
+                          started=_STARTED, ignore_signals_after_stop=True, group=group)
         result = trainer.run()
     except BaseException as e:
         if group.size > 1:
@@ -304,31 +302,41 @@ def plot(run_dir, output):
 def _end_process_group(group, error):
     """An error in one process of a multi-process run (fastcnn train under mpiexec).
 
-    Raised by every process at once (a failed start, checked together; a stop by signal or a
-    divergence, which all processes see at the same step): each exits with it, rank 0 alone
-    reporting. Raised by this process alone (a full disk on rank 0, a bug): it reports it, naming
-    its rank, and ends every process (MPI Abort) so that none waits for it forever.
+    Raised by every process at once (a failed start, checked together: ``agreed``; a stop by signal
+    or a divergence, which all processes see at the same step): rank 0 reports a stop or divergence
+    as a one-process run does (returns: main() does it); otherwise each process reports its own error
+    unless it is quiet (another process reports it) and exits with the code agreed by all. Raised by
+    this process alone (a full disk on rank 0, a bug): it reports it, naming its rank, and ends every
+    process (MPI Abort) so that none waits for it forever.
     """
-    from .errors import UserError
+    from .errors import Terminated, UserError
     from .train import Interrupted, TrainingDiverged, exit_code_of
 
-    if getattr(error, "agreed", False) or isinstance(error, (Interrupted, TrainingDiverged)):
+    if isinstance(error, (Interrupted, TrainingDiverged)):
         if not group.is_root:
             sys.exit(exit_code_of(error))  # quietly: rank 0 reports
         return
-    code = exit_code_of(error)
-    where = "" if group.is_root else f"process {group.rank}: "
-    if isinstance(error, UserError):
+    agreed = getattr(error, "agreed", False)
+    code = getattr(error, "job_code", None) or exit_code_of(error)
+    where = "" if group.is_root or (isinstance(error, UserError) and str(error).startswith("process ")) \
+        else f"process {group.rank}: "
+    if getattr(error, "quiet", False):
+        pass  # another process reports it
+    elif isinstance(error, UserError):
         _error(f"{where}{error}")
     elif isinstance(error, KeyboardInterrupt):
-        _error(f"{where}interrupted")
+        _error(f"{where}{'terminated' if isinstance(error, Terminated) else 'interrupted'}")
     else:
         import traceback
 
-        click.echo(f"Error: {where}internal error, ending every process of the run:", err=True)
+        click.echo(f"Error: {where}internal error{'' if agreed else ', ending every process of the run'}:",
+                   err=True)
         traceback.print_exception(type(error), error, error.__traceback__)
     sys.stderr.flush()
     sys.stdout.flush()
+    if agreed:
+        _ignore_signals()
+        sys.exit(code)  # every process leaves now, with the same code
     group.abort(code)
 
 

@@ -6,6 +6,8 @@ once, at import). Its value is a comma-separated list of ``ACTION@POINT`` or
 1), with ACTION one of:
 
 - ``kill``: the process sends itself SIGKILL (no handler, no cleanup runs);
+- ``sigint`` / ``sigterm``: the process sends itself SIGINT / SIGTERM (as Ctrl-C or a scheduler
+  would, at a known point);
 - ``enospc`` / ``eacces`` / ``eio``: an OSError (no space left on device,
   permission denied, input/output error) is raised at that point.
 
@@ -14,8 +16,8 @@ Points (see fastcnn/train.py, fastcnn/checkpoint.py, fastcnn/rundir.py):
 after it is written and synced but before it replaces ``<file>``,
 ``epoch-end:after-best``, ``epoch-end:after-last``,
 ``epoch-end:after-metrics``, ``overwrite:before-swap``,
-``overwrite:after-swap``, ``start:after-lock``, ``start:after-config``,
-``signal-save:before``.
+``overwrite:after-swap``, ``start:load`` (every process of a multi-process run, before it
+loads the model and data), ``start:after-lock``, ``start:after-config``, ``signal-save:before``.
 
     FASTCNN_FAULT='kill@epoch-end:after-best#2' fastcnn train ...
 """
@@ -51,6 +53,8 @@ def hit(point: str, path: str | None = None) -> None:
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action in ("sigint", "sigterm"):
+            os.kill(os.getpid(), signal.SIGINT if action == "sigint" else signal.SIGTERM)
         if action in _ERRNO:
             code = _ERRNO[action]
             raise OSError(code, os.strerror(code), path)

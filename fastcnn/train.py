@@ -121,6 +121,8 @@ def exit_code_of(error: BaseException | None) -> int:
         return 0
     if isinstance(error, UserError):
         return int(getattr(error, "exit_code", 2))
+    if isinstance(error, Terminated):
+        return 143
     if isinstance(error, (KeyboardInterrupt, Interrupted)):
         return int(getattr(error, "code", 130))
     return 1
@@ -132,14 +134,42 @@ def agreed_failure(error: BaseException | None, codes: np.ndarray, rank: int) ->
     rank when rank 0 did not; else PeerFailed with the highest code."""
     if error is None:
         return PeerFailed(int(codes.max()))
-    if rank > 0 and isinstance(error, UserError):
-        if codes[0]:
-            error.quiet = True
-        else:
-            named = UserError(f"process {rank}: {error}")
-            named.exit_code = int(getattr(error, "exit_code", 2))
-            return named
+    if rank > 0 and codes[0]:
+        error.quiet = True  # rank 0 failed too: it reports
+    elif rank > 0 and isinstance(error, UserError):
+        named = UserError(f"process {rank}: {error}")
+        named.exit_code = int(getattr(error, "exit_code", 2))
+        return named
     return error
+
+
+def run_together(group: Any, fn: Callable[[], Any], on: str = "all") -> Any:
+    """fn() on every process of ``group`` ("all"), on rank 0 alone ("root"), or on rank 0 and then on
+    the others ("root first": rank 0 downloads or compiles what the others then find); its result.
+
+    When fn fails on any process, every process raises (none is left waiting in a collective): the
+    failing ones their own error, the others a quiet PeerFailed. The error is marked ``agreed`` and
+    carries ``job_code``, the highest exit code of all (mpiexec ORs the processes' codes, so all exit
+    with that one); fastcnn/cli.py reports it once: rank 0's error, else the failing process's,
+    naming its rank.
+    """
+    result = None
+    steps = {"all": ("all",), "root": ("root",), "root first": ("root", "others")}[on]
+    for who in steps:
+        error = None
+        if who == "all" or (who == "root") == group.is_root:
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - every process must hear of it
+                error = e
+        group.idle_barrier()  # rank 0 may take long (compiling): the others wait without spinning
+        codes = group.allgather_rows(np.array([exit_code_of(error)], np.int64), [1] * group.size)
+        if codes.any():
+            failure = agreed_failure(error, codes, group.rank)
+            failure.agreed = True  # every process raises now: nothing to abort (fastcnn/cli.py)
+            failure.job_code = int(codes.max())
+            raise failure
+    return result
 
 
 class TrainingDiverged(Exception):
@@ -475,6 +505,8 @@ class Trainer:
         from .checkpoint import open_checkpoint
         from .errors import CheckpointError
         from .model import build_model
+
+        faults.hit("start:load")
         from .optim import build_optimizer
         from .schedules import EarlyStopping, build_schedule
 
@@ -683,33 +715,19 @@ class Trainer:
                             f"start fewer processes or change data.batch_size")
 
     def _together(self, fn: Callable[[], Any], on: str = "all") -> Any:
-        """fn() on every process ("all"), on rank 0 alone ("root"), or on rank 0 and then on the others
-        ("root first": rank 0 downloads or compiles what the others then find); its result.
+        """fn() in one process; with several, run_together (rank 0 only where ``on`` is "root")."""
+        return run_together(self.group, fn, on) if self.distributed else fn()
 
-        One process: just fn(). Several: when fn fails on any process, every process raises: the
-        failing ones their own error (rank 0's printed; another's printed, naming its rank, when rank 0
-        did not fail), the others a quiet PeerFailed; the exit code is the highest of the failures.
-        """
+    def _agreed_signal(self, stop: _StopFlag) -> int | None:
+        """The signal that stops the run now: this process's; with several, the one any process got,
+        agreed by all (a collective), so that every process stops after the same step. A signal
+        arriving after the agreement counts at the next one."""
         if not self.distributed:
-            return fn()
-        result = None
-        steps = {"all": ("all",), "root": ("root",), "root first": ("root", "others")}[on]
-        for who in steps:
-            error = None
-            if who == "all" or (who == "root") == self.root:
-                try:
-                    result = fn()
-                except BaseException as e:  # noqa: BLE001 - every process must hear of it
-                    error = e
-            self.group.idle_barrier()  # rank 0 may take long (compiling): the others wait without spinning
-            codes = self.group.allgather_rows(np.array([exit_code_of(error)], np.int64), [1] * self.group.size)
-            if codes.any():
-                failure = agreed_failure(error, codes, self.group.rank)
-                failure.agreed = True  # every process raises now: nothing to abort (fastcnn/cli.py)
-                if isinstance(failure, UserError):  # mpiexec ORs the exit codes: all exit with one
-                    failure.exit_code = int(codes.max())
-                raise failure
-        return result
+            return stop.signum
+        agreed = self.group.allreduce_max(stop.signum or 0)
+        if agreed:
+            stop.signum = agreed
+        return agreed or None
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> dict:
@@ -745,8 +763,9 @@ class Trainer:
                         f"{self.skipped_steps} step(s) skipped in all): the model no longer trains; "
                         f"{self._kept()}")
                 self._end_epoch(epoch, sums, x_val, y_val)
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, last)
+                signum = self._agreed_signal(stop)
+                if signum is not None:
+                    raise Interrupted(signum, last)
                 if self.stopped_early:
                     es = self.early_stopping
                     self.log(f"Early stopping: {es.monitor} has not improved for {es.patience} epoch(s) "
@@ -757,8 +776,9 @@ class Trainer:
                 self._write_metrics()
                 self._commit()
             self._plot_curves()
-            if stop.signum is not None:  # arrived after the last step: everything is saved already
-                raise Interrupted(stop.signum, last)
+            signum = self._agreed_signal(stop)
+            if signum is not None:  # arrived after the last step: everything is saved already
+                raise Interrupted(signum, last)
         return {"history": self.history, "best_accuracy": self.best_accuracy, "output_dir": self.out_dir,
                 "skipped_steps": self.skipped_steps}
 
@@ -789,24 +809,23 @@ class Trainer:
                 where = f"step {self.opt.step_count + self.skipped_steps + 1} (epoch {epoch + 1}, batch {b + 1})"
                 if not self.nan_policy.skip:
                     bar.close()
-                bar.write(self.nan_policy.on_fault(result.fault, where))
+                line = self.nan_policy.on_fault(result.fault, where)  # on every process: same state
+                if self.root:
+                    bar.write(line)
             bar.update(1)
             if sums["seen"] and (b % 20 == 0 or b == len(loader) - 1):
                 elapsed = sums["seconds"] + time.perf_counter() - t_epoch
                 bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.4f}",
                                 acc=f"{sums['correct'] / sums['seen']:.4f}",
                                 img_s=f"{sums['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
-            if self.distributed:  # every process stops at the same step, whichever got the signal
-                agreed = self.group.allreduce_max(stop.signum or 0)
-                if agreed and stop.signum is None:
-                    stop.signum = agreed
-            if stop.signum is not None:
+            signum = self._agreed_signal(stop)  # every process stops after the same step
+            if signum is not None:
                 bar.close()
                 sums["seconds"] += time.perf_counter() - t_epoch
                 faults.hit("signal-save:before")
                 path = self._save("last.npz", epoch, b + 1, sums)
                 self._commit()
-                raise Interrupted(stop.signum, path)
+                raise Interrupted(signum, path)
         bar.close()
         sums["seconds"] += time.perf_counter() - t_epoch
         return sums

@@ -202,3 +202,29 @@ def test_ctrl_c_on_the_launcher_saves_once_and_exits_130(tmp_path):
     assert stderr.count("Resume with: fastcnn train") == 1, stderr
     with open_checkpoint(str(out / "last.npz")) as checkpoint:
         assert checkpoint.meta["processes"] == 2 and checkpoint.meta["epoch"] >= 1
+
+
+def test_a_signal_reaching_rank_0_alone_while_it_saves_stops_every_process(tmp_path):
+    """Rank 0 gets SIGINT while it writes last.npz at the end of epoch 1, when the other process is
+    already in the next step: all agree on the stop after rank 0's save (no hang), exit 130."""
+    config = _write_config(tmp_path, "plain", dict(PLAIN, train=dict(PLAIN["train"], epochs=3)))
+    out = tmp_path / "signal"
+    command = [str(MPIEXEC), "-n", "2", *FASTCNN, "train", config, "--no-progress", "--set", f"output.dir={out}"]
+    env = dict(_env(), FASTCNN_FAULT="sigint@tmp:last.npz#1")  # only rank 0 writes files
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert proc.stderr.count("Resume with: fastcnn train") == 1, proc.stderr
+    with open_checkpoint(str(out / "last.npz")) as checkpoint:
+        assert checkpoint.meta["epoch"] == 1 and checkpoint.meta["batch"] == 0
+
+
+def test_a_failure_on_another_rank_at_start_is_reported_and_ends_every_process(tmp_path):
+    """Rank 1 alone fails while loading (an I/O error injected there, as a dataset missing on its
+    machine would): it reports the error naming its rank, every process exits, nothing hangs."""
+    config = _write_config(tmp_path, "plain", PLAIN)
+    train = [*FASTCNN, "train", config, "--no-progress", "--set", f"output.dir={tmp_path / 'run'}"]
+    command = [str(MPIEXEC), "-n", "1", *train, ":", "-n", "1", "-env", "FASTCNN_FAULT", "eio@start:load", *train]
+    proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Error: process 1: internal error" in proc.stderr and "Input/output error" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -228,3 +228,14 @@ def test_bench_suite_smoke(tmp_path):
     for r in convs:
         assert r["forward_gflops"] > 0 and r["backward_gflops"] > 0
         assert r["forward_peak_pct"] == pytest.approx(100 * r["forward_gflops"] / peak["peak_gflops"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="needs the mpi extra")
+def test_bench_mpi_smoke():
+    """One round of ResNet-20 on a few synthetic images, 1 process and 2: medians printed, and the
+    script's own check that every run ended with the same weights."""
+    proc = _run([os.path.join(SCRIPTS, "bench_mpi.py"), "--rounds", "1", "--setups", "1x1,2x1", "--nets", "resnet20",
+                 "--resnet-images", "256"], env=dict(os.environ, NUMBA_NUM_THREADS="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resnet20 2x1: epoch" in proc.stdout
+    assert "resnet20: 2 runs, all with the same weights" in proc.stdout, proc.stdout

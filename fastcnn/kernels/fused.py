@@ -19,7 +19,7 @@ reductions after a max-pool, which add the winners' terms in pooled order:
   input pixel gets at most one gradient, so ``slope * dy`` equals the unfused
   ``slope * (0 + dy)``).
 * Batch norm + ReLU (+ max-pool). The statistics are the BatchNorm layer's
-  (BatchNorm.normalization: norm.batchnorm_stats, invstd and scale = gamma *
+  (BatchNorm.normalization: norm.chunk_sums and chunk_squared_deviations, invstd and scale = gamma *
   invstd correctly rounded, the running statistics), then one pass computing
   ``z = (x - mean) * scale + beta``, ReLU (and the pool, comparing in z-space:
   gamma may be negative). The backward reductions only need the winners: the
