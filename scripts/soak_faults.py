@@ -55,6 +55,7 @@ class Soak:
         self.rng = random.Random(args.seed)
         self.failures = []
         self.counts = Counter()
+        self.missed = 0  # faults that found the run already finished (nothing was tested)
 
     def cmd(self, out_dir, *extra):
         a = self.args
@@ -136,7 +137,9 @@ class Soak:
         elif kind in ("kill-time", "signal", "double-int"):
             sig = {"kill-time": signal.SIGKILL, "double-int": signal.SIGINT}.get(
                 kind, rng.choice([signal.SIGINT, signal.SIGTERM]))
-            delay = rng.uniform(0.2, self.duration)
+            # Within the time the resumed run needs (its share of the reference's epochs), so that
+            # most faults land while it trains, not after it has finished.
+            delay = rng.uniform(0.2, max(0.3, self.duration * self.epochs_left(out_dir) / self.args.epochs))
             label = f"{kind} {signal.Signals(sig).name} after {delay:.2f} s"
             proc = self.start(out_dir, *resume)
             self.sleep_then(proc, delay, sig, twice=kind == "double-int")
@@ -153,6 +156,8 @@ class Soak:
             raise ValueError(kind)
         _, err = proc.communicate(timeout=600)
         self.counts[kind] += 1
+        if proc.returncode == 0 and kind != "concurrent":
+            self.missed += 1  # the run finished before the fault
         print(f"{kind:>10}: {label}: exit {proc.returncode}")
         if proc.returncode not in expect:
             self.fail(f"{label}: exit {proc.returncode}, expected one of {sorted(expect)}: {err.strip()[-500:]}")
@@ -284,8 +289,8 @@ class Soak:
             print(f"FAIL: {len(self.failures)} check(s) failed over {sum(self.counts.values())} faults ({summary})")
             return 1
         shutil.rmtree(work, ignore_errors=True)
-        print(f"OK: {sum(self.counts.values())} faults ({summary}); {rounds} resumed run(s) bit-identical to the "
-              f"reference; every invariant held after every fault")
+        print(f"OK: {sum(self.counts.values())} faults ({summary}; {self.missed} found the run already finished); "
+              f"{rounds} resumed run(s) bit-identical to the reference; every invariant held after every fault")
         return 0
 
 
