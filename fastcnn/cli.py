@@ -318,8 +318,8 @@ def _end_process_group(group, error):
         return
     agreed = getattr(error, "agreed", False)
     code = getattr(error, "job_code", None) or exit_code_of(error)
-    where = "" if group.is_root or (isinstance(error, UserError) and str(error).startswith("process ")) \
-        else f"process {group.rank}: "
+    # An agreed UserError of another process already names it (train.agreed_failure).
+    where = "" if group.is_root or (agreed and isinstance(error, UserError)) else f"process {group.rank}: "
     if getattr(error, "quiet", False):
         pass  # another process reports it
     elif isinstance(error, UserError):

@@ -161,7 +161,6 @@ class BatchNormReLU(Block):
         x = self.x
         c = x.shape[-1]
         n = x.shape[0]
-        count = bn.stat_shard.total * (x.size // c // n)  # values per channel in the whole batch
         x2, dy2 = x.reshape(-1, c), dy.reshape(-1, c)
         if self.pool is None:
             part_b, part_g, bounds = bn.backward_parts(x2.shape[0] // n)
@@ -170,7 +169,7 @@ class BatchNormReLU(Block):
             part_b, part_g, bounds = bn.backward_parts(dy2.shape[0] // n)
             fused.pooled_batchnorm_reduce(dy2, self.argmax.reshape(-1, c), self.xsel.reshape(-1, c), bounds,
                                           part_b, part_g)
-        k1, k2, k3 = bn.backward_coefficients(part_b, part_g, count)
+        k1, k2, k3 = bn.backward_coefficients(part_b, part_g)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", x.shape, x.dtype)

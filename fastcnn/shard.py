@@ -74,8 +74,12 @@ class BatchShard:
 
     @classmethod
     def whole(cls, total: int) -> "BatchShard":
-        """A batch of ``total`` samples, all held by this process."""
-        return cls(total)
+        """A batch of ``total`` samples, all held by this process (one object per batch size: layers
+        ask for it at every forward and backward)."""
+        shard = _WHOLE.get(total)
+        if shard is None:
+            shard = _WHOLE[total] = cls(total)
+        return shard
 
     @property
     def distributed(self) -> bool:
@@ -121,6 +125,9 @@ class BatchShard:
     def sum_int(self, value: int) -> int:
         """An integer count summed over the processes (exact in any order)."""
         return int(self.group.allreduce_sum_int(int(value))) if self.distributed else int(value)
+
+
+_WHOLE: dict = {}  # total -> BatchShard.whole(total); shards are never modified
 
 
 def shard_for(shard: Optional[BatchShard], n: int) -> BatchShard:

@@ -82,19 +82,18 @@ class BatchNorm(Layer):
         np.multiply(shard.fold(part, self.var), inv_count, out=self.var)
         invstd_and_scale(gamma, self.var, eps, self.invstd, self.scale)
         self.update_running_stats(self.mean, self.var, count)
-        self.stat_shard = shard
+        self.stat_shard, self.stat_count = shard, count  # for the backward (this layer's or a fused block's)
         return self.mean, self.scale
 
-    def backward_coefficients(self, part_b, part_g, count):
+    def backward_coefficients(self, part_b, part_g):
         """From the backward sums per sample chunk of this process (part_b[g] = sum of g, part_g[g] =
         sum of g * (x - mean); g the gradient reaching the batch norm's output): beta.grad = sum g and
         gamma.grad = invstd * sum g * (x - mean) over the whole batch (the chunks added in order over
-        every process), and the coefficients (k1, k2, k3) of dx = k1 * g - k2 - k3 * (x - mean)
-        (``count``: values per channel in the whole batch)."""
+        every process), and the coefficients (k1, k2, k3) of dx = k1 * g - k2 - k3 * (x - mean)."""
         gamma, beta = self.params["gamma"], self.params["beta"]
         self.stat_shard.fold(part_b, beta.grad)
         np.multiply(self.stat_shard.fold(part_g, gamma.grad), self.invstd, out=gamma.grad)
-        return norm.dx_coefficients(gamma.data, self.invstd, gamma.grad, beta.grad, count)
+        return norm.dx_coefficients(gamma.data, self.invstd, gamma.grad, beta.grad, self.stat_count)
 
     def backward_parts(self, rows):
         """Buffers (part_b, part_g) for the backward sums of the held chunks and their row bounds in
@@ -120,10 +119,9 @@ class BatchNorm(Layer):
             return batchnorm_eval_backward(self, self.x, dy, self._buffer("dx", dy.shape) if need_input_grad else None)
         c = dy.shape[-1]
         x2, dy2 = self.x.reshape(-1, c), dy.reshape(-1, c)
-        rows = x2.shape[0] // self.stat_shard.local
-        part_b, part_g, bounds = self.backward_parts(rows)
+        part_b, part_g, bounds = self.backward_parts(x2.shape[0] // self.stat_shard.local)
         norm.batchnorm_backward_reduce(x2, dy2, self.mean, bounds, part_b, part_g)
-        k1, k2, k3 = self.backward_coefficients(part_b, part_g, self.stat_shard.total * rows)
+        k1, k2, k3 = self.backward_coefficients(part_b, part_g)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", dy.shape)
