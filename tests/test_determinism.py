@@ -58,6 +58,9 @@ CONV_CASES = [
     ("cin24_cout24_1x1_stride2", 8, 11, 11, 24, 24, 1, 1, 2, 2, (0, 0, 0, 0), 1, 1, "float32"),
     ("cin10_cout10_rect_asym", 5, 17, 13, 10, 10, 3, 2, 2, 1, (2, 1, 0, 1), 1, 2, "float32"),
     ("cifar_cin3_cout32_same", 16, 32, 32, 3, 32, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float32"),
+    # Weight gradient's row items, whose number follows the thread count (3 or 4 items here):
+    ("resnet_cin16_cout16_same", 8, 32, 32, 16, 16, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float32"),
+    ("cin128_cout128_1x1", 4, 8, 8, 128, 128, 1, 1, 1, 1, (0, 0, 0, 0), 1, 1, "float32"),
     ("f64_cin10_cout24_stride2_pad", 8, 15, 15, 10, 24, 3, 3, 2, 2, (1, 1, 1, 1), 1, 1, "float64"),
     ("f64_seed_conv2", 16, 13, 13, 32, 64, 3, 3, 1, 1, (0, 0, 0, 0), 1, 1, "float64"),
 ]

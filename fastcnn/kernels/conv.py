@@ -44,16 +44,18 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   Direct path (dil_w == 1): per image and kernel row kh one product ``dw[kh]
   += A @ dy[n]`` with ``A[kw*Cin + ci, (oh, ow)] = x[n, ih, ow*sw + kw, ci]``,
   reducing over all the image's output pixels (output rows are the segments)
-  in registers. When a kernel column falls outside the image, x is first
+  in registers, in products of a few output rows each (_B_BLOCK_BYTES: the
+  block of dy stays in L1). When a kernel column falls outside the image, x is first
   copied with zero columns; when Cout is not a multiple of the vector length,
   dy with zero columns (and dw goes through a padded buffer); these copies are
   made when KW*Cin < _MIN_DIRECT or an image of both is small
   (_DIRECT_COPY_BYTES), and the whole batch's copies fit _COPY_BUDGET_BYTES;
   else such layers take the im2col path below. With
   enough (kh, kw, ci) rows (at least _MIN_ROW_TILES microkernel tiles) the
-  rows are dealt to items of _ROW_TILES_PER_ITEM tiles, each owning its rows
-  of dw and reducing over every image in order: no partial buffers and no
-  reduction pass. Otherwise work is dealt in order to a
+  rows are dealt to a multiple of the thread count of items (about
+  _ROW_TILES_PER_ITEM tiles each), each owning its rows of dw and reducing
+  over every image in order: no partial buffers and no reduction pass; which
+  item sums a row never changes its bits. Otherwise work is dealt in order to a
   fixed number of chunks (of images, or of blocks of _PIXEL_BLOCK pixels whose
   im2col rows are gathered and ``col_block.T @ dy_block`` added), each with its
   own ``(KH*KW*Cin, Cout)`` partial, and the partials are added in chunk order.
@@ -63,10 +65,11 @@ padded to a multiple of the vector length in packed weights/scratch rows when
 they are not one already.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-from fastcnn.kernels.gemm import MR, VBYTES, copy_vector, ensure_gemm, fill, gemm, prange_only
+from fastcnn.kernels.gemm import MR, NV, VBYTES, copy_vector, ensure_gemm, fill, gemm, prange_only
 from fastcnn.shapes import pair, same_padding, window_output_size
 
 # Number of partial buffers of the weight gradient: fixed (never the thread
@@ -86,6 +89,10 @@ _PIXEL_BLOCK = 256
 # the images itself: no partial buffers, no reduction pass.
 _MIN_ROW_TILES = 12
 _ROW_TILES_PER_ITEM = 8
+# Weight gradient: each product reduces over at most as many pixels as make this many
+# bytes of dy columns (a block of the microkernel's NV vectors per pixel): they stay in L1
+# (32 KiB or more) while the product's row tiles read them.
+_B_BLOCK_BYTES = 16 * 1024
 # Weight gradient: the direct path reads zero-padded copies of x and dy (padding,
 # Cout not a multiple of the vector length) when an image of both takes at most
 # this many bytes, or when KW*Cin < _MIN_DIRECT (measured on 2 cores: past it,
@@ -353,8 +360,11 @@ def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil
 
 
 @njit(error_model="numpy", parallel=prange_only(), cache=True)
-def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, threads):
     """dw (KH, KW, Cin, Cout) and db (Cout,) = dL/dw, dL/db; both overwritten (not accumulated).
+
+    ``threads``: Numba's thread count, used only to deal the row items of the
+    direct path evenly (which item computes a row of dw never changes its sum).
 
     Direct path (dil_w == 1; see the module docstring for when x and dy are
     read from zero-padded copies): per image and kernel row, one product reduces
@@ -410,15 +420,26 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     else:
         nchunks = min(nblocks, _WEIGHT_CHUNKS, budget)
     L = KW * Cin
-    # Row items (direct path with enough rows): the (kh, kw, ci) rows of dw
-    # are dealt to items of RB rows of one kernel row; each item owns its rows
-    # and reduces over every image in order, and also sums the dy rows of its
-    # fixed share of the pixels into its db partial. No dw partials.
-    rows = direct and KH * ((L + MR - 1) // MR) >= _MIN_ROW_TILES
-    RB = _ROW_TILES_PER_ITEM * MR
-    nrb = (L + RB - 1) // RB
+    # Row items (direct path with enough rows): the (kh, kw, ci) rows of dw are
+    # dealt to items of whole microkernel tiles; each item owns its rows and
+    # reduces over every image in order. The db partials are summed beside them
+    # over a fixed split of the pixels. No dw partials.
+    TK = (L + MR - 1) // MR  # row tiles per kernel row
+    rows = direct and KH * TK >= _MIN_ROW_TILES
+    # db partials of the row path: a split fixed by the shape (never by the thread count).
+    nrb = (TK + _ROW_TILES_PER_ITEM - 1) // _ROW_TILES_PER_ITEM
+    nitems = 0
     if rows:
         nchunks = KH * nrb
+        # Row items: the KH*TK tiles cut into a multiple of the thread count of items of at
+        # most about _ROW_TILES_PER_ITEM tiles (3 items on 2 threads left one idle a third of
+        # the time). Each dw row is summed by one item, over the images in order, whichever.
+        T = max(1, threads)
+        nitems = min(KH * TK, T * _ceil_div(KH * TK, T * _ROW_TILES_PER_ITEM))
+    # Output rows per product: the microkernel's columns of dy for that many pixels (a block of
+    # NV vectors per pixel) stay in L1 across its row tiles. Splitting the pixels over
+    # successive products never changes a sum (the accumulators go through dw exactly).
+    SB = max(1, (_B_BLOCK_BYTES // (min(NVt, NV) * VBYTES)) // max(1, OW))
     partial = np.zeros((0 if rows else nchunks, K * Np), dtype=dw.dtype)
     partial_b = np.zeros((nchunks, Cout), dtype=dw.dtype)
     zero = dw.dtype.type(0)
@@ -443,44 +464,62 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     HWC = H * WP * Cin
     OHWC = OHW * Np
     # One prange for all the paths: each prange is compiled as its own gufunc.
-    for c in prange(nchunks):
-        pb = partial_b[c]
+    nloop = max(nchunks, nitems)
+    for c in prange(nloop):
         if rows:
-            for p in range((c * P) // nchunks, ((c + 1) * P) // nchunks):
-                dp = dy2[p]
-                for co in range(Cout):
-                    pb[co] += dp[co]
-            kh = c // nrb
-            r0 = (c - kh * nrb) * RB
-            r1 = min(L, r0 + RB)
-            fill(dwf[(kh * L + r0) * Np:(kh * L + r1) * Np], zero)
-            u = pad_top - kh * dil_h
-            oh0 = max(0, _ceil_div(u, stride_h))
-            oh1 = min(OH, _ceil_div(H + u, stride_h))
-            if oh1 > oh0:
-                for n in range(N):
-                    gemm(dwf, (kh * L + r0) * Np, Np, xf, n * HWC + (oh0 * stride_h - u) * WP * Cin + r0, 1,
-                          stride_w * Cin, dyf, n * OHWC + oh0 * OW * Np, Np, OW, oh1 - oh0,
-                          stride_h * WP * Cin, OW * Np, r1 - r0, NVt)
+            if c < nchunks:
+                pb = partial_b[c]
+                for p in range((c * P) // nchunks, ((c + 1) * P) // nchunks):
+                    dp = dy2[p]
+                    for co in range(Cout):
+                        pb[co] += dp[co]
+            # Tiles q0 <= q < q1 (tile q: kernel row q // TK, rows of its tile q % TK), in
+            # pieces of one kernel row each (none when c >= nitems).
+            q0 = min(c, nitems) * KH * TK // max(1, nitems)
+            q1 = min(c + 1, nitems) * KH * TK // max(1, nitems)
+            q = q0
+            while q < q1:
+                kh = q // TK
+                r0 = (q - kh * TK) * MR
+                r1 = min(L, (min(q1, (kh + 1) * TK) - kh * TK) * MR)
+                fill(dwf[(kh * L + r0) * Np:(kh * L + r1) * Np], zero)
+                q = (kh + 1) * TK
+            for n in range(N):
+                q = q0
+                while q < q1:
+                    kh = q // TK
+                    r0 = (q - kh * TK) * MR
+                    r1 = min(L, (min(q1, (kh + 1) * TK) - kh * TK) * MR)
+                    q = (kh + 1) * TK
+                    u = pad_top - kh * dil_h
+                    oh0 = max(0, _ceil_div(u, stride_h))
+                    oh1 = min(OH, _ceil_div(H + u, stride_h))
+                    for s0 in range(oh0, oh1, SB):
+                        s1 = min(oh1, s0 + SB)
+                        gemm(dwf, (kh * L + r0) * Np, Np, xf, n * HWC + (s0 * stride_h - u) * WP * Cin + r0, 1,
+                              stride_w * Cin, dyf, n * OHWC + s0 * OW * Np, Np, OW, s1 - s0,
+                              stride_h * WP * Cin, OW * Np, r1 - r0, NVt)
         elif direct:
             pc = partial[c]
+            pb = partial_b[c]
             for n in range((c * N) // nchunks, ((c + 1) * N) // nchunks):
                 for kh in range(KH):
                     # oh with 0 <= ih = oh*sh - u < H
                     u = pad_top - kh * dil_h
                     oh0 = max(0, _ceil_div(u, stride_h))
                     oh1 = min(OH, _ceil_div(H + u, stride_h))
-                    if oh1 <= oh0:
-                        continue
-                    gemm(pc, kh * L * Np, Np, xf, n * HWC + (oh0 * stride_h - u) * WP * Cin, 1, stride_w * Cin,
-                          dyf, n * OHWC + oh0 * OW * Np, Np, OW, oh1 - oh0, stride_h * WP * Cin, OW * Np, L,
-                          NVt)
+                    for s0 in range(oh0, oh1, SB):
+                        s1 = min(oh1, s0 + SB)
+                        gemm(pc, kh * L * Np, Np, xf, n * HWC + (s0 * stride_h - u) * WP * Cin, 1, stride_w * Cin,
+                              dyf, n * OHWC + s0 * OW * Np, Np, OW, s1 - s0, stride_h * WP * Cin, OW * Np, L,
+                              NVt)
                 for t in range(OHW):
                     dp = dy2[n * OHW + t]
                     for co in range(Cout):
                         pb[co] += dp[co]
         else:
             pc = partial[c]
+            pb = partial_b[c]
             blk0 = (c * nblocks) // nchunks
             blk1 = ((c + 1) * nblocks) // nchunks
             col = np.empty((PB, K), dtype=dw.dtype)
@@ -547,7 +586,8 @@ def conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_
 def conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
     """dw (KH, KW, Cin, Cout) and db (Cout,) = dL/dw, dL/db; both overwritten (not accumulated)."""
     ensure_gemm(dw.dtype)
-    _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
+    _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
+                            numba.get_num_threads())
 
 
 # --------------------------------------------------------------------------
