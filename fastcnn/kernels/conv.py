@@ -35,7 +35,10 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   first layer such as LeNet's) runs transposed instead, per block of output
   rows of an image: the filters are the microkernel's rows and the output
   pixels its vector columns, read from the zero-padded input rows.
-* backward input, per input row (n, ih): the transpose of the forward:
+* backward input: at stride 1 with fewer than _VIA_FORWARD_FILTERS filters, the
+  forward above run on dy with the kernel flipped and transposed to (KH, KW,
+  Cout, Cin) and padding (K-1)*dil - pad (conv2d_backward_input). Otherwise,
+  per input row (n, ih): the transpose of the forward:
   for each (kh, kw) whose output row exists, ``dx[n, ih, iw] += dy[n, oh, ow]
   @ w[kh, kw].T`` over the range of ``ow`` that lands inside the row, C rows
   at stride sw*Cin. Each dx row is written by one thread: no races, fixed order.
@@ -104,6 +107,8 @@ _COPY_BUDGET_BYTES = 1 << 28
 # Forward, one input channel and fewer filters than a vector: output pixels per
 # transposed product (whole rows of SW padded columns).
 _TPOSED_COLUMNS = 1024
+# Input gradient at stride 1: below this many filters, the forward kernel on dy (flipped kernel).
+_VIA_FORWARD_FILTERS = 64
 # Forward: below this many contiguous inputs per kernel row (KW*Cin), gather
 # an im2col row and do one product (K = KH*KW*Cin) instead of one per tap.
 _MIN_DIRECT = 32
@@ -578,8 +583,21 @@ def conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil
 
 
 def conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
-    """dx (N, H, W, Cin) = dL/dx given dy (N, OH, OW, Cout); dx fully overwritten."""
+    """dx (N, H, W, Cin) = dL/dx given dy (N, OH, OW, Cout); dx fully overwritten.
+
+    At stride 1 with few filters this is the forward kernel on dy with the kernel flipped
+    (``w[::-1, ::-1]`` as (KH, KW, Cout, Cin)) and padding ``(K-1)*dil - pad``: its products
+    reduce over KW*Cout or KH*Cout per call where the per-tap products of
+    _conv2d_backward_input reduce over Cout alone (measured 1.1-1.3x faster below
+    _VIA_FORWARD_FILTERS filters; no faster above).
+    """
     ensure_gemm(dx.dtype)
+    KH, KW, Cin, Cout = w.shape
+    pt, pl = (KH - 1) * dil_h - pad_top, (KW - 1) * dil_w - pad_left
+    if stride_h == 1 and stride_w == 1 and Cout < _VIA_FORWARD_FILTERS and pt >= 0 and pl >= 0:
+        flipped = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
+        _conv2d_forward(dy, flipped, np.zeros(Cin, dx.dtype), dx, 1, 1, pt, pl, dil_h, dil_w)
+        return
     _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
 
 
