@@ -239,3 +239,40 @@ def test_bench_mpi_smoke():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resnet20 2x1: epoch" in proc.stdout
     assert "resnet20: 2 runs, all with the same weights" in proc.stdout, proc.stdout
+
+
+def test_bench_conv_ab_same_tree_is_bit_identical(tmp_path):
+    """The kernel A/B script against a copy of this tree's conv.py: every pass gives the same bits and
+    positive times; a base tree without conv.py and a malformed shape are refused with one line."""
+    base = tmp_path / "base" / "fastcnn" / "kernels"
+    base.mkdir(parents=True)
+    with open(os.path.join(REPO, "fastcnn", "kernels", "conv.py"), "rb") as src:
+        (base / "conv.py").write_bytes(src.read())
+    ab = _load_script(os.path.join(SCRIPTS, "bench_conv_ab.py"), "bench_conv_ab")
+    from fastcnn.kernels import conv
+
+    other = ab.load_base_conv(str(tmp_path / "base"))
+    for which in ("forward", "input", "weight"):
+        for shape in ((2, 9, 7, 3, 10, 3, 1), (2, 8, 8, 16, 16, 3, 2), (1, 5, 5, 12, 70, 1, 1)):
+            r = ab.compare(other, conv, shape, which, rounds=2)
+            assert r["identical"], (which, shape)
+            assert r["base_ms"] > 0 and r["this_ms"] > 0 and r["gflops_this"] > 0
+    proc = _run([os.path.join(SCRIPTS, "bench_conv_ab.py"), "2x5x5x3x4x3", "--base", str(tmp_path)])
+    assert proc.returncode != 0 and "no fastcnn/kernels/conv.py there" in proc.stderr
+    proc = _run([os.path.join(SCRIPTS, "bench_conv_ab.py"), "2x5x5", "--base", str(tmp_path / "base")])
+    assert proc.returncode == 2 and "want NxHxWxCINxCOUTxK" in proc.stderr
+
+
+def test_profile_compile_lists_each_compiled_kernel(tmp_path):
+    """A cold compile (an empty temporary Numba cache) of a one-dense-layer model: the warm-up's
+    compiles are listed by function, the dense kernels among them; the project's cache is untouched."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model:\n  input_shape: [2, 2, 1]\n  num_classes: 3\n  layers:\n"
+                      "    - {type: flatten}\n    - {type: dense, units: 3}\n"
+                      "data:\n  dataset: synthetic\n")
+    proc = _run([os.path.join(SCRIPTS, "profile_compile.py"), str(config), "--top", "50"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("warm-up "), proc.stdout
+    listed = [line.split()[-1] for line in proc.stdout.splitlines()[1:]]
+    assert "fastcnn.kernels.dense._dense_forward" in listed, proc.stdout
+    assert "fastcnn.kernels.dense._dense_backward_weight" in listed, proc.stdout

@@ -1,0 +1,120 @@
+"""Convolution kernels of another tree against this tree's, in one process, calls alternated.
+
+Usage:
+    git archive <commit> | tar -x -C /tmp/base
+    python scripts/bench_conv_ab.py --base /tmp/base --pass weight 128x32x32x16x16x3,128x16x16x128x128x1
+
+Each shape is ``NxHxWxCINxCOUTxK[xSTRIDE]`` (square K x K kernel, padding K // 2, stride 1 unless
+given). ``--pass`` picks the kernel: ``forward``, ``input`` (input gradient) or ``weight`` (weight and
+bias gradient). The base tree's fastcnn/kernels/conv.py is loaded as a second module beside this
+tree's (both share this tree's gemm), both are called on the same random float32 arrays, one call
+of each in turn for ``--rounds`` rounds, and the medians are printed with the ratio base/this
+(above 1: this tree is faster) and whether the outputs are bit-identical. On a machine shared with
+other jobs, alternating the calls in one process is what keeps the two comparable: a slow period
+hits both.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+
+def parse_shape(text):
+    """'NxHxWxCINxCOUTxK[xSTRIDE]' -> (N, H, W, Cin, Cout, K, stride)."""
+    parts = [int(v) for v in text.split("x")]
+    if len(parts) not in (6, 7) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: want NxHxWxCINxCOUTxK[xSTRIDE], positive integers")
+    return tuple(parts) if len(parts) == 7 else (*parts, 1)
+
+
+def load_base_conv(base):
+    path = os.path.join(base, "fastcnn", "kernels", "conv.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --base {base}: no fastcnn/kernels/conv.py there")
+    spec = importlib.util.spec_from_file_location("fastcnn_base_conv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_call(module, which, x, w, b, dy, outputs, geometry):
+    """A no-argument call of ``module``'s kernel for ``which``, writing into ``outputs``."""
+    y, dx, dw, db = outputs
+    if which == "forward":
+        return lambda: module.conv2d_forward(x, w, b, y, *geometry)
+    if which == "input":
+        return lambda: module.conv2d_backward_input(dy, w, dx, *geometry)
+    return lambda: module.conv2d_backward_weight(x, dy, dw, db, *geometry)
+
+
+def compare(base_conv, this_conv, shape, which, rounds, seed=0):
+    """{'base_ms', 'this_ms', 'gflops_base', 'gflops_this', 'identical'} for one shape."""
+    N, H, W, Cin, Cout, K, stride = shape
+    pad = K // 2
+    OH = (H + 2 * pad - K) // stride + 1
+    OW = (W + 2 * pad - K) // stride + 1
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, H, W, Cin), dtype=np.float32)
+    w = rng.standard_normal((K, K, Cin, Cout), dtype=np.float32) / np.float32(np.sqrt(K * K * Cin))
+    b = rng.standard_normal(Cout, dtype=np.float32)
+    dy = rng.standard_normal((N, OH, OW, Cout), dtype=np.float32)
+    geometry = (stride, stride, pad, pad, 1, 1)
+    outs = {}
+    calls = {}
+    for name, module in (("base", base_conv), ("this", this_conv)):
+        outs[name] = (np.zeros((N, OH, OW, Cout), np.float32), np.zeros_like(x), np.zeros_like(w),
+                      np.zeros(Cout, np.float32))
+        calls[name] = kernel_call(module, which, x, w, b, dy, outs[name], geometry)
+    for _ in range(2):  # compile or load, then warm the caches
+        calls["base"]()
+        calls["this"]()
+    times = {"base": [], "this": []}
+    for _ in range(rounds):
+        for name in ("base", "this"):
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    picked = {"forward": (0,), "input": (1,), "weight": (2, 3)}[which]
+    identical = all(np.array_equal(outs["base"][i], outs["this"][i]) for i in picked)
+    flops = 2.0 * N * OH * OW * K * K * Cin * Cout
+    base_ms = float(np.median(times["base"])) * 1e3
+    this_ms = float(np.median(times["this"])) * 1e3
+    return {"base_ms": base_ms, "this_ms": this_ms, "gflops_base": flops / base_ms / 1e6,
+            "gflops_this": flops / this_ms / 1e6, "identical": identical}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("shapes", help="comma-separated NxHxWxCINxCOUTxK[xSTRIDE]")
+    ap.add_argument("--base", required=True, help="root of the other tree (e.g. a git archive of a commit)")
+    ap.add_argument("--pass", dest="which", choices=("forward", "input", "weight"), default="weight")
+    ap.add_argument("--rounds", type=int, default=21, help="alternated calls of each (median)")
+    ap.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
+    args = ap.parse_args(argv)
+    try:
+        shapes = [parse_shape(s) for s in args.shapes.split(",")]
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
+    import numba
+
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    from fastcnn.kernels import conv as this_conv
+
+    base_conv = load_base_conv(args.base)
+    print(f"{args.which} pass, {numba.get_num_threads()} thread(s), median of {args.rounds} alternated calls")
+    print(f"{'shape':>24} {'base ms':>9} {'GFLOP/s':>8} {'this ms':>9} {'GFLOP/s':>8} {'base/this':>9}  same bits")
+    for shape in shapes:
+        r = compare(base_conv, this_conv, shape, args.which, args.rounds)
+        label = "x".join(map(str, shape))
+        print(f"{label:>24} {r['base_ms']:9.3f} {r['gflops_base']:8.1f} {r['this_ms']:9.3f} {r['gflops_this']:8.1f} "
+              f"{r['base_ms'] / r['this_ms']:8.2f}x  {'yes' if r['identical'] else 'no'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

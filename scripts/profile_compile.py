@@ -1,0 +1,89 @@
+"""Where a cold start's compile time goes: each kernel's Numba compile, timed.
+
+Usage:
+    python scripts/profile_compile.py configs/mnist.yaml [--cached] [--top 25]
+
+Runs the trainer's warm-up (fastcnn.runtime.warm_up: one training step and one evaluation forward
+on a throwaway copy of the config's model) in this process, with every Numba compile timed. By
+default Numba's cache is a fresh, empty temporary folder (the project's cache is neither read nor
+written), so every kernel compiles as on a first run; ``--cached`` uses the usual cache instead
+(then little or nothing compiles). Prints the total with the warm-up's own last line, then per function the
+seconds spent compiling it minus the time spent compiling the functions it calls ("self"), the
+time including them, and how many signatures were compiled; sorted by self time.
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def profile(config, top):
+    from numba.core import dispatcher
+
+    rows = []
+    stack = []
+    original = dispatcher.Dispatcher.compile
+
+    def timed(self, sig):
+        t0 = time.perf_counter()
+        stack.append(0.0)
+        try:
+            return original(self, sig)
+        finally:
+            spent = time.perf_counter() - t0
+            nested = stack.pop()
+            if stack:
+                stack[-1] += spent
+            rows.append((spent - nested, spent, f"{self.py_func.__module__}.{self.py_func.__qualname__}"))
+
+    dispatcher.Dispatcher.compile = timed
+    try:
+        from fastcnn import runtime
+        from fastcnn.config import load_config
+
+        cfg = load_config(config)
+        t0 = time.perf_counter()
+        said = []
+        runtime.warm_up(cfg.model, log=said.append, optimizer=cfg.train.optimizer,
+                        clip=cfg.train.clip_grad_norm is not None)
+        total = time.perf_counter() - t0
+    finally:
+        dispatcher.Dispatcher.compile = original
+    per_function = {}
+    for own, spent, name in rows:
+        entry = per_function.setdefault(name, [0.0, 0.0, 0])
+        entry[0] += own
+        entry[1] += spent
+        entry[2] += 1
+    print(f"warm-up {total:.1f} s ({said[-1] if said else 'nothing said'}); compile time by function "
+          "(self / including callees / signatures):")
+    for name, (own, spent, count) in sorted(per_function.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{own:7.2f} s {spent:7.2f} s  x{count:<3d} {name}")
+    return total, per_function
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="a model config (e.g. configs/mnist.yaml)")
+    ap.add_argument("--cached", action="store_true", help="use Numba's usual cache instead of an empty one")
+    ap.add_argument("--top", type=int, default=25, help="functions to list")
+    args = ap.parse_args(argv)
+    if "numba" in sys.modules:
+        raise SystemExit("error: numba was imported before the cache folder was chosen")
+    cache = None
+    if not args.cached:
+        cache = tempfile.mkdtemp(prefix="fastcnn_cold_compile_")
+        os.environ["NUMBA_CACHE_DIR"] = cache
+    try:
+        profile(args.config, args.top)
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
