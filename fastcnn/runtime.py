@@ -62,30 +62,262 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
     e.g. SGD with momentum). Only that optimizer's kernel (and the clipping kernels if ``clip``) are
     compiled: every kernel costs a second or two of a cold start.
 
-    The real model's state (batch-norm running statistics) is untouched.
+    The real model's state (batch-norm running statistics) is untouched. On a cold start (still
+    compiling after a second) helper processes compile part of the kernels beside this one (see
+    CompileHelpers below; ``FASTCNN_COMPILE_HELPERS=0`` turns them off).
     Returns seconds spent.
     """
     import threading
 
     start = time.perf_counter()
     before = compile_stats()
+    helpers = CompileHelpers(model_cfg, batch, optimizer, clip)
+
     # Loading cached kernels takes well under a second; if we are still here after one, Numba is compiling:
-    # say so while it happens rather than after a silent pause.
-    notice = threading.Timer(1.0, lambda: log("Compiling kernels (first run after an install or upgrade; "
-                                              "cached for the next runs)..."))
+    # say so while it happens rather than after a silent pause, and start helper processes that compile
+    # the network's other kernels beside this one (Numba compiles one function at a time per process).
+    def compiling():
+        log("Compiling kernels (first run after an install or upgrade; cached for the next runs)...")
+        helpers.start()
+
+    notice = threading.Timer(1.0, compiling)
     notice.daemon = True
     notice.start()
     try:
+        # This process's share of the kinds first (all of them when no helper will start), then the
+        # trainer's own step, which finds the helpers' kernels in the cache and compiles what is left.
+        compile_kinds(model_cfg, batch, optimizer, clip, 0, helpers.count + 1)
         _warm_up_step(model_cfg, batch, optimizer, clip)
     finally:
         notice.cancel()
+        notice.join()
+        helpers.stop()
     seconds = time.perf_counter() - start
     compiled, loaded = (a - b for a, b in zip(compile_stats(), before))
     if compiled:
-        log(f"Compiled {compiled} kernel(s) in {seconds:.1f} s (first run; cached for the next ones)")
+        alongside = (f" with {helpers.started} helper process(es) alongside ({loaded} kernel(s) loaded from the "
+                     f"cache they fill)" if helpers.started else "")
+        log(f"Compiled {compiled} kernel(s) in {seconds:.1f} s{alongside} (first run; cached for the next ones)")
     else:
         log(f"Kernels loaded from cache in {seconds:.2f} s")
     return seconds
+
+
+# -- compile helpers ---------------------------------------------------------------------------
+#
+# Numba compiles one function at a time in a process, and a cold start of a network compiles 20-30
+# kernels (about 50 s for the seed network on a 2-core Zen 3). The warm-up cuts the network's leaf
+# blocks (fused blocks and layers, residual bodies and shortcuts opened up) into kinds that run the
+# same kernels, plus "head" (the loss and the optimizer), and deals the kinds to 1 + H shares of
+# about equal estimated compile time (KIND_COST). This process runs share 0 (forward, backward and
+# evaluation forward of those blocks on a throwaway model). When it is still compiling after a
+# second, H helper processes (one per further core, at most HELPERS_MAX) start and run shares 1..H
+# the same way. What a helper compiles lands in Numba's on-disk cache, where this process's own warm-up
+# step, run after its share, finds it (each new signature looks there before compiling). The helpers
+# only save time: that step runs whatever happened to them, so a helper that fails, is slow or is
+# stopped changes nothing but the time. They are stopped (SIGTERM, which a helper turns into
+# KeyboardInterrupt so that Numba removes a half-written cache file) when the warm-up ends, however it
+# ends, and die with it on Ctrl-C (same process group).
+
+HELPERS_MAX = 3
+# Estimated cold compile seconds of a kind's kernels (2-core Zen 3, measured with
+# scripts/profile_compile.py); only the balance of the shares depends on them.
+KIND_COST = {"conv2d": 22.0, "conv2d/g": 12.0, "relu+maxpool2d": 10.0, "leaky_relu+maxpool2d": 10.0,
+             "batchnorm+relu+maxpool2d": 10.0, "batchnorm+relu": 6.0, "dense": 8.0, "batchnorm": 5.0,
+             "maxpool2d": 4.0, "avgpool2d": 3.0, "head": 3.0}
+
+
+def compile_helper_count() -> int:
+    """Helper processes a cold warm-up may start: one per core beyond the first, at most HELPERS_MAX;
+    ``FASTCNN_COMPILE_HELPERS`` overrides it (0: none)."""
+    import os
+
+    value = os.environ.get("FASTCNN_COMPILE_HELPERS")
+    if value is not None:
+        try:
+            return max(0, int(value))
+        except ValueError:
+            return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(0, min(HELPERS_MAX, cores - 1))
+
+
+def leaf_blocks(model) -> list:
+    """The model's blocks in forward order, residual blocks opened up into their copies' body and
+    shortcut blocks (recursively): the units a compile helper runs on their own."""
+    from .layers.residual import Residual
+
+    out = []
+
+    def visit(block):
+        if isinstance(block, Residual):
+            for body, short in block._runs:
+                for inner in list(body) + list(short or ()):
+                    visit(inner)
+        else:
+            out.append(block)
+
+    for block in model.blocks:
+        visit(block)
+    return out
+
+
+def _leaf_kind(block) -> str:
+    """Blocks of one kind run the same kernels: a helper takes all of a kind (conv2d with groups runs
+    other kernels than without)."""
+    kind = getattr(block, "kind", type(block).__name__)
+    groups = getattr(block, "groups", 1)
+    return f"{kind}/g" if groups != 1 else kind
+
+
+def helper_kinds(model) -> list:
+    """The kinds of the model's leaf blocks in forward order (first appearance), then "head" (the loss
+    and the optimizer)."""
+    kinds = []
+    for block in leaf_blocks(model):
+        kind = _leaf_kind(block)
+        if kind not in kinds:
+            kinds.append(kind)
+    return kinds + ["head"]
+
+
+def kind_shares(kinds, shares) -> list:
+    """The kinds dealt to ``shares`` lists of about equal KIND_COST (largest first, each to the
+    lightest share so far; ties to the lower share): deterministic, so every process computes the
+    same shares."""
+    dealt = [[] for _ in range(max(1, shares))]
+    load = [0.0] * len(dealt)
+    for kind in sorted(kinds, key=lambda k: -KIND_COST.get(k, 2.0)):  # stable: forward order for ties
+        i = load.index(min(load))
+        dealt[i].append(kind)
+        load[i] += KIND_COST.get(kind, 2.0)
+    return dealt
+
+
+class CompileHelpers:
+    """The helper processes of one warm-up (see above): ``start()`` (from the notice timer), ``stop()``."""
+
+    def __init__(self, model_cfg, batch, optimizer, clip):
+        self.args = {"model": model_cfg, "batch": batch, "optimizer": optimizer, "clip": bool(clip)}
+        self.count = compile_helper_count()
+        self.procs = []
+        self.started = 0
+
+    def start(self) -> None:
+        import json
+        import os
+        import subprocess
+        import sys
+
+        count = self.count
+        if count < 1:
+            return
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # Not the run's fault injection, nor an MPI launcher's handles (a helper is no rank).
+        env = {k: v for k, v in os.environ.items() if k != "FASTCNN_FAULT" and not k.startswith("PMI_")}
+        env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["NUMBA_NUM_THREADS"] = "1"  # compiling needs no kernel threads
+        try:
+            payload = json.dumps(self.args)
+        except (TypeError, ValueError):
+            return  # a model given as something JSON cannot carry: no helpers, only slower
+        for helper in range(count):
+            try:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-c", "import sys; from fastcnn.runtime import compile_helper_main; "
+                                           "compile_helper_main(sys.argv[1:])", payload, str(helper + 1),
+                     str(count + 1)],
+                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                self.started += 1
+            except OSError:
+                break
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)  # a helper turns it into KeyboardInterrupt (see below)
+                except OSError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+
+
+def compile_helper_main(argv) -> None:
+    """A compile helper's body (a fresh ``python -c`` process): argv = [json args, share, shares]."""
+    import json
+    import signal
+
+    # SIGTERM (the warm-up is done) and SIGINT (Ctrl-C) stop it through KeyboardInterrupt, so that Numba
+    # removes a cache file it was writing; SIGINT even when the parent was started with it ignored
+    # (a background job), which a child would inherit.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = json.loads(argv[0])
+    share, shares = int(argv[1]), int(argv[2])
+    try:
+        compile_kinds(args["model"], args["batch"], args["optimizer"], args["clip"], share, shares)
+    except KeyboardInterrupt:  # stopped by the warm-up: its work is done
+        pass
+
+
+def compile_kinds(model_cfg, batch, optimizer, clip, share, shares) -> list:
+    """Run, on a throwaway model, the leaf blocks of the kinds of share ``share`` of ``shares``
+    (kind_shares; training forward, backward, evaluation forward, from zero inputs) and, for "head",
+    the loss and one optimizer step on zero gradients: what compiles their kernels. Returns the kinds
+    done, in order."""
+    from .losses import softmax_cross_entropy
+    from .model import build_model
+    from .optim import build_optimizer, clip_grad_norm
+
+    scratch = build_model(model_cfg, seed=0)
+    for _, module in scratch.named_modules():
+        if getattr(module, "uses_step", False):
+            module.step = 0
+    leaves = leaf_blocks(scratch)
+    first = leaves[0] if leaves else None
+    done = []
+    for kind in kind_shares(helper_kinds(scratch), shares)[share]:
+        if kind == "head":
+            logits = np.zeros((batch, scratch.num_classes), scratch.dtype)
+            softmax_cross_entropy(logits, np.zeros(batch, np.int64))
+            options = dict(optimizer) if isinstance(optimizer, dict) else {"name": optimizer}
+            params = scratch.parameters()
+            for p in params:
+                p.grad[...] = 0
+            if clip:
+                clip_grad_norm(params, 1.0)
+            build_optimizer(options, params).step()
+        else:
+            for block in leaves:
+                if _leaf_kind(block) != kind:
+                    continue
+                x = np.zeros((batch, *_block_in_shape(block)), scratch.dtype)
+                y = block.forward(x, True)
+                block.backward(np.zeros_like(y), need_input_grad=block is not first)
+                block.forward(x, False)
+        done.append(kind)
+    return done
+
+
+def _block_in_shape(block):
+    """The per-sample input shape of a layer or a fused block (its first layer's)."""
+    layers = getattr(block, "layers", None)
+    return tuple((layers[0] if layers else block).in_shape)
 
 
 def _warm_up_step(model_cfg, batch, optimizer, clip):

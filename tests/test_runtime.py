@@ -47,3 +47,134 @@ def test_compile_stats_count_the_kernels():
     assert dispatchers and all(hasattr(d, "stats") for d in dispatchers)
     compiled, loaded = compile_stats()
     assert isinstance(compiled, int) and isinstance(loaded, int) and compiled >= 0 and loaded >= 0
+
+
+# -- compile helpers ---------------------------------------------------------------------------
+
+def _zoo_model_cfg():
+    from test_determinism_training import ZOO
+
+    return ZOO["model"]
+
+
+def test_leaf_blocks_open_residual_blocks_and_kinds_cover_every_leaf():
+    from fastcnn.layers.residual import Residual
+    from fastcnn.runtime import helper_kinds, leaf_blocks
+
+    model = fastcnn.build_model(_zoo_model_cfg(), seed=0)
+    leaves = leaf_blocks(model)
+    assert not any(isinstance(b, Residual) for b in leaves)
+    # 2 copies x 4 body blocks (conv, bn+relu, conv, bn), then the projection block's body (conv,
+    # bn+relu, dropout, conv) and shortcut (conv, bn).
+    residual_leaves = 2 * 4 + 4 + 2
+    assert len(leaves) == len(model.blocks) - 2 + residual_leaves
+    kinds = helper_kinds(model)
+    assert kinds[-1] == "head" and len(set(kinds)) == len(kinds)
+    assert {"conv2d", "batchnorm+relu", "batchnorm+relu+maxpool2d", "leaky_relu+maxpool2d", "dropout",
+            "dense", "batchnorm"} <= set(kinds)
+
+
+def test_kind_shares_deal_every_kind_once_balanced_and_the_same_every_time():
+    from fastcnn.runtime import KIND_COST, kind_shares
+
+    kinds = ["conv2d", "relu+maxpool2d", "flatten", "dense", "relu", "head"]
+    for n in (1, 2, 3, 4, 8):
+        shares = kind_shares(kinds, n)
+        assert len(shares) == n and shares == kind_shares(list(kinds), n)
+        assert sorted(k for share in shares for k in share) == sorted(kinds)
+    two = kind_shares(kinds, 2)
+    cost = [sum(KIND_COST.get(k, 2.0) for k in share) for share in two]
+    assert max(cost) <= 1.2 * min(cost)  # 22 + 2 against 10 + 8 + 3 + 2
+    assert kind_shares([], 3) == [[], [], []]
+
+
+def test_compile_kinds_runs_every_share_of_the_layer_zoo():
+    """Every leaf kind of the zoo (all layer types and fused blocks, residual bodies and shortcuts)
+    runs on its own from zero inputs, and the union of the shares is every kind."""
+    from fastcnn.runtime import compile_kinds, helper_kinds
+
+    cfg = _zoo_model_cfg()
+    kinds = helper_kinds(fastcnn.build_model(cfg, seed=0))
+    done = []
+    for share in range(3):
+        done += compile_kinds(cfg, 2, {"name": "sgd", "momentum": 0.9, "nesterov": True}, True, share, 3)
+    assert sorted(done) == sorted(kinds)
+
+
+HELPER_SCRIPT = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the test runs in the background
+from fastcnn.runtime import warm_up
+model = {"input_shape": [3, 3, 1], "num_classes": 4,
+         "layers": [{"type": "flatten"}, {"type": "dense", "units": 5}, {"type": "relu"},
+                    {"type": "dense", "units": 4}]}
+warm_up(model, log=lambda line: print(line, flush=True), optimizer={"name": "adamw", "lr": 0.01})
+children = "/proc/%d/task/%d/children" % (os.getpid(), os.getpid())
+print("CHILDREN", repr(open(children).read().strip()) if os.path.exists(children) else "unknown", flush=True)
+if len(sys.argv) > 1:
+    time.sleep(60)
+"""
+
+
+def _helper_env(tmp_path, helpers):
+    import os
+
+    cache = tmp_path / "numba_cache"
+    cache.mkdir(exist_ok=True)
+    return dict(os.environ, NUMBA_CACHE_DIR=str(cache), FASTCNN_COMPILE_HELPERS=str(helpers), NUMBA_NUM_THREADS="2")
+
+
+@pytest.mark.skipif(bool(numba.config.DISABLE_JIT), reason="nothing compiles under NUMBA_DISABLE_JIT")
+def test_cold_warm_up_compiles_with_a_helper_then_loads_everything(tmp_path):
+    """An empty Numba cache: the warm-up compiles its share while a helper compiles the rest (the
+    warm-up then loads those from the cache), every helper is gone when it returns, and a second
+    warm-up loads everything."""
+    import subprocess
+    import sys
+
+    env = _helper_env(tmp_path, 1)
+    first = subprocess.run([sys.executable, "-c", HELPER_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("Compiling kernels"), first.stdout
+    compiled = [line for line in lines if line.startswith("Compiled ")]
+    assert len(compiled) == 1 and "with 1 helper process(es) alongside" in compiled[0], first.stdout
+    loaded = int(compiled[0].split("alongside (")[1].split(" kernel(s) loaded")[0])
+    assert loaded > 0, first.stdout  # the helper's kernels, found in the cache
+    assert "CHILDREN ''" in first.stdout or "CHILDREN unknown" in first.stdout, first.stdout
+    second = subprocess.run([sys.executable, "-c", HELPER_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0 and second.stdout.startswith("Kernels loaded from cache"), second.stdout
+
+
+@pytest.mark.skipif(bool(numba.config.DISABLE_JIT), reason="nothing compiles under NUMBA_DISABLE_JIT")
+def test_no_helper_outlives_a_warm_up_stopped_by_ctrl_c(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while a cold warm-up compiles with helpers: the process
+    and every helper are gone within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = _helper_env(tmp_path, 2)
+    proc = subprocess.Popen([sys.executable, "-c", HELPER_SCRIPT, "sleep"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().startswith("Compiling kernels")  # the helpers start with this line
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("a compile helper outlived the warm-up")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
