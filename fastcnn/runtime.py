@@ -129,15 +129,12 @@ KIND_COST = {"conv2d": 22.0, "conv2d/g": 12.0, "relu+maxpool2d": 10.0, "leaky_re
 
 def compile_helper_count() -> int:
     """Helper processes a cold warm-up may start: one per core beyond the first, at most HELPERS_MAX;
-    ``FASTCNN_COMPILE_HELPERS`` overrides it (0: none)."""
+    ``FASTCNN_COMPILE_HELPERS=n`` overrides it (0: none; at most 16; not a number: ignored)."""
     import os
 
-    value = os.environ.get("FASTCNN_COMPILE_HELPERS")
-    if value is not None:
-        try:
-            return max(0, int(value))
-        except ValueError:
-            return 0
+    value = os.environ.get("FASTCNN_COMPILE_HELPERS", "").strip()
+    if value.isdigit():
+        return min(int(value), 16)
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -154,9 +151,8 @@ def leaf_blocks(model) -> list:
 
     def visit(block):
         if isinstance(block, Residual):
-            for body, short in block._runs:
-                for inner in list(body) + list(short or ()):
-                    visit(inner)
+            for inner in block.branch_blocks():
+                visit(inner)
         else:
             out.append(block)
 

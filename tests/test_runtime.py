@@ -178,3 +178,17 @@ def test_no_helper_outlives_a_warm_up_stopped_by_ctrl_c(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_compile_helper_count_follows_the_cores_and_the_variable(monkeypatch):
+    import os
+
+    from fastcnn.runtime import HELPERS_MAX, compile_helper_count
+
+    monkeypatch.delenv("FASTCNN_COMPILE_HELPERS", raising=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert compile_helper_count() == max(0, min(HELPERS_MAX, cores - 1))
+    for value, want in (("0", 0), ("2", 2), ("999", 16), ("x", max(0, min(HELPERS_MAX, cores - 1))),
+                        ("-1", max(0, min(HELPERS_MAX, cores - 1)))):
+        monkeypatch.setenv("FASTCNN_COMPILE_HELPERS", value)
+        assert compile_helper_count() == want, value

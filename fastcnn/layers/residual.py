@@ -210,6 +210,11 @@ class Residual(Layer):
         for n, m in enumerate(stepped):
             m.index = n
 
+    def branch_blocks(self):
+        """What forward runs, block by block: each copy's body blocks, then its shortcut blocks (fused
+        blocks or layers; nested residual blocks as they are)."""
+        return [block for body, short in self._runs for block in list(body) + list(short or ())]
+
     # -- running -----------------------------------------------------------
     def forward(self, x, training):
         self._begin_forward(x, training)
