@@ -71,7 +71,10 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
 
     start = time.perf_counter()
     before = compile_stats()
-    helpers = CompileHelpers(model_cfg, batch, optimizer, clip)
+    from .model import build_model
+
+    scratch = build_model(model_cfg, seed=0)  # for this process's share; the step builds its own
+    helpers = CompileHelpers(model_cfg, batch, optimizer, clip, kinds=len(helper_kinds(scratch)))
 
     # Loading cached kernels takes well under a second; if we are still here after one, Numba is compiling:
     # say so while it happens rather than after a silent pause, and start helper processes that compile
@@ -86,7 +89,7 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
     try:
         # This process's share of the kinds first (all of them when no helper will start), then the
         # trainer's own step, which finds the helpers' kernels in the cache and compiles what is left.
-        compile_kinds(model_cfg, batch, optimizer, clip, 0, helpers.count + 1)
+        compile_kinds(model_cfg, batch, optimizer, clip, 0, helpers.count + 1, scratch=scratch)
         _warm_up_step(model_cfg, batch, optimizer, clip)
     finally:
         notice.cancel()
@@ -95,8 +98,8 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
     seconds = time.perf_counter() - start
     compiled, loaded = (a - b for a, b in zip(compile_stats(), before))
     if compiled:
-        alongside = (f" with {helpers.started} helper process(es) alongside ({loaded} kernel(s) loaded from the "
-                     f"cache they fill)" if helpers.started else "")
+        alongside = (f" with {helpers.started} helper process(es) alongside ({loaded} more loaded from the cache)"
+                     if helpers.started else "")
         log(f"Compiled {compiled} kernel(s) in {seconds:.1f} s{alongside} (first run; cached for the next ones)")
     else:
         log(f"Kernels loaded from cache in {seconds:.2f} s")
@@ -115,9 +118,11 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
 # the same way. What a helper compiles lands in Numba's on-disk cache, where this process's own warm-up
 # step, run after its share, finds it (each new signature looks there before compiling). The helpers
 # only save time: that step runs whatever happened to them, so a helper that fails, is slow or is
-# stopped changes nothing but the time. They are stopped (SIGTERM, which a helper turns into
-# KeyboardInterrupt so that Numba removes a half-written cache file) when the warm-up ends, however it
-# ends, and die with it on Ctrl-C (same process group).
+# stopped changes nothing but the time. They are killed (SIGTERM, default action: a KeyboardInterrupt
+# raised inside Numba's compiler can be swallowed by an LLVM callback) when the warm-up ends, however
+# it ends; die at once on Ctrl-C (same process group); and exit when this process dies any other way
+# (their stdin is a pipe from it: end of file). A helper killed while Numba writes a cache file may
+# leave a "*.tmp.*" file there; Numba never reads those.
 
 HELPERS_MAX = 3
 # Estimated cold compile seconds of a kind's kernels (2-core Zen 3, measured with
@@ -129,12 +134,14 @@ KIND_COST = {"conv2d": 22.0, "conv2d/g": 12.0, "relu+maxpool2d": 10.0, "leaky_re
 
 def compile_helper_count() -> int:
     """Helper processes a cold warm-up may start: one per core beyond the first, at most HELPERS_MAX;
-    ``FASTCNN_COMPILE_HELPERS=n`` overrides it (0: none; at most 16; not a number: ignored)."""
+    ``FASTCNN_COMPILE_HELPERS=n`` overrides it (clamped to 0..16; not an integer: ignored)."""
     import os
 
     value = os.environ.get("FASTCNN_COMPILE_HELPERS", "").strip()
-    if value.isdigit():
-        return min(int(value), 16)
+    try:
+        return min(max(int(value), 0), 16)
+    except ValueError:
+        pass
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -196,9 +203,9 @@ def kind_shares(kinds, shares) -> list:
 class CompileHelpers:
     """The helper processes of one warm-up (see above): ``start()`` (from the notice timer), ``stop()``."""
 
-    def __init__(self, model_cfg, batch, optimizer, clip):
+    def __init__(self, model_cfg, batch, optimizer, clip, kinds):
         self.args = {"model": model_cfg, "batch": batch, "optimizer": optimizer, "clip": bool(clip)}
-        self.count = compile_helper_count()
+        self.count = max(0, min(compile_helper_count(), kinds - 1))  # no share without a kind
         self.procs = []
         self.started = 0
 
@@ -226,61 +233,66 @@ class CompileHelpers:
                     [sys.executable, "-c", "import sys; from fastcnn.runtime import compile_helper_main; "
                                            "compile_helper_main(sys.argv[1:])", payload, str(helper + 1),
                      str(count + 1)],
-                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 self.started += 1
             except OSError:
                 break
 
     def stop(self) -> None:
-        import signal
         import subprocess
 
-        for proc in self.procs:
-            if proc.poll() is None:
+        try:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in self.procs:
                 try:
-                    proc.send_signal(signal.SIGTERM)  # a helper turns it into KeyboardInterrupt (see below)
-                except OSError:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
                     pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs = []
+        finally:  # even when a second Ctrl-C lands in the waits above
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            self.procs = []
 
 
 def compile_helper_main(argv) -> None:
     """A compile helper's body (a fresh ``python -c`` process): argv = [json args, share, shares]."""
     import json
+    import os
     import signal
+    import sys
+    import threading
 
-    # SIGTERM (the warm-up is done) and SIGINT (Ctrl-C) stop it through KeyboardInterrupt, so that Numba
-    # removes a cache file it was writing; SIGINT even when the parent was started with it ignored
-    # (a background job), which a child would inherit.
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    # SIGTERM (the warm-up is done) and SIGINT (Ctrl-C) end it at once: their default actions, SIGINT's
+    # even when the parent was started with it ignored (a background job), which a child inherits.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    def exit_with_parent():  # stdin is a pipe from the warm-up's process: end of file when it is gone
+        sys.stdin.buffer.read()
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
     args = json.loads(argv[0])
     share, shares = int(argv[1]), int(argv[2])
-    try:
-        compile_kinds(args["model"], args["batch"], args["optimizer"], args["clip"], share, shares)
-    except KeyboardInterrupt:  # stopped by the warm-up: its work is done
-        pass
+    compile_kinds(args["model"], args["batch"], args["optimizer"], args["clip"], share, shares)
 
 
-def compile_kinds(model_cfg, batch, optimizer, clip, share, shares) -> list:
+def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None) -> list:
     """Run, on a throwaway model, the leaf blocks of the kinds of share ``share`` of ``shares``
     (kind_shares; training forward, backward, evaluation forward, from zero inputs) and, for "head",
     the loss and one optimizer step on zero gradients: what compiles their kernels. Returns the kinds
-    done, in order."""
+    done, in order. ``scratch``: the throwaway model, when the caller built it already."""
     from .losses import softmax_cross_entropy
     from .model import build_model
     from .optim import build_optimizer, clip_grad_norm
 
-    scratch = build_model(model_cfg, seed=0)
+    scratch = build_model(model_cfg, seed=0) if scratch is None else scratch
     for _, module in scratch.named_modules():
         if getattr(module, "uses_step", False):
             module.step = 0

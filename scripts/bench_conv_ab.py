@@ -14,9 +14,12 @@ other jobs, alternating the calls in one process is what keeps the two comparabl
 hits both.
 """
 import argparse
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -33,11 +36,19 @@ def parse_shape(text):
 
 
 def load_base_conv(base):
+    """The base tree's conv.py as a module of its own. Loaded from a private temporary copy: Numba
+    caches its kernels beside the file they come from, and a cache written by a module loaded this
+    way would break the base tree's own later runs."""
     path = os.path.join(base, "fastcnn", "kernels", "conv.py")
     if not os.path.isfile(path):
         raise SystemExit(f"error: --base {base}: no fastcnn/kernels/conv.py there")
-    spec = importlib.util.spec_from_file_location("fastcnn_base_conv", path)
+    private = tempfile.mkdtemp(prefix="bench_conv_ab_")
+    atexit.register(shutil.rmtree, private, True)
+    copy = os.path.join(private, "fastcnn_base_conv.py")
+    shutil.copyfile(path, copy)
+    spec = importlib.util.spec_from_file_location("fastcnn_base_conv", copy)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["fastcnn_base_conv"] = module
     spec.loader.exec_module(module)
     return module
 

@@ -4,7 +4,8 @@ Usage:
     python scripts/profile_compile.py configs/mnist.yaml [--cached] [--top 25]
 
 Runs the trainer's warm-up (fastcnn.runtime.warm_up: one training step and one evaluation forward
-on a throwaway copy of the config's model) in this process, with every Numba compile timed. By
+on a throwaway copy of the config's model) in this process, without compile helpers, with every
+Numba compile timed. By
 default Numba's cache is a fresh, empty temporary folder (the project's cache is neither read nor
 written), so every kernel compiles as on a first run; ``--cached`` uses the usual cache instead
 (then little or nothing compiles). Prints the total with the warm-up's own last line, then per function the
@@ -74,6 +75,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if "numba" in sys.modules:
         raise SystemExit("error: numba was imported before the cache folder was chosen")
+    os.environ["FASTCNN_COMPILE_HELPERS"] = "0"  # every kernel compiled here, none by a helper process
     cache = None
     if not args.cached:
         cache = tempfile.mkdtemp(prefix="fastcnn_cold_compile_")

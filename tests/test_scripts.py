@@ -257,6 +257,7 @@ def test_bench_conv_ab_same_tree_is_bit_identical(tmp_path):
             r = ab.compare(other, conv, shape, which, rounds=2)
             assert r["identical"], (which, shape)
             assert r["base_ms"] > 0 and r["this_ms"] > 0 and r["gflops_this"] > 0
+    assert os.listdir(base) == ["conv.py"]  # its kernels were compiled from a private copy: no cache here
     proc = _run([os.path.join(SCRIPTS, "bench_conv_ab.py"), "2x5x5x3x4x3", "--base", str(tmp_path)])
     assert proc.returncode != 0 and "no fastcnn/kernels/conv.py there" in proc.stderr
     proc = _run([os.path.join(SCRIPTS, "bench_conv_ab.py"), "2x5x5", "--base", str(tmp_path / "base")])

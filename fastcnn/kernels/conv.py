@@ -35,9 +35,10 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   first layer such as LeNet's) runs transposed instead, per block of output
   rows of an image: the filters are the microkernel's rows and the output
   pixels its vector columns, read from the zero-padded input rows.
-* backward input: at stride 1 with fewer than _VIA_FORWARD_FILTERS filters, the
-  forward above run on dy with the kernel flipped and transposed to (KH, KW,
-  Cout, Cin) and padding (K-1)*dil - pad (conv2d_backward_input). Otherwise,
+* backward input: at stride 1 with fewer than _VIA_FORWARD_FILTERS filters and
+  a kernel of more than one tap, the forward above run on dy with the kernel
+  flipped and transposed to (KH, KW, Cout, Cin) and padding (K-1)*dil - pad
+  (conv2d_backward_input; not when that padding would be negative). Otherwise,
   per input row (n, ih): the transpose of the forward:
   for each (kh, kw) whose output row exists, ``dx[n, ih, iw] += dy[n, oh, ow]
   @ w[kh, kw].T`` over the range of ``ow`` that lands inside the row, C rows
@@ -87,9 +88,10 @@ _ROW_CHUNKS = 64
 # Output pixels per block of the weight gradient.
 _PIXEL_BLOCK = 256
 # Weight gradient, direct path: when the (kh, kw, ci) rows of dw make at least
-# _MIN_ROW_TILES microkernel row tiles, the rows are dealt to items of (at most)
-# _ROW_TILES_PER_ITEM tiles of one kernel row, and each item reduces over all
-# the images itself: no partial buffers, no reduction pass.
+# _MIN_ROW_TILES microkernel row tiles, the tiles are dealt to a multiple of the
+# thread count of items of about _ROW_TILES_PER_ITEM tiles (an item may span kernel
+# rows), and each item reduces over all the images itself: no partial buffers, no
+# reduction pass. _ROW_TILES_PER_ITEM also fixes the split of the db partials.
 _MIN_ROW_TILES = 12
 _ROW_TILES_PER_ITEM = 8
 # Weight gradient: each product reduces over at most as many pixels as make this many
@@ -374,9 +376,10 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     Direct path (dil_w == 1; see the module docstring for when x and dy are
     read from zero-padded copies): per image and kernel row, one product reduces
     over all the image's output pixels straight from x and dy. With at least _MIN_ROW_TILES
-    row tiles, the rows of dw are dealt to items (a block of rows of one kernel
-    row each) that reduce over every image in order, and each item sums a fixed
-    share of the dy rows into its db partial. Otherwise the images are dealt to
+    row tiles, the rows of dw are dealt to items (whole microkernel tiles, possibly
+    of several kernel rows) that reduce over every image in order, while db is
+    summed in partials over a split of the dy rows fixed by the shape (iteration c
+    < nchunks sums partial c). Otherwise the images are dealt to
     (at most) _WEIGHT_CHUNKS chunks in order; or, off the direct path, the
     N*OH*OW output pixels are cut into blocks of _PIXEL_BLOCK, dealt to the
     chunks in order, and each chunk adds col_block.T @ dy_block (im2col) into
@@ -589,12 +592,15 @@ def conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_
     (``w[::-1, ::-1]`` as (KH, KW, Cout, Cin)) and padding ``(K-1)*dil - pad``: its products
     reduce over KW*Cout or KH*Cout per call where the per-tap products of
     _conv2d_backward_input reduce over Cout alone (measured 1.1-1.3x faster below
-    _VIA_FORWARD_FILTERS filters; no faster above).
+    _VIA_FORWARD_FILTERS filters for 3x3 and 5x5 kernels; no faster above, nor for 1x1).
     """
     ensure_gemm(dx.dtype)
     KH, KW, Cin, Cout = w.shape
     pt, pl = (KH - 1) * dil_h - pad_top, (KW - 1) * dil_w - pad_left
-    if stride_h == 1 and stride_w == 1 and Cout < _VIA_FORWARD_FILTERS and pt >= 0 and pl >= 0:
+    # Not for 1x1 kernels (one tap: nothing to gain, measured 0.92-0.97x) nor for padding past the
+    # kernel's extent (the forward's padding would be negative).
+    if (stride_h == 1 and stride_w == 1 and Cout < _VIA_FORWARD_FILTERS and KH * KW > 1 and pt >= 0
+            and pl >= 0):
         flipped = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
         _conv2d_forward(dy, flipped, np.zeros(Cin, dx.dtype), dx, 1, 1, pt, pl, dil_h, dil_w)
         return
