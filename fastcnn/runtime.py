@@ -73,7 +73,7 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
     before = compile_stats()
     from .model import build_model
 
-    scratch = build_model(model_cfg, seed=0)  # for this process's share; the step builds its own
+    scratch = build_model(model_cfg, seed=0)  # throwaway: this process's share, then the step
     helpers = CompileHelpers(model_cfg, batch, optimizer, clip, kinds=len(helper_kinds(scratch)))
 
     # Loading cached kernels takes well under a second; if we are still here after one, Numba is compiling:
@@ -90,7 +90,7 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
         # This process's share of the kinds first (all of them when no helper will start), then the
         # trainer's own step, which finds the helpers' kernels in the cache and compiles what is left.
         compile_kinds(model_cfg, batch, optimizer, clip, 0, helpers.count + 1, scratch=scratch)
-        _warm_up_step(model_cfg, batch, optimizer, clip)
+        _warm_up_step(model_cfg, batch, optimizer, clip, scratch=scratch)
     finally:
         notice.cancel()
         notice.join()
@@ -303,13 +303,12 @@ def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None
         if kind == "head":
             logits = np.zeros((batch, scratch.num_classes), scratch.dtype)
             softmax_cross_entropy(logits, np.zeros(batch, np.int64))
-            options = dict(optimizer) if isinstance(optimizer, dict) else {"name": optimizer}
             params = scratch.parameters()
             for p in params:
                 p.grad[...] = 0
             if clip:
                 clip_grad_norm(params, 1.0)
-            build_optimizer(options, params).step()
+            build_optimizer(_optimizer_options(optimizer), params).step()
         else:
             for block in leaves:
                 if _leaf_kind(block) != kind:
@@ -328,15 +327,20 @@ def _block_in_shape(block):
     return tuple((layers[0] if layers else block).in_shape)
 
 
-def _warm_up_step(model_cfg, batch, optimizer, clip):
-    """One training step (the trainer's own) and one evaluation forward on a throwaway model."""
+def _optimizer_options(optimizer):
+    """The warm-up's ``optimizer`` (a name or a ``train.optimizer`` mapping) as options."""
+    return dict(optimizer) if isinstance(optimizer, dict) else {"name": optimizer}
+
+
+def _warm_up_step(model_cfg, batch, optimizer, clip, scratch=None):
+    """One training step (the trainer's own) and one evaluation forward on a throwaway model
+    (``scratch``, else one built here)."""
     from .model import build_model
     from .optim import build_optimizer
     from .step import train_step
 
-    scratch = build_model(model_cfg, seed=0)
-    options = dict(optimizer) if isinstance(optimizer, dict) else {"name": optimizer}
-    opt = build_optimizer(options, scratch.parameters())
+    scratch = build_model(model_cfg, seed=0) if scratch is None else scratch
+    opt = build_optimizer(_optimizer_options(optimizer), scratch.parameters())
     x = np.zeros((batch, *scratch.input_shape), scratch.dtype)
     labels = np.zeros(batch, np.int64)
     train_step(scratch, opt, x, labels, clip_grad_norm=1.0 if clip else None)

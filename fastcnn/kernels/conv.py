@@ -155,6 +155,17 @@ def _ceil_div(a, b):
     return -((-a) // b)
 
 
+@njit(error_model="numpy", cache=True, inline="always")
+def _row_piece(q, q1, TK, L):
+    """The weight gradient's row tiles q..q1-1 (tile q: kernel row q // TK, rows of its tile q % TK,
+    TK tiles of MR rows per kernel row of L rows): (kh, r0, r1, next q) of the piece from tile q to
+    the end of its kernel row or q1, the rows r0 <= r < r1 of kernel row kh."""
+    kh = q // TK
+    r0 = (q - kh * TK) * MR
+    r1 = min(L, (min(q1, (kh + 1) * TK) - kh * TK) * MR)
+    return kh, r0, r1, (kh + 1) * TK
+
+
 @njit(error_model="numpy", cache=True)
 def _pack_columns(m, cols_padded):
     """(R, Cc) -> (R, cols_padded) C-contiguous, zeros in the extra columns."""
@@ -487,18 +498,12 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
             q1 = min(c + 1, nitems) * KH * TK // max(1, nitems)
             q = q0
             while q < q1:
-                kh = q // TK
-                r0 = (q - kh * TK) * MR
-                r1 = min(L, (min(q1, (kh + 1) * TK) - kh * TK) * MR)
+                kh, r0, r1, q = _row_piece(q, q1, TK, L)
                 fill(dwf[(kh * L + r0) * Np:(kh * L + r1) * Np], zero)
-                q = (kh + 1) * TK
             for n in range(N):
                 q = q0
                 while q < q1:
-                    kh = q // TK
-                    r0 = (q - kh * TK) * MR
-                    r1 = min(L, (min(q1, (kh + 1) * TK) - kh * TK) * MR)
-                    q = (kh + 1) * TK
+                    kh, r0, r1, q = _row_piece(q, q1, TK, L)
                     u = pad_top - kh * dil_h
                     oh0 = max(0, _ceil_div(u, stride_h))
                     oh1 = min(OH, _ceil_div(H + u, stride_h))
