@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, Terminated
 
 
 def set_threads(threads: int | None, key: str = "train.threads") -> int:
@@ -85,16 +85,19 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
 
     notice = threading.Timer(1.0, compiling)
     notice.daemon = True
-    notice.start()
-    try:
-        # This process's share of the kinds first (all of them when no helper will start), then the
-        # trainer's own step, which finds the helpers' kernels in the cache and compiles what is left.
-        compile_kinds(model_cfg, batch, optimizer, clip, 0, helpers.count + 1, scratch=scratch)
-        _warm_up_step(model_cfg, batch, optimizer, clip, scratch=scratch)
-    finally:
-        notice.cancel()
-        notice.join()
-        helpers.stop()
+    with DeferredSignals(log) as signals:
+        notice.start()
+        try:
+            # This process's share of the kinds first (all of them when no helper will start), then the
+            # trainer's own step, which finds the helpers' kernels in the cache and compiles what is left.
+            compile_kinds(model_cfg, batch, optimizer, clip, 0, helpers.count + 1, scratch=scratch,
+                          check=signals.check)
+            signals.check()
+            _warm_up_step(model_cfg, batch, optimizer, clip, scratch=scratch)
+        finally:
+            notice.cancel()
+            notice.join()
+            helpers.stop()
     seconds = time.perf_counter() - start
     compiled, loaded = (a - b for a, b in zip(compile_stats(), before))
     if compiled:
@@ -104,6 +107,62 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
     else:
         log(f"Kernels loaded from cache in {seconds:.2f} s")
     return seconds
+
+
+class DeferredSignals:
+    """SIGINT (Ctrl-C) and SIGTERM inside the block only record the signal; ``check()`` raises it
+    (KeyboardInterrupt, or errors.Terminated for SIGTERM) between kernels, and so does leaving the block.
+
+    Why: Python runs a signal handler between two bytecodes of the main thread, and while Numba
+    compiles those are often inside a callback from LLVM through ctypes, which prints and swallows
+    the handler's exception: the signal was lost (the run went on, exit 0), or the exception left
+    Numba's compiler half-way and a later call failed with "RuntimeError: no compiled object yet".
+    A second signal raises at once, as in the training loop (a best effort while a kernel compiles).
+    Signals that are ignored (SIG_IGN, e.g. SIGINT in a background job) stay ignored; off the main
+    thread nothing is installed.
+    """
+
+    def __init__(self, log: Callable[[str], Any] = print):
+        self.signum = None
+        self._log = log
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self._raise(signum)
+        self.signum = signum
+        self._log("Stopping once the kernel being compiled is ready (again to stop at once)")
+
+    @staticmethod
+    def _raise(signum):
+        import signal
+
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise the recorded signal, if any (call where no compiler frame is on the stack)."""
+        if self.signum is not None:
+            self._raise(self.signum)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        if exc[0] is None:
+            self.check()
+        return False
 
 
 # -- compile helpers ---------------------------------------------------------------------------
@@ -283,11 +342,12 @@ def compile_helper_main(argv) -> None:
     compile_kinds(args["model"], args["batch"], args["optimizer"], args["clip"], share, shares)
 
 
-def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None) -> list:
+def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None, check=None) -> list:
     """Run, on a throwaway model, the leaf blocks of the kinds of share ``share`` of ``shares``
     (kind_shares; training forward, backward, evaluation forward, from zero inputs) and, for "head",
     the loss and one optimizer step on zero gradients: what compiles their kernels. Returns the kinds
-    done, in order. ``scratch``: the throwaway model, when the caller built it already."""
+    done, in order. ``scratch``: the throwaway model, when the caller built it already; ``check``: called
+    after each block (DeferredSignals.check)."""
     from .losses import softmax_cross_entropy
     from .model import build_model
     from .optim import build_optimizer, clip_grad_norm
@@ -309,6 +369,8 @@ def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None
             if clip:
                 clip_grad_norm(params, 1.0)
             build_optimizer(_optimizer_options(optimizer), params).step()
+            if check is not None:
+                check()
         else:
             for block in leaves:
                 if _leaf_kind(block) != kind:
@@ -317,6 +379,8 @@ def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None
                 y = block.forward(x, True)
                 block.backward(np.zeros_like(y), need_input_grad=block is not first)
                 block.forward(x, False)
+                if check is not None:
+                    check()
         done.append(kind)
     return done
 
