@@ -45,6 +45,10 @@ CASES = {
     "direct_stride2_pad": (3, 9, 10, 32, 64, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
     "direct_wide_cout": (1, 5, 14, 11, 70, (2, 3), (1, 1), (0, 0, 1, 1), (1, 1)),
     "direct_cout_over_tile": (2, 6, 9, 32, 136, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1)),
+    # Padding and a weight panel past _SLAB_PANEL_BYTES with AVX2 or AVX-512 (3x3x96 rows):
+    # the forward's one product per kernel column, not the zero-padded slab.
+    "direct_pad_wide_panel": (2, 6, 7, 96, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    "direct_pad_wide_panel_stride2": (2, 7, 9, 100, 70, (3, 3), (2, 2), (1, 2, 1, 1), (1, 1)),
     # weight gradient straight from x and dy (no im2col): kernel rows clipped
     # by top/bottom padding, row stride and dilation.
     "direct_rows_dil_pad_top": (2, 11, 10, 3, 16, (3, 3), (2, 1), (1, 2, 0, 0), (2, 1)),
@@ -336,7 +340,8 @@ def test_weight_gradient_deterministic_across_thread_counts(name):
         np.testing.assert_array_equal(db, results[0][1])
 
 
-@pytest.mark.parametrize("name", ["direct_valid", "direct_pad_stride_dil", "same_odd_5x5"])
+@pytest.mark.parametrize("name", ["direct_valid", "direct_pad_stride_dil", "direct_pad_wide_panel", "same_odd_5x5",
+                                  "padded_row_items_cout24"])
 def test_forward_and_input_gradient_deterministic_across_thread_counts(name):
     import numba
 
