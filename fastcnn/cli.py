@@ -10,7 +10,7 @@ import time
 import click
 
 from . import __version__
-from .errors import Terminated
+from .errors import Terminated, raise_terminated
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET  # plain constants: imports neither onnx nor NumPy
 
 _STARTED = time.perf_counter()
@@ -347,7 +347,7 @@ def main(argv=None):
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         # Before training installs its own handler (and after), SIGTERM stops like Ctrl-C: exit 143, one
         # line, the cleanup of `finally` blocks run (a lock released, a staging folder removed).
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         cli.main(args=argv, prog_name="fastcnn", standalone_mode=False)
     except click.exceptions.Abort as e:  # click's name for a KeyboardInterrupt it caught
@@ -405,10 +405,6 @@ def _ignore_signals():
     """Exiting on a signal: a further Ctrl-C or SIGTERM must not cut the last line or change the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _terminate(signum, frame):
-    raise Terminated
 
 
 def _out_of_memory_message(argv):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, Terminated
+from .errors import ConfigError, Terminated, raise_terminated
 
 
 def set_threads(threads: int | None, key: str = "train.threads") -> int:
@@ -110,16 +110,18 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
 
 
 class DeferredSignals:
-    """SIGINT (Ctrl-C) and SIGTERM inside the block only record the signal; ``check()`` raises it
-    (KeyboardInterrupt, or errors.Terminated for SIGTERM) between kernels, and so does leaving the block.
+    """Ctrl-C and SIGTERM inside the block only record the signal when their handler raises (Python's
+    KeyboardInterrupt handler for SIGINT, the CLI's errors.raise_terminated for SIGTERM); ``check()``
+    raises it (KeyboardInterrupt, or errors.Terminated for SIGTERM) where no compiler frame is on the
+    stack, and so does leaving the block.
 
     Why: Python runs a signal handler between two bytecodes of the main thread, and while Numba
-    compiles those are often inside a callback from LLVM through ctypes, which prints and swallows
-    the handler's exception: the signal was lost (the run went on, exit 0), or the exception left
-    Numba's compiler half-way and a later call failed with "RuntimeError: no compiled object yet".
-    A second signal raises at once, as in the training loop (a best effort while a kernel compiles).
-    Signals that are ignored (SIG_IGN, e.g. SIGINT in a background job) stay ignored; off the main
-    thread nothing is installed.
+    compiles those are often inside a weakref callback or a callback from LLVM through ctypes, which
+    print and swallow the handler's exception: the signal was lost (the command ran on, exit 0), or
+    the exception left Numba's compiler half-way and a later call failed with "RuntimeError: no
+    compiled object yet". A second signal raises at once, as in the training loop (a best effort
+    while a kernel compiles). Other handlers are left alone: SIG_DFL (the process dies), SIG_IGN, a
+    program's own handler. Off the main thread nothing is installed.
     """
 
     def __init__(self, log: Callable[[str], Any] = print):
@@ -130,9 +132,10 @@ class DeferredSignals:
     def __enter__(self):
         import signal
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        raising = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: raise_terminated}
+        for sig, handler in raising.items():
             try:
-                if signal.getsignal(sig) is not signal.SIG_IGN:
+                if signal.getsignal(sig) is handler:
                     self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
@@ -142,7 +145,7 @@ class DeferredSignals:
         if self.signum is not None:
             self._raise(signum)
         self.signum = signum
-        self._log("Stopping once the kernel being compiled is ready (again to stop at once)")
+        self._log("Stopping after the kernels being compiled, which can take seconds (again to stop at once)")
 
     @staticmethod
     def _raise(signum):
@@ -347,12 +350,13 @@ def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None
     (kind_shares; training forward, backward, evaluation forward, from zero inputs) and, for "head",
     the loss and one optimizer step on zero gradients: what compiles their kernels. Returns the kinds
     done, in order. ``scratch``: the throwaway model, when the caller built it already; ``check``: called
-    after each block (DeferredSignals.check)."""
+    after each call that compiles (DeferredSignals.check)."""
     from .losses import softmax_cross_entropy
     from .model import build_model
     from .optim import build_optimizer, clip_grad_norm
 
     scratch = build_model(model_cfg, seed=0) if scratch is None else scratch
+    check = check or (lambda: None)
     for _, module in scratch.named_modules():
         if getattr(module, "uses_step", False):
             module.step = 0
@@ -369,18 +373,19 @@ def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None
             if clip:
                 clip_grad_norm(params, 1.0)
             build_optimizer(_optimizer_options(optimizer), params).step()
-            if check is not None:
-                check()
+            check()
         else:
             for block in leaves:
                 if _leaf_kind(block) != kind:
                     continue
                 x = np.zeros((batch, *_block_in_shape(block)), scratch.dtype)
+                # Each call compiles its kernels; a recorded signal is raised between them.
                 y = block.forward(x, True)
+                check()
                 block.backward(np.zeros_like(y), need_input_grad=block is not first)
+                check()
                 block.forward(x, False)
-                if check is not None:
-                    check()
+                check()
         done.append(kind)
     return done
 

@@ -37,9 +37,10 @@ CASES = {
     "kernel_covers_input": (2, 4, 5, 3, 8, (4, 5), (1, 1), (0, 0, 0, 0), (1, 1)),
     "stride_larger_than_kernel": (2, 11, 12, 3, 8, (2, 2), (3, 4), (1, 1, 2, 2), (1, 1)),
     "big_channels": (2, 6, 6, 20, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
-    # KW*Cin >= 32: the forward reads x in place (no im2col row); Cout and Cin
-    # multiples of the vector length (outputs written in place) or not
-    # (padded scratch columns); column counts past one microkernel tile.
+    # KW*Cin >= 32: the forward reads x in place (no im2col row; with padding, the zero-padded
+    # kernel rows while the weight panel is small, see below); Cout and Cin multiples of the
+    # vector length (outputs written in place) or not (padded scratch columns); column counts
+    # past one microkernel tile.
     "direct_valid": (2, 7, 8, 16, 32, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1)),
     "direct_pad_stride_dil": (2, 12, 11, 16, 20, (3, 2), (2, 3), (2, 1, 1, 2), (2, 2)),
     "direct_stride2_pad": (3, 9, 10, 32, 64, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
@@ -49,6 +50,7 @@ CASES = {
     # the forward's one product per kernel column, not the zero-padded slab.
     "direct_pad_wide_panel": (2, 6, 7, 96, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
     "direct_pad_wide_panel_stride2": (2, 7, 9, 100, 70, (3, 3), (2, 2), (1, 2, 1, 1), (1, 1)),
+    "direct_right_edge_wide_panel_dil_h": (2, 9, 8, 96, 24, (3, 3), (1, 1), (2, 1, 0, 1), (2, 1)),
     # weight gradient straight from x and dy (no im2col): kernel rows clipped
     # by top/bottom padding, row stride and dilation.
     "direct_rows_dil_pad_top": (2, 11, 10, 3, 16, (3, 3), (2, 1), (1, 2, 0, 0), (2, 1)),

@@ -25,14 +25,15 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   product covers all the taps: for each kernel row kh inside the image (a
   segment of the microkernel's reduction), ``A[ow, kw*Cin + ci] = x[n, ih,
   ow*sw + kw, ci]`` (row stride sw*Cin) times ``w[kh]`` seen as (KW*Cin, Cout);
-  x is read in place, no im2col. Otherwise, when dil_w == 1 and the product's
-  weight panel is small (few channels, e.g. a first layer with padding, or a
-  3x3 kernel over up to 64 channels with AVX2: _SLAB_PANEL_BYTES), the kernel
-  rows are copied into zero-padded rows and one product reads them as the
-  full-width case reads x; else, when KW*Cin >= _MIN_DIRECT, one product per
-  kernel column kw over the output pixels whose input column is inside the
-  image; else (few channels, dilated columns) an im2col row ``(OW, KH*KW*Cin)``
-  is gathered and done as one product.
+  x is read in place, no im2col. Otherwise, when dil_w == 1 and either few
+  inputs per kernel row (KW*Cin < _MIN_DIRECT, e.g. a first layer with
+  padding) or a small weight panel (KH*KW*Cin rows by one microkernel tile of
+  columns within _SLAB_PANEL_BYTES: a 3x3 kernel over up to 85 channels with
+  AVX2 and 16 or more filters), the kernel rows are copied into zero-padded
+  rows and one product reads them as the full-width case reads x; else, when
+  KW*Cin >= _MIN_DIRECT, one product per kernel column kw over the output
+  pixels whose input column is inside the image; else (few channels, dilated
+  columns) an im2col row ``(OW, KH*KW*Cin)`` is gathered and done as one product.
   One input channel at stride 1 with fewer filters than a vector (a grayscale
   first layer such as LeNet's) runs transposed instead, per block of output
   rows of an image: the filters are the microkernel's rows and the output
@@ -113,16 +114,18 @@ _COPY_BUDGET_BYTES = 1 << 28
 _TPOSED_COLUMNS = 1024
 # Input gradient at stride 1: below this many filters, the forward kernel on dy (flipped kernel).
 _VIA_FORWARD_FILTERS = 64
-# Forward with dilated kernel columns: below this many contiguous inputs per kernel row
-# (KW*Cin), gather an im2col row and do one product (K = KH*KW*Cin) instead of one per
-# kernel column. The weight gradient: see _DIRECT_COPY_BYTES.
+# Forward with a kernel column outside the image: below this many contiguous inputs per kernel
+# row (KW*Cin), the kernel rows are always copied into zero-padded rows (dil_w == 1), or an
+# im2col row is gathered (dilated columns), for one product (K = KH*KW*Cin) instead of one
+# per kernel column. The weight gradient: see _DIRECT_COPY_BYTES.
 _MIN_DIRECT = 32
 # Forward with a kernel column outside the image (padding, or a right edge), dil_w == 1:
-# the kernel rows are copied into zero-padded rows and one product reads all the taps
+# the kernel rows are also copied into zero-padded rows for one product over all the taps
 # while the product's weight panel (KH*KW*Cin rows, one microkernel tile of columns)
-# takes at most this many bytes; past it, one product per kernel column. Measured on a
-# Zen 3 (AVX2), 2 threads: 3x3 with 16 to 64 input channels 1.02-1.23x faster than one
-# product per column, 128 channels 0.96x, 256 channels 0.76x.
+# takes at most this many bytes; past it (and from _MIN_DIRECT inputs per kernel row), one
+# product per kernel column. Measured on a Zen 3 (AVX2), 2 threads: 3x3 with 16 to 64
+# input channels 1.02-1.23x faster than one product per column; with every padded layer
+# copied, 128 channels ran at 0.96x and 256 channels at 0.76x.
 _SLAB_PANEL_BYTES = 48 * 1024
 
 
