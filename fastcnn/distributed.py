@@ -273,7 +273,7 @@ def default_threads(group: Group) -> int:
     affinity set (``os.sched_getaffinity``, else ``os.cpu_count()``), shared with the processes of
     the group on this node whose sets overlap it (all of them unless the launcher binds ranks)."""
     sharers = getattr(group, "cpu_sharers", None) or group.local_size
-    return max(1, _cpu_count() // max(1, int(sharers)))
+    return max(1, usable_cpu_count() // max(1, int(sharers)))
 
 
 def _cpu_set() -> set:
@@ -285,7 +285,8 @@ def _cpu_set() -> set:
     return set(range(os.cpu_count() or 1))
 
 
-def _cpu_count() -> int:
+def usable_cpu_count() -> int:
+    """CPUs this process may run on: its affinity set, else all (``os.cpu_count()``)."""
     return max(1, len(_cpu_set()))
 
 

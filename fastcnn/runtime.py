@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, Terminated, raise_terminated
+from .errors import ConfigError, interrupt_for, raise_terminated
 
 
 def set_threads(threads: int | None, key: str = "train.threads") -> int:
@@ -143,20 +143,14 @@ class DeferredSignals:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            self._raise(signum)
+            raise interrupt_for(signum)
         self.signum = signum
         self._log("Stopping after the kernels being compiled, which can take seconds (again to stop at once)")
-
-    @staticmethod
-    def _raise(signum):
-        import signal
-
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     def check(self) -> None:
         """Raise the recorded signal, if any (call where no compiler frame is on the stack)."""
         if self.signum is not None:
-            self._raise(self.signum)
+            raise interrupt_for(self.signum)
 
     def __exit__(self, *exc):
         import signal
@@ -204,11 +198,9 @@ def compile_helper_count() -> int:
         return min(max(int(value), 0), 16)
     except ValueError:
         pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(0, min(HELPERS_MAX, cores - 1))
+    from .distributed import usable_cpu_count
+
+    return max(0, min(HELPERS_MAX, usable_cpu_count() - 1))
 
 
 def leaf_blocks(model) -> list:

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import __version__, faults
 from .config import ConfigError, to_dict, to_yaml
-from .errors import Terminated, UserError
+from .errors import Terminated, UserError, interrupt_for
 from .evaluate import evaluate
 from .rundir import RUN_FILES, OutputError, RunFolder, RunLock, describe_oserror
 from .runtime import set_threads, warm_up
@@ -70,7 +70,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            raise interrupt_for(signum)
         self.signum = signum
 
     def __exit__(self, *exc):
