@@ -10,8 +10,9 @@ import time
 import click
 
 from . import __version__
-from .errors import Terminated, raise_terminated
+from .errors import Terminated
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET  # plain constants: imports neither onnx nor NumPy
+from .stopping import raise_terminated
 
 _STARTED = time.perf_counter()
 

@@ -29,16 +29,3 @@ class CheckpointError(UserError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM outside the training loop's own handling (or a second one inside it): exit 143."""
 
-
-def raise_terminated(signum, frame):
-    """The CLI's SIGTERM handler outside training: raise Terminated (a KeyboardInterrupt), so that
-    `finally` blocks run and the command exits 143 with one line."""
-    raise Terminated
-
-
-def interrupt_for(signum):
-    """The exception a stop by signal raises where it is acted on: Terminated for SIGTERM, else
-    KeyboardInterrupt (SIGINT)."""
-    import signal
-
-    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, interrupt_for, raise_terminated
+from .errors import ConfigError
+from .stopping import SignalFlag, raise_terminated
 
 
 def set_threads(threads: int | None, key: str = "train.threads") -> int:
@@ -109,9 +110,9 @@ def warm_up(model_cfg: Any, batch: int = 2, log: Callable[[str], Any] = print, o
     return seconds
 
 
-class DeferredSignals:
+class DeferredSignals(SignalFlag):
     """Ctrl-C and SIGTERM inside the block only record the signal when their handler raises (Python's
-    KeyboardInterrupt handler for SIGINT, the CLI's errors.raise_terminated for SIGTERM); ``check()``
+    KeyboardInterrupt handler for SIGINT, the CLI's stopping.raise_terminated for SIGTERM); ``check()``
     raises it (KeyboardInterrupt, or errors.Terminated for SIGTERM) where no compiler frame is on the
     stack, and so does leaving the block.
 
@@ -121,42 +122,23 @@ class DeferredSignals:
     the exception left Numba's compiler half-way and a later call failed with "RuntimeError: no
     compiled object yet". A second signal raises at once, as in the training loop (a best effort
     while a kernel compiles). Other handlers are left alone: SIG_DFL (the process dies), SIG_IGN, a
-    program's own handler. Off the main thread nothing is installed.
+    program's own handler.
     """
 
     def __init__(self, log: Callable[[str], Any] = print):
-        self.signum = None
+        super().__init__()
         self._log = log
-        self._old = {}
 
-    def __enter__(self):
+    def takes(self, sig, handler) -> bool:
         import signal
 
-        raising = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: raise_terminated}
-        for sig, handler in raising.items():
-            try:
-                if signal.getsignal(sig) is handler:
-                    self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
+        return handler is (signal.default_int_handler if sig == signal.SIGINT else raise_terminated)
 
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise interrupt_for(signum)
-        self.signum = signum
+    def recorded(self) -> None:
         self._log("Stopping after the kernels being compiled, which can take seconds (again to stop at once)")
 
-    def check(self) -> None:
-        """Raise the recorded signal, if any (call where no compiler frame is on the stack)."""
-        if self.signum is not None:
-            raise interrupt_for(self.signum)
-
     def __exit__(self, *exc):
-        import signal
-
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        super().__exit__(*exc)
         if exc[0] is None:
             self.check()
         return False

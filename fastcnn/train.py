@@ -28,12 +28,13 @@ import numpy as np
 
 from . import __version__, faults
 from .config import ConfigError, to_dict, to_yaml
-from .errors import Terminated, UserError, interrupt_for
+from .errors import Terminated, UserError
 from .evaluate import evaluate
 from .rundir import RUN_FILES, OutputError, RunFolder, RunLock, describe_oserror
 from .runtime import set_threads, warm_up
 from .safeio import dumps_json, file_kind
 from .step import StepResult, named_layers, train_step
+from .stopping import SignalFlag
 
 
 class Interrupted(Exception):
@@ -46,7 +47,7 @@ class Interrupted(Exception):
         super().__init__(f"interrupted by signal {signum}")
 
 
-class _StopFlag:
+class _StopFlag(SignalFlag):
     """SIGINT/SIGTERM set a flag; the loop finishes its step, saves, then stops.
 
     A second signal raises KeyboardInterrupt at once (checkpoints are written
@@ -54,30 +55,13 @@ class _StopFlag:
     """
 
     def __init__(self, ignore_after: bool = False):
-        self.signum = None
-        self._old = {}
+        super().__init__()
         # The CLI exits right after a stop: further signals are then ignored rather than restored to
         # Python's default (which would raise KeyboardInterrupt while it prints the resume command).
         self.ignore_after = ignore_after
 
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no signal handling
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise interrupt_for(signum)
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, signal.SIG_IGN if self.ignore_after and self.signum is not None else old)
-        return False
-
+    def handler_after(self, sig, old):
+        return signal.SIG_IGN if self.ignore_after and self.signum is not None else old
 
 def load_data(cfg, progress=True):
     """The dataset of the config, checked against the model: (x_train, y_train, x_val, y_val, dataset)."""

@@ -286,8 +286,9 @@ def test_deferred_signals_record_raise_at_check_and_leave_other_handlers_alone()
     import os
     import signal
 
-    from fastcnn.errors import Terminated, raise_terminated
+    from fastcnn.errors import Terminated
     from fastcnn.runtime import DeferredSignals
+    from fastcnn.stopping import raise_terminated
 
     def deliver(sig):
         os.kill(os.getpid(), sig)
