@@ -7,29 +7,36 @@ gradients and results equal those of the unfused layers.
 
 Fused runs, first match wins at each position:
 
+* ``conv2d (groups 1) -> batchnorm [-> relu [-> maxpool2d]]`` -> ConvBatchNorm
+  (holding the BatchNorm layer, or the BatchNormReLU block of what follows it)
+* ``conv2d (groups 1) -> relu``, no max-pool after it -> ConvReLU
 * ``batchnorm -> relu -> maxpool2d``  -> BatchNormReLU (with pool)
 * ``batchnorm -> relu``               -> BatchNormReLU
 * ``relu -> maxpool2d``               -> ActivationMaxPool2D
 * ``leaky_relu -> maxpool2d`` whose windows do not overlap -> ActivationMaxPool2D
 
 Every other layer is its own block. A block runs the kernels of its layers'
-operations with other flags (fastcnn/kernels/fused.py): the same max-pool
-scan and scatter, activation, batch-norm statistics (BatchNorm.normalization,
-which also updates the running statistics), reductions and input gradient.
-Results equal the unfused layers exactly, except after a max-pool the
-batch-norm gradients (gamma, beta and the input gradient), whose reductions add
-the winners' terms in pooled order.
+operations with other flags (fastcnn/kernels/fused.py; the convolution's
+epilogue in fastcnn/kernels/conv.py): the same max-pool scan and scatter,
+activation, batch-norm statistics (BatchNorm.normalization, which also updates
+the running statistics), reductions and input gradient. Results equal the
+unfused layers exactly, except after a max-pool the batch-norm gradients
+(gamma, beta and the input gradient), whose reductions add the winners' terms
+in pooled order, and the evaluation forward of ConvBatchNorm, which folds the
+batch norm into the convolution's weights (within float rounding).
 """
 import numpy as np
 
 from .layers.base import checked_gradient, kernel_module
 from .layers.batchnorm import BatchNorm, batchnorm_eval_backward, check_batch_values
+from .layers.conv2d import Conv2D
 from .layers.leaky_relu import LeakyReLU
 from .layers.maxpool2d import MaxPool2D
 from .layers.relu import ReLU
 
 fused = kernel_module("fused")
 pooling = kernel_module("pool")
+activation = kernel_module("activation")
 
 class Block:
     """Base of fused blocks: the layers it runs and reusable scratch arrays."""
@@ -208,6 +215,80 @@ class BatchNormReLU(Block):
         return batchnorm_eval_backward(bn, x, g, dx)
 
 
+class ConvReLU(Block):
+    """Convolution (groups 1) then ReLU: the ReLU applied to each output row as the convolution writes
+    it (kernels/conv.py, the epilogue), so the ReLU's pass over memory is gone. Backward: the ReLU's
+    gradient masked by the block's output (<= 0 exactly where the convolution's output was; NaN
+    passes, as torch), then the convolution's backward. Bit-identical to the two layers."""
+
+    def __init__(self, conv, relu):
+        super().__init__((conv, relu))
+        self.conv = conv
+        self.parts = (conv, relu)  # what a compile helper runs (fastcnn/runtime.py): the same kernels
+
+    def forward(self, x, training):
+        self._begin_forward(x, training)
+        self.y = self.conv.forward(x, training, relu=True)
+        return self.y
+
+    def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
+        g = self._buffer("g", dy.shape, dy.dtype)
+        activation.relu_backward(self.y, dy, g)
+        return self.conv.backward(g, need_input_grad)
+
+
+class ConvBatchNorm(Block):
+    """Convolution (groups 1) then batch norm, optionally then ReLU (and max-pool): ``norm`` is the
+    BatchNorm layer or a BatchNormReLU block.
+
+    Training: the convolution, then ``norm`` (the batch statistics need the whole output first).
+
+    Evaluation: the batch norm (running statistics: a per-channel affine map) folded into the
+    convolution, weights times scale = gamma / sqrt(running_var + eps) and bias (bias - running_mean)
+    * scale + beta, with the ReLU in its epilogue: one pass where the layers take two (then the
+    max-pool layer). Not bit-identical to the layers: the weights are rounded after scaling, so the
+    outputs differ by float rounding (about 1e-7 relative in float32). A backward after an evaluation
+    forward (rare) runs the layers' evaluation forward again, then their backward.
+    """
+
+    def __init__(self, conv, norm):
+        super().__init__((conv, *getattr(norm, "layers", (norm,))))
+        self.conv = conv
+        self.norm = norm
+        self.bn = norm if isinstance(norm, BatchNorm) else norm.bn
+        self.relu = not isinstance(norm, BatchNorm)
+        self.pool = None if isinstance(norm, BatchNorm) else norm.pool
+        self.parts = (conv, norm)  # what a compile helper runs (fastcnn/runtime.py): the same kernels
+
+    def forward(self, x, training):
+        self._begin_forward(x, training)
+        if training:
+            return self.norm.forward(self.conv.forward(x, True), True)
+        y = self.folded_forward(x, self._buffer("y", (x.shape[0], *self.conv.out_shape), x.dtype))
+        return y if self.pool is None else self.pool.forward(y, False)
+
+    def folded_forward(self, x, y, residual=None, relu=None):
+        """The evaluation forward before the max-pool into y: the convolution with the batch norm folded
+        in, then ``residual`` added (a residual block's other branch) and ReLU (``relu``: None for the
+        block's own), each output row as it is written; returns y."""
+        self._begin_forward(x, False)
+        self.eval_x = x
+        bn = self.bn
+        mean, scale = bn.normalization(None, False, None)  # the running statistics
+        shift = self._buffer("shift", scale.shape, scale.dtype)
+        np.multiply(mean, scale, out=shift)
+        np.subtract(bn.params["beta"].data, shift, out=shift)
+        return self.conv.folded_forward(x, scale, shift, y, relu=self.relu if relu is None else relu,
+                                        residual=residual)
+
+    def backward(self, dy, need_input_grad=True):
+        dy = self._check_dy(dy)
+        if not self.training:  # the layers' evaluation forward, for their backward
+            self.norm.forward(self.conv.forward(self.eval_x, False), False)
+        return self.conv.backward(self.norm.backward(dy), need_input_grad)
+
+
 def _leaky_pool_fusable(pool):
     # Overlapping windows would add slope*dy1 + slope*dy2 where the layers compute
     # slope*(dy1 + dy2): not bit-identical, so those stay unfused.
@@ -226,7 +307,15 @@ def plan_blocks(layers):
         return j < n and type(layers[j]) is cls
 
     while i < n:
-        if at(i, BatchNorm) and at(i + 1, ReLU):
+        if at(i, Conv2D) and layers[i].groups == 1 and at(i + 1, BatchNorm):
+            conv = layers[i]
+            rest = plan_blocks(layers[i + 1:i + 4])[0]  # the batch norm, or its block with ReLU (and max-pool)
+            blocks.append(ConvBatchNorm(conv, rest))
+            i += 1 + len(getattr(rest, "layers", (rest,)))
+        elif at(i, Conv2D) and layers[i].groups == 1 and at(i + 1, ReLU) and not at(i + 2, MaxPool2D):
+            blocks.append(ConvReLU(layers[i], layers[i + 1]))  # before a max-pool: ReLU + max-pool is fused
+            i += 2
+        elif at(i, BatchNorm) and at(i + 1, ReLU):
             if at(i + 2, MaxPool2D):  # a max-pool input is (N, H, W, C): per-channel batch norm
                 blocks.append(BatchNormReLU(layers[i], layers[i + 1], layers[i + 2]))
                 i += 3

@@ -187,7 +187,9 @@ def compile_helper_count() -> int:
 
 def leaf_blocks(model) -> list:
     """The model's blocks in forward order, residual blocks opened up into their copies' body and
-    shortcut blocks (recursively): the units a compile helper runs on their own."""
+    shortcut blocks (recursively), and a convolution fused with what follows it into its ``parts``
+    (the convolution, then the rest: the same kernels, so the conv2d kind compiles them once): the
+    units a compile helper runs on their own."""
     from .layers.residual import Residual
 
     out = []
@@ -195,6 +197,9 @@ def leaf_blocks(model) -> list:
     def visit(block):
         if isinstance(block, Residual):
             for inner in block.branch_blocks():
+                visit(inner)
+        elif hasattr(block, "parts"):
+            for inner in block.parts:
                 visit(inner)
         else:
             out.append(block)

@@ -1,5 +1,6 @@
 """Training gives bit-identical weights whatever the thread count (1 to 4), for every shipped config
-and for a network holding every layer type and every fused block.
+and for a network holding every layer type and every fused block; so does the evaluation forward
+after it (batch norm folded into the convolutions, residual adds in their epilogue).
 
 Each thread count runs in its own process (``NUMBA_NUM_THREADS`` is read when Numba starts; more
 threads than cores is allowed). Each process trains every network a few steps from the same
@@ -21,8 +22,9 @@ from conftest import REPO
 THREADS = (1, 2, 3, 4)
 STEPS = 3
 
-# Every layer type and every fused block (BN+ReLU, BN+ReLU+max-pool, ReLU+max-pool, leaky ReLU+max-pool),
-# with odd channel counts, padding, stride, dilation and overlapping windows.
+# Every layer type and every fused block (conv+BN+ReLU+max-pool, conv+BN+ReLU, conv+BN, conv+ReLU,
+# BN+ReLU, ReLU+max-pool, leaky ReLU+max-pool), with odd channel counts, padding, stride, dilation and
+# overlapping windows.
 ZOO = {
     "seed": 3,
     "model": {
@@ -54,6 +56,10 @@ ZOO = {
             {"type": "leaky_relu", "negative_slope": 0.1},
             {"type": "maxpool2d", "pool_size": 2},
             {"type": "dropout", "rate": 0.3},
+            {"type": "conv2d", "filters": 20, "kernel_size": 1},
+            {"type": "relu"},
+            {"type": "batchnorm"},
+            {"type": "relu"},
             {"type": "conv2d", "filters": 20, "kernel_size": 1},
             {"type": "leaky_relu"},
             {"type": "avgpool2d", "pool_size": 1},
@@ -93,6 +99,7 @@ SCRIPT = textwrap.dedent("""
             assert result.ok, result.fault
         for key, value in model.state_dict().items():
             arrays[f"{name}/{key}"] = value
+        arrays[f"{name}/eval_logits"] = model.forward(x, training=False).copy()
         for key, value in opt.state_dict().items():
             if isinstance(value, np.ndarray):
                 arrays[f"{name}/{key}"] = value
@@ -142,4 +149,8 @@ def test_the_zoo_holds_every_layer_type_and_fused_block():
     missing = set(LAYER_TYPES) - {m.kind for _, m in model.named_modules()}
     assert not missing, f"add {sorted(missing)} to ZOO"
     fused = {getattr(b, "kind", "") for b in model.blocks if b not in model.layers}
-    assert {"batchnorm+relu", "batchnorm+relu+maxpool2d", "relu+maxpool2d", "leaky_relu+maxpool2d"} <= fused, fused
+    assert {"conv2d+batchnorm+relu+maxpool2d", "conv2d+batchnorm+relu", "conv2d+relu", "batchnorm+relu",
+            "relu+maxpool2d", "leaky_relu+maxpool2d"} <= fused, fused
+    inner = {getattr(b, "kind", "") for _, m in model.named_modules() if hasattr(m, "branch_blocks")
+             for b in m.branch_blocks()}
+    assert "conv2d+batchnorm" in inner, inner

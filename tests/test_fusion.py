@@ -6,7 +6,9 @@ batch norm + ReLU blocks (no pool) and unfused BatchNorm layers included (the
 same statistics kernel, the same correctly rounded invstd, the same chunked
 reductions). After a max-pool the batch-norm gradients differ in rounding only:
 the gamma/beta reductions add the winners' terms in pooled order. Those models
-are compared with tight tolerances (float64 1e-12, float32 1e-5 relative).
+are compared with tight tolerances (float64 1e-12, float32 1e-5 relative). So is
+the evaluation forward of a convolution + batch norm block, which folds the batch
+norm into the convolution's weights; its training forward and backward are exact.
 """
 import os
 
@@ -15,7 +17,7 @@ import pytest
 
 import fastcnn
 from fastcnn import fusion
-from fastcnn.layers import BatchNorm, Dense, LeakyReLU, MaxPool2D, ReLU
+from fastcnn.layers import BatchNorm, Conv2D, Dense, LeakyReLU, MaxPool2D, ReLU
 
 from conftest import REPO
 
@@ -90,9 +92,8 @@ def test_planner_fuses_the_seed_networks():
                                    "Dense", "ReLU", "Dense"]
     assert model.blocks[1].layers == (model.layers[1], model.layers[2])
     bn = fastcnn.build_model(config_model("mnist_bn.yaml"), seed=0)
-    assert kinds(bn.blocks) == ["Conv2D", "BatchNormReLU", "Conv2D", "BatchNormReLU", "Flatten", "Dense", "ReLU",
-                                "Dense"]
-    assert bn.blocks[1].layers == tuple(bn.layers[1:4])
+    assert kinds(bn.blocks) == ["ConvBatchNorm", "ConvBatchNorm", "Flatten", "Dense", "ReLU", "Dense"]
+    assert bn.blocks[0].layers == tuple(bn.layers[0:4])
     # The unfused model runs the layers themselves.
     plain = fastcnn.build_model(config_model("mnist.yaml"), seed=0, fuse=False)
     assert all(b is layer for b, layer in zip(plain.blocks, plain.layers))
@@ -101,10 +102,11 @@ def test_planner_fuses_the_seed_networks():
 def test_planner_patterns_and_near_misses():
     model = fastcnn.build_model(BN_NET, seed=0)
     blocks = model.blocks
-    assert kinds(blocks) == ["Conv2D", "BatchNormReLU", "Conv2D", "BatchNormReLU", "Conv2D", "ActivationMaxPool2D",
-                             "Conv2D", "ActivationMaxPool2D", "Flatten", "Dense", "BatchNormReLU", "Dense"]
-    assert blocks[1].pool is model.layers[3] and blocks[3].pool is None and blocks[10].pool is None
-    assert isinstance(blocks[7].act, LeakyReLU)
+    assert kinds(blocks) == ["ConvBatchNorm", "ConvBatchNorm", "Conv2D", "ActivationMaxPool2D", "Conv2D",
+                             "ActivationMaxPool2D", "Flatten", "Dense", "BatchNormReLU", "Dense"]
+    assert blocks[0].pool is model.layers[3] and blocks[1].pool is None and blocks[8].pool is None
+    assert isinstance(blocks[0].norm, fusion.BatchNormReLU) and blocks[0].relu
+    assert isinstance(blocks[5].act, LeakyReLU)
     # Every layer appears exactly once, in order.
     flat = [layer for b in blocks for layer in getattr(b, "layers", (b,))]
     assert flat == model.layers
@@ -127,6 +129,15 @@ def test_planner_on_bare_layer_lists():
     assert kinds(blocks) == ["BatchNormReLU", "ActivationMaxPool2D"]
     assert kinds(fusion.plan_blocks([leaky, MaxPool2D(3, stride=2)])) == ["LeakyReLU", "MaxPool2D"]
     assert kinds(fusion.plan_blocks([leaky, MaxPool2D(2, stride=3)])) == ["ActivationMaxPool2D"]
+    conv, grouped = Conv2D(4, 3), Conv2D(4, 3, groups=2)
+    assert kinds(fusion.plan_blocks([conv, relu, dense])) == ["ConvReLU", "Dense"]
+    assert kinds(fusion.plan_blocks([conv, relu, pool])) == ["Conv2D", "ActivationMaxPool2D"]  # relu + pool instead
+    assert kinds(fusion.plan_blocks([conv, bn, relu, pool, relu])) == ["ConvBatchNorm", "ReLU"]
+    blocks = fusion.plan_blocks([conv, bn, leaky])
+    assert kinds(blocks) == ["ConvBatchNorm", "LeakyReLU"] and blocks[0].norm is bn and not blocks[0].relu
+    assert fusion.plan_blocks([grouped, bn]) == [grouped, bn]          # groups > 1: other kernels, no epilogue
+    assert kinds(fusion.plan_blocks([grouped, relu])) == ["Conv2D", "ReLU"]
+    assert kinds(fusion.plan_blocks([conv, leaky])) == ["Conv2D", "LeakyReLU"]
 
 
 def test_blocks_hold_no_parameters_of_their_own():
@@ -134,8 +145,8 @@ def test_blocks_hold_no_parameters_of_their_own():
     plain = fastcnn.build_model(config_model("mnist_bn.yaml"), seed=0, fuse=False)
     assert [k for k, _ in fused.named_parameters()] == [k for k, _ in plain.named_parameters()]
     assert fused.state_dict().keys() == plain.state_dict().keys()
-    block = fused.blocks[1]
-    assert block.bn is fused.layers[1]
+    block = fused.blocks[0]
+    assert block.bn is fused.layers[1] and block.conv is fused.layers[0]
     assert not hasattr(block, "params") and not hasattr(block, "buffers")
 
 
@@ -166,9 +177,13 @@ def compare(a, b, exact, dtype, what):
 
 
 def compare_runs(model_cfg, exact, batches, seed=0, input_grad=True):
+    """Training steps (and an evaluation forward after each) of the fused and the unfused model. With
+    ``exact``, equal bit for bit, except the evaluation outputs of a model with a convolution + batch
+    norm block, which folds the batch norm into the convolution's weights: those within rounding."""
     fused = fastcnn.build_model(model_cfg, seed=seed, fuse=True)
     plain = fastcnn.build_model(model_cfg, seed=seed, fuse=False)
     assert len(fused.blocks) < len(fused.layers)  # something is fused
+    folded = any(isinstance(b, fusion.ConvBatchNorm) for b in fused.blocks)
     dtype = fused.dtype
     rng = np.random.default_rng(seed)
     opts = [fastcnn.Adam(m.parameters(), lr=1e-2) for m in (fused, plain)]
@@ -179,7 +194,7 @@ def compare_runs(model_cfg, exact, batches, seed=0, input_grad=True):
         b = training_step(plain, x, labels, input_grad)
         assert a["logits"].dtype == dtype
         for key in ("logits", "loss", "dx", "eval"):
-            compare(a[key], b[key], exact, dtype, f"step {step}: {key}")
+            compare(a[key], b[key], exact and not (key == "eval" and folded), dtype, f"step {step}: {key}")
         # Gradients: with batch norm the conv bias before it has a true gradient of 0,
         # so rounding is judged against the scale of all gradients.
         scale = max(float(np.max(np.abs(g))) for g in b["grads"].values())
@@ -253,8 +268,8 @@ BN_NO_POOL_NET = {
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_batchnorm_network_without_pool_fused_equals_unfused_exactly(dtype):
     model = fastcnn.build_model(with_dtype(BN_NO_POOL_NET, dtype), seed=0)
-    assert kinds(model.blocks) == ["Conv2D", "BatchNormReLU", "Conv2D", "BatchNorm", "LeakyReLU", "Flatten",
-                                   "Dense", "BatchNormReLU", "Dense"]
+    assert kinds(model.blocks) == ["ConvBatchNorm", "ConvBatchNorm", "LeakyReLU", "Flatten", "Dense",
+                                   "BatchNormReLU", "Dense"]
     compare_runs(with_dtype(BN_NO_POOL_NET, dtype), exact=True, batches=[300, 5, 2])
 
 
@@ -276,11 +291,69 @@ def test_batchnorm_block_rejects_a_single_value_per_channel():
 def test_fused_block_outputs_keep_the_dtype_and_reuse_buffers():
     model = fastcnn.build_model(config_model("mnist_bn.yaml"), seed=0)
     x = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
-    block = model.blocks[1]
-    h = model.blocks[0].forward(x, True)
-    y1 = block.forward(h, True)
-    y2 = block.forward(h, True)
+    block = model.blocks[0]
+    y1 = block.forward(x, True)
+    y2 = block.forward(x, True)
     assert y1 is y2 and y1.dtype == np.float32 and y1.shape == (4, 13, 13, 32)
     dx = block.backward(np.ones_like(y1), True)
-    assert dx.dtype == np.float32 and dx.shape == h.shape
+    assert dx.dtype == np.float32 and dx.shape == x.shape
     assert block.backward(np.ones_like(y1), False) is None
+    e1 = block.forward(x, False)
+    assert e1 is block.forward(x, False) and e1.dtype == np.float32 and e1.shape == y1.shape
+
+
+# The convolution's epilogue (ReLU) on each of the forward's paths: one input channel and few filters
+# (transposed products), every kernel column inside the image (in place: 16 filters), padding with
+# few inputs per kernel row (zero-padded rows), padding with many (one product per kernel column:
+# 128 channels), dilated columns (im2col); odd filter counts (written through a padded row).
+# Bit-identical to the layers in training; the evaluation forward folds the batch norm (within
+# rounding).
+EPILOGUE_NET = {
+    "input_shape": [11, 9, 1],
+    "num_classes": 3,
+    "layers": [
+        {"type": "conv2d", "filters": 5, "kernel_size": 3, "padding": 1},                  # transposed
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "conv2d", "filters": 16, "kernel_size": 3},                               # in place
+        {"type": "relu"},
+        {"type": "conv2d", "filters": 128, "kernel_size": 3, "padding": 1, "bias": False},  # slab, 3 columns
+        {"type": "batchnorm"},
+        {"type": "conv2d", "filters": 7, "kernel_size": 3, "padding": 1, "stride": 2},     # per kernel column
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "conv2d", "filters": 6, "kernel_size": 2, "dilation": [1, 2], "padding": 1},  # im2col
+        {"type": "relu"},
+        {"type": "flatten"},
+        {"type": "dense", "units": 3},
+    ],
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_convolution_epilogue_blocks_equal_the_layers(dtype):
+    model = fastcnn.build_model(with_dtype(EPILOGUE_NET, dtype), seed=0)
+    assert kinds(model.blocks) == ["ConvBatchNorm", "ConvReLU", "ConvBatchNorm", "ConvBatchNorm", "ConvReLU",
+                                   "Flatten", "Dense"]
+    compare_runs(with_dtype(EPILOGUE_NET, dtype), exact=True, batches=[9, 4, 1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_convolution_batchnorm_backward_after_evaluation_forward(dtype):
+    """A backward after forward(training=False) runs through the layers' evaluation forward. The
+    gradients equal the unfused model's to rounding (the folded forward's outputs, equal to rounding,
+    are the later layers' inputs)."""
+    cfg = with_dtype(EPILOGUE_NET, dtype)
+    fused, plain = (fastcnn.build_model(cfg, seed=1, fuse=f) for f in (True, False))
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 11, 9, 1)).astype(dtype)
+    for model in (fused, plain):  # running statistics away from their initial values
+        model.forward(x * 3 + 1, training=True)
+    out = [m.forward(x, training=False) for m in (fused, plain)]
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5 if dtype == "float32" else 1e-12,
+                               atol=1e-5 * float(np.max(np.abs(out[1]))))
+    dlogits = rng.normal(size=out[1].shape).astype(dtype)
+    dx = [m.backward(dlogits, input_grad=True) for m in (fused, plain)]
+    compare(dx[0], dx[1], False, dtype, "dx")
+    for (k, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
+        compare(p.grad, q.grad, False, dtype, k)

@@ -292,6 +292,34 @@ if given is not None:
 
 
 # ---------------------------------------------------------------------------
+# The forward's epilogue: a residual row added, ReLU
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_epilogue_equals_the_separate_passes(dtype, name):
+    """relu=True and residual= give, bit for bit, what the plain forward then NumPy's add and ReLU
+    give (the same float operations), on every path of the forward (products in place or in padded
+    rows, transposed, slab, per kernel column, im2col); NaN, -0.0 and inf in the residual keep
+    torch's ReLU semantics."""
+    x, w, b, dy, stride, padding, dilation = _make(CASES[name], dtype)
+    args = _args(stride, padding, dilation)
+    y = _forward(x, w, b, dy.shape, stride, padding, dilation)
+    r = np.random.default_rng(7).standard_normal(y.shape).astype(dtype)
+    r.reshape(-1)[:4] = [np.nan, -np.inf, np.inf, 0.0]
+    r.reshape(-1)[4:6] = -y.reshape(-1)[4:6]  # sums of exactly 0 (+0 or -0)
+    z = y + r
+    zr = np.where(z <= 0, dtype(0), z)
+    for kwargs, expected in (({"relu": True}, np.where(y <= 0, dtype(0), y)), ({"residual": r}, z),
+                             ({"residual": r, "relu": True}, zr)):
+        out = np.full(dy.shape, np.nan, dtype=dtype)
+        conv.conv2d_forward(x, w, b, out, *args, **kwargs)
+        assert out.tobytes() == expected.tobytes(), kwargs
+    with pytest.raises(ValueError, match="residual must be"):
+        conv.conv2d_forward(x, w, b, np.empty_like(y), *args, residual=r[:, :-1] if r.shape[1] > 1 else r[:0])
+
+
+# ---------------------------------------------------------------------------
 # Overwrite semantics, determinism
 # ---------------------------------------------------------------------------
 

@@ -482,13 +482,13 @@ def test_branches_fuse_batchnorm_relu_inside_and_never_across_the_block_input():
                     *HEAD)
     model = fastcnn.build_model(cfg)
     # Top level: conv, batchnorm+relu, then the block whole: its input feeds two consumers (both branches).
-    assert _kinds(model.blocks)[:3] == ["Conv2D", "BatchNormReLU", "Residual"]
-    block = model.blocks[2]
+    assert _kinds(model.blocks)[:2] == ["ConvBatchNorm", "Residual"]
+    block = model.blocks[1]
     (body, short), = block._runs
-    assert _kinds(body) == ["BatchNormReLU", "Conv2D", "BatchNormReLU", "Residual"]
+    assert _kinds(body) == ["BatchNormReLU", "ConvBatchNorm", "Residual"]
     assert _kinds(short) == ["ActivationMaxPool2D"]
-    (inner, _), = body[3]._runs
-    assert _kinds(inner) == ["Conv2D", "BatchNormReLU"]
+    (inner, _), = body[2]._runs
+    assert _kinds(inner) == ["ConvBatchNorm"]
     # A fused block holds layers of one branch only, starting at the branch's own first layer.
     (body_layers, short_layers), = block.copies
     for blocks, layers in ((body, body_layers), (short, short_layers)):
@@ -531,3 +531,39 @@ def test_resnet20_cifar10_config():
     for _ in range(2):
         x = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
         assert fastcnn.train_step(model, optimizer, x, rng.integers(0, 10, 4)).ok
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_evaluation_forward_folds_the_add_into_the_last_convolution(dtype, activation):
+    """A body ending in conv + batch norm: in evaluation that convolution (batch norm folded in) adds
+    the shortcut and applies the block's ReLU as it writes its output. Equal to the unfused model to
+    rounding, and so are the gradients of a backward after it (it reruns the blocks first)."""
+    from fastcnn.fusion import ConvBatchNorm
+
+    projection = [conv(6, 1, stride=2, bias=False), BN]
+    cfg = {**model_cfg(conv(4, padding="same"), BN, RELU,
+                       {"type": "residual", "repeat": 2, "activation": activation,
+                        "body": [conv(4, padding="same", bias=False), BN, RELU, conv(4, padding="same"), BN]},
+                       {"type": "residual", "activation": activation, "shortcut": projection,
+                        "body": [conv(6, stride=2, padding="same", bias=False), BN, RELU,
+                                 conv(6, padding="same", bias=False), BN]},
+                       *HEAD, input_shape=(9, 7, 3)), "dtype": dtype}
+    fused, plain = (fastcnn.build_model(cfg, seed=2, fuse=f) for f in (True, False))
+    block = fused.blocks[1]
+    assert isinstance(block._runs[0][0][-1], ConvBatchNorm)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 9, 7, 3)).astype(dtype)
+    for model in (fused, plain):  # running statistics away from 0 and 1
+        model.forward(3 * x + 1, training=True)
+    out = [m.forward(x, training=False) for m in (fused, plain)]
+    r = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(out[0], out[1], rtol=r, atol=r * float(np.max(np.abs(out[1]))))
+    dlogits = rng.standard_normal(out[1].shape).astype(dtype)
+    dx = [m.backward(dlogits, input_grad=True) for m in (fused, plain)]
+    scale = max(float(np.max(np.abs(q.grad))) for _, q in plain.named_parameters())
+    np.testing.assert_allclose(dx[0], dx[1], rtol=r, atol=r * float(np.max(np.abs(dx[1]))))
+    for (k, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
+        np.testing.assert_allclose(p.grad, q.grad, rtol=r, atol=r * scale, err_msg=k)
+    # A training forward after it runs the blocks as before: the same bits as the unfused model.
+    assert np.array_equal(fused.forward(x, training=True), plain.forward(x, training=True))

@@ -63,11 +63,12 @@ def test_leaf_blocks_open_residual_blocks_and_kinds_cover_every_leaf():
 
     model = fastcnn.build_model(_zoo_model_cfg(), seed=0)
     leaves = leaf_blocks(model)
-    assert not any(isinstance(b, Residual) for b in leaves)
-    # 2 copies x 4 body blocks (conv, bn+relu, conv, bn), then the projection block's body (conv,
-    # bn+relu, dropout, conv) and shortcut (conv, bn).
-    residual_leaves = 2 * 4 + 4 + 2
-    assert len(leaves) == len(model.blocks) - 2 + residual_leaves
+    assert not any(isinstance(b, Residual) or hasattr(b, "parts") for b in leaves)
+    # Every layer once, in forward order: residual bodies and shortcuts, and the convolutions fused
+    # with a batch norm or a ReLU, opened up.
+    covered = [layer for b in leaves for layer in getattr(b, "layers", (b,))]
+    assert covered == [m for _, m in model.named_modules() if not isinstance(m, Residual)]
+    assert any(hasattr(b, "parts") for b in model.blocks)
     kinds = helper_kinds(model)
     assert kinds[-1] == "head" and len(set(kinds)) == len(kinds)
     assert {"conv2d", "batchnorm+relu", "batchnorm+relu+maxpool2d", "leaky_relu+maxpool2d", "dropout",

@@ -38,6 +38,11 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   first layer such as LeNet's) runs transposed instead, per block of output
   rows of an image: the filters are the microkernel's rows and the output
   pixels its vector columns, read from the zero-padded input rows.
+  The forward's epilogue runs on each output row just after its products,
+  while the row is in cache: a residual branch's row added (the evaluation
+  forward of a residual block ending in conv + batch norm) and ReLU (the
+  conv + ReLU block, and conv + batch norm + ReLU in evaluation, the batch
+  norm folded into the weights), so those take no pass over y of their own.
 * backward input: at stride 1 with fewer than _VIA_FORWARD_FILTERS filters and
   a kernel of more than one tap, the forward above run on dy with the kernel
   flipped and transposed to (KH, KW, Cout, Cin) and padding (K-1)*dil - pad
@@ -194,9 +199,56 @@ def _pack_columns(m, cols_padded):
 # Kernels
 # --------------------------------------------------------------------------
 
+@njit(error_model="numpy", cache=True, inline="always")
+def _epilogue_pass(a, y, r, res, relu):
+    """y = relu?(a (+ r)) over 1-D views indexed from 0 (``a`` may be ``y``: in place), one loop per
+    case: a loop that tests a flag does not vectorize (measured 3-4x slower).
+
+    The ReLU reads ``v + 0``: it equals v (and is +0 for -0, which the ReLU makes 0 anyway), but LLVM
+    cannot prove the stored value is the loaded one, so an in-place ReLU stays a plain vector pass
+    instead of masked stores of the zeros alone (which Zen 3 runs about 4x slower)."""
+    zero = y.dtype.type(0)
+    if res and relu:
+        for t in range(y.shape[0]):
+            v = a[t] + r[t]
+            y[t] = zero if v <= zero else v
+    elif res:
+        for t in range(y.shape[0]):
+            y[t] = a[t] + r[t]
+    elif relu:
+        for t in range(y.shape[0]):
+            v = a[t] + zero
+            y[t] = zero if v <= zero else v
+    else:
+        for t in range(y.shape[0]):
+            y[t] = a[t]
+
+
+@njit(error_model="numpy", cache=True, inline="always")
+def _epilogue(acc, yrow, rrow, relu, in_place):
+    """An output row's products, in cache, written to yrow (OW, Cout): plus the same row of a residual
+    branch (``rrow``, when not empty), then ReLU (``relu``; NaN stays, as torch.relu). The products are
+    in yrow itself (``in_place``) or in acc (OW, >= Cout).
+
+    In place, the pass reads and writes one view (two views of the same row make LLVM's overlap check
+    fail at run time and take its scalar loop: measured 2.5x slower)."""
+    OW, Cout = yrow.shape
+    res = rrow.shape[0] > 0
+    if in_place:
+        yf = yrow.reshape(-1)
+        _epilogue_pass(yf, yf, rrow.reshape(-1), res, relu)
+    elif acc.shape[1] == Cout:  # no padded columns: one long loop over the row
+        _epilogue_pass(acc.reshape(-1), yrow.reshape(-1), rrow.reshape(-1), res, relu)
+    else:  # per pixel
+        for ow in range(OW):
+            _epilogue_pass(acc[ow, :Cout], yrow[ow], rrow[ow] if res else yrow[ow], res, relu)
+
+
 @njit(error_model="numpy", parallel=prange_only(), cache=True)
-def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
-    """y (N, OH, OW, Cout) = conv(x (N, H, W, Cin), w (KH, KW, Cin, Cout)) + b; y overwritten."""
+def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, res, relu):
+    """y (N, OH, OW, Cout) = conv(x (N, H, W, Cin), w (KH, KW, Cin, Cout)) + b; y overwritten; then
+    plus ``res`` (y's shape) when not empty and ReLU when ``relu`` (_epilogue), on each output row
+    while it is in cache."""
     N, H, W, Cin = x.shape
     KH, KW, _, Cout = w.shape
     OH = y.shape[1]
@@ -240,6 +292,7 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
     wtf = wt.reshape(-1)
     # Without padded columns the products accumulate straight into y.
     in_place = Np == Cout
+    epilogue = relu or res.shape[0] > 0
     R = N * OH
     nchunks = min(R, _ROW_CHUNKS)
     for c in prange(nchunks):
@@ -252,6 +305,7 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
         rows_p = np.zeros((KH if slab else 0, SW * Cin), dtype=y.dtype)
         rows_pf = rows_p.reshape(-1)
         accT = np.empty((Cout if tposed else 0, JP), dtype=y.dtype)
+        nores = np.empty((0, Cout), dtype=y.dtype)
         accTf = accT.reshape(-1)
         # Input rows, and zeros past the last one for the columns read beyond it.
         pin = np.zeros(((G + (KH - 1) * dil_h) * SW + VL + KW) if tposed else 0, dtype=y.dtype)
@@ -278,6 +332,8 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
                 for ow in range(OW):
                     for co in range(Cout):
                         yrow[ow, co] = accT[co, i * SW + ow]
+                if epilogue:
+                    _epilogue(yrow, yrow, res[n, oh0 + i] if res.shape[0] > 0 else nores, relu, True)
             r += g
         for r in range(r_end if tposed else (c * R) // nchunks, r_end):
             n = r // OH
@@ -324,7 +380,9 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
                     _im2col_pixel(x3, col[ow], n, oh, ow, H, W, Cin, KH, KW, stride_h, stride_w, pad_top,
                                   pad_left, dil_h, dil_w)
                 gemm(af, 0, Np, colf, 0, K, 1, wflat, 0, Np, K, 1, 0, 0, OW, NVt)
-            if not in_place:
+            if epilogue:
+                _epilogue(acc, y[n, oh], res[n, oh] if res.shape[0] > 0 else nores, relu, in_place)
+            elif not in_place:
                 yrow = y[n, oh]
                 for ow in range(OW):
                     copy_vector(yrow[ow], acc[ow, :Cout])
@@ -598,10 +656,18 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
 # Public entry points: register the gemm symbol, then call the kernel
 # --------------------------------------------------------------------------
 
-def conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
-    """y (N, OH, OW, Cout) = conv(x (N, H, W, Cin), w (KH, KW, Cin, Cout)) + b; y overwritten."""
+def conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu=False, residual=None):
+    """y (N, OH, OW, Cout) = conv(x (N, H, W, Cin), w (KH, KW, Cin, Cout)) + b; y overwritten.
+
+    The epilogue, on each output row while it is in cache: ``residual`` (y's shape) added, then
+    ``relu`` (y = max(y, 0), NaN stays)."""
     ensure_gemm(y.dtype)
-    _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
+    if residual is None:
+        residual = np.empty((0, 0, 0, 0), y.dtype)
+    elif residual.shape != y.shape or residual.dtype != y.dtype or not residual.flags.c_contiguous:
+        raise ValueError(f"conv2d_forward: residual must be a C-contiguous {y.dtype} array of shape {y.shape}, "
+                         f"got {residual.dtype} {residual.shape}")
+    _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, residual, bool(relu))
 
 
 def conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
@@ -621,7 +687,8 @@ def conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_
     if (stride_h == 1 and stride_w == 1 and Cout < _VIA_FORWARD_FILTERS and KH * KW > 1 and pt >= 0
             and pl >= 0):
         flipped = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
-        _conv2d_forward(dy, flipped, np.zeros(Cin, dx.dtype), dx, 1, 1, pt, pl, dil_h, dil_w)
+        _conv2d_forward(dy, flipped, np.zeros(Cin, dx.dtype), dx, 1, 1, pt, pl, dil_h, dil_w,
+                        np.empty((0, 0, 0, 0), dx.dtype), False)
         return
     _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
 

@@ -62,10 +62,11 @@ class BatchNorm(Layer):
         for the backward, with the shard as self.stat_shard), and the running statistics updated;
         evaluation: the running statistics. The fused batch norm + ReLU (+ max-pool) block
         (fastcnn/fusion.py) calls this too: one home for the statistics."""
-        c = x2.shape[1]
         gamma = self.params["gamma"].data
+        c = gamma.shape[0]
         eps = self.dtype.type(self.eps)
-        if not training:  # buffers of its own: a training forward's statistics stay for its backward
+        if not training:  # x2 unused (may be None); buffers of its own: a training forward's statistics stay for
+            #               its backward
             scale = self._buffer("eval_scale", (c,))
             invstd_and_scale(gamma, self.buffers["running_var"], eps, self._buffer("eval_invstd", (c,)), scale)
             return self.buffers["running_mean"], scale

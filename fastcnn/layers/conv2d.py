@@ -91,14 +91,37 @@ class Conv2D(Layer):
     def _geometry(self):
         return (self.stride[0], self.stride[1], self.pads[0], self.pads[2], self.dilation[0], self.dilation[1])
 
-    def forward(self, x, training):
+    def forward(self, x, training, relu=False):
+        """y = conv(x) + bias; with ``relu`` (the conv + ReLU block, fastcnn/fusion.py; groups 1 only)
+        the ReLU applied to each output row as it is written."""
         self._begin_forward(x, training)
         self.x = x
         y = self._buffer("y", (x.shape[0], *self.out_shape))
         if self.groups == 1:
-            conv.conv2d_forward(x, self.params["weight"].data, self._bias(), y, *self._geometry())
+            conv.conv2d_forward(x, self.params["weight"].data, self._bias(), y, *self._geometry(), relu=relu)
         else:
+            assert not relu, "the fused epilogue is for groups == 1"
             depthwise.grouped_forward(x, self.params["weight"].data, self._bias(), y, self.groups, *self._geometry())
+        return y
+
+    def folded_forward(self, x, scale, shift, y, relu=False, residual=None):
+        """y = relu?(conv(x) * scale + shift [+ residual]) per output channel, computed as conv(x) with
+        the weights times ``scale`` and the bias ``bias * scale + shift``: an evaluation-mode batch norm
+        folded in (fastcnn/fusion.py), and a residual block's add (groups 1), in one pass. Records
+        nothing for a backward."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(f"Conv2D.folded_forward: input must have shape (batch, "
+                             f"{', '.join(map(str, self.in_shape))}), got {x.shape}")
+        w = self._buffer("folded_weight", self.params["weight"].data.shape)
+        b = self._buffer("folded_bias", (self.filters,))
+        np.multiply(self.params["weight"].data, scale, out=w)  # HWIO: the last axis is the output channel
+        np.multiply(self._bias(), scale, out=b)
+        b += shift
+        if self.groups == 1:
+            conv.conv2d_forward(x, w, b, y, *self._geometry(), relu=relu, residual=residual)
+        else:
+            assert not relu and residual is None, "the fused epilogue is for groups == 1"
+            depthwise.grouped_forward(x, w, b, y, self.groups, *self._geometry())
         return y
 
     def backward(self, dy, need_input_grad=True):

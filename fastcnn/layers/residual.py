@@ -34,7 +34,12 @@ unfused.
 Forward, copy by copy: ``b = body(x)``, ``s = x`` (identity) or ``shortcut(x)``; then
 ``relu(b + s)`` (or ``b + s``) in one pass (fastcnn/kernels/residual.py) into a buffer the
 block owns for that copy. That buffer is the copy's output (the next copy's input, or the
-block's output): valid until the next forward, as the protocol asks.
+block's output): valid until the next forward, as the protocol asks. In evaluation, when the body
+ends in a convolution + batch norm block (fastcnn/fusion.ConvBatchNorm, no ReLU after the batch
+norm), the shortcut runs first and that convolution (batch norm folded into its weights) adds it
+and applies the ReLU as it writes each output row: no pass of the add's own. A backward after such
+a forward (rare) first runs the evaluation forward again block by block, as the unfused blocks do,
+so each block holds what its backward reads.
 
 Backward, copy by copy from the last: ``g = dy * (y > 0)`` (ReLU's gradient read from the
 copy's output, which is <= 0 exactly where the sum was; NaN passes, as torch) into a buffer
@@ -63,6 +68,14 @@ from ..schema import REQUIRED, choice, integer
 from .base import Layer, kernel_module
 
 kernels = kernel_module("residual")
+
+
+def _ends_in_conv_batchnorm(block):
+    """Whether a body's last block is a convolution + batch norm (no ReLU, no pool: fastcnn/fusion.py),
+    whose evaluation forward can add the shortcut and apply the block's ReLU itself."""
+    from ..fusion import ConvBatchNorm  # the fusion module imports the layers
+
+    return isinstance(block, ConvBatchNorm) and not block.relu and block.pool is None
 
 
 def _layer_list(value, path):
@@ -218,15 +231,28 @@ class Residual(Layer):
     # -- running -----------------------------------------------------------
     def forward(self, x, training):
         self._begin_forward(x, training)
+        self._eval_input = None if training else x
         relu = self.activation == "relu"
         for r, (body, short) in enumerate(self._runs):
+            y = self._buffer(f"y{r}", (x.shape[0], *self.copy_shapes[r][1]))
+            if not training and body and _ends_in_conv_batchnorm(body[-1]):
+                # Evaluation: the shortcut first, then the body's last convolution (batch norm folded in)
+                # adds it and applies the ReLU as it writes each output row: no pass of its own.
+                s = x
+                for block in short or ():
+                    s = block.forward(s, training)
+                b = x
+                for block in body[:-1]:
+                    b = block.forward(b, training)
+                body[-1].folded_forward(b, y, residual=np.ascontiguousarray(s, self.dtype), relu=relu)
+                x = y
+                continue
             b = x
             for block in body:
                 b = block.forward(b, training)
             s = x
             for block in short or ():
                 s = block.forward(s, training)
-            y = self._buffer(f"y{r}", b.shape)
             b, s = np.ascontiguousarray(b, self.dtype), np.ascontiguousarray(s, self.dtype)
             (kernels.add_relu_forward if relu else kernels.add_forward)(b, s, y)  # one pass
             x = y
@@ -234,6 +260,8 @@ class Residual(Layer):
 
     def backward(self, dy, need_input_grad=True):
         dy = self._check_dy(dy)
+        if not self.training:  # after an evaluation forward (rare): the blocks' own, for their backward
+            self._blockwise_eval_forward()
         relu = self.activation == "relu"
         last = len(self._runs) - 1
         if relu:  # the gradient through the last copy's ReLU, read from its output
@@ -265,6 +293,23 @@ class Residual(Layer):
             else:
                 kernels.add_forward(db, ds, g)
         return None  # not reached: copy 0 returns
+
+    def _blockwise_eval_forward(self):
+        """The evaluation forward again, each block on its own (the sums through kernels.add_*), so that
+        every block holds what its backward reads (the fused forward above skips the last body block's)."""
+        x = self._eval_input
+        relu = self.activation == "relu"
+        for r, (body, short) in enumerate(self._runs):
+            b = x
+            for block in body:
+                b = block.forward(b, False)
+            s = x
+            for block in short or ():
+                s = block.forward(s, False)
+            y = self._buffer(f"y{r}", b.shape)
+            (kernels.add_relu_forward if relu else kernels.add_forward)(
+                np.ascontiguousarray(b, self.dtype), np.ascontiguousarray(s, self.dtype), y)
+            x = y
 
     # -- ONNX ------------------------------------------------------------------
     def onnx_nodes(self, graph, x):
