@@ -7,9 +7,13 @@ gradients and results equal those of the unfused layers.
 
 Fused runs, first match wins at each position:
 
-* ``conv2d (groups 1) -> batchnorm [-> relu [-> maxpool2d]]`` -> ConvBatchNorm
-  (holding the BatchNorm layer, or the BatchNormReLU block of what follows it)
+* ``conv2d (groups 1) -> batchnorm [-> relu]``, no max-pool after it -> ConvBatchNorm
+  (holding the BatchNorm layer, or the BatchNormReLU block of the two)
 * ``conv2d (groups 1) -> relu``, no max-pool after it -> ConvReLU
+
+(Before a max-pool the convolution stays alone: the batch norm + ReLU + max-pool or ReLU + max-pool
+block after it reads its output once, and a fused evaluation forward would still need the max-pool's
+own pass; measured 4-12% slower on mnist_bn's first layer.)
 * ``batchnorm -> relu -> maxpool2d``  -> BatchNormReLU (with pool)
 * ``batchnorm -> relu``               -> BatchNormReLU
 * ``relu -> maxpool2d``               -> ActivationMaxPool2D
@@ -23,7 +27,8 @@ the running statistics), reductions and input gradient. Results equal the
 unfused layers exactly, except after a max-pool the batch-norm gradients
 (gamma, beta and the input gradient), whose reductions add the winners' terms
 in pooled order, and the evaluation forward of ConvBatchNorm, which folds the
-batch norm into the convolution's weights (within float rounding).
+batch norm into the convolution's weights (within the unfused computation's own
+rounding error).
 """
 import numpy as np
 
@@ -234,22 +239,25 @@ class ConvReLU(Block):
     def backward(self, dy, need_input_grad=True):
         dy = self._check_dy(dy)
         g = self._buffer("g", dy.shape, dy.dtype)
-        activation.relu_backward(self.y, dy, g)
+        # Flat views, as the ReLU layer passes them: the kernel the compile helpers ran for it.
+        activation.relu_backward(self.y.reshape(-1), dy.reshape(-1), g.reshape(-1))
         return self.conv.backward(g, need_input_grad)
 
 
 class ConvBatchNorm(Block):
-    """Convolution (groups 1) then batch norm, optionally then ReLU (and max-pool): ``norm`` is the
-    BatchNorm layer or a BatchNormReLU block.
+    """Convolution (groups 1) then batch norm, optionally then ReLU: ``norm`` is the BatchNorm layer or
+    a BatchNormReLU block (without max-pool: fastcnn.fusion.plan_blocks).
 
     Training: the convolution, then ``norm`` (the batch statistics need the whole output first).
 
     Evaluation: the batch norm (running statistics: a per-channel affine map) folded into the
     convolution, weights times scale = gamma / sqrt(running_var + eps) and bias (bias - running_mean)
-    * scale + beta, with the ReLU in its epilogue: one pass where the layers take two (then the
-    max-pool layer). Not bit-identical to the layers: the weights are rounded after scaling, so the
-    outputs differ by float rounding (about 1e-7 relative in float32). A backward after an evaluation
-    forward (rare) runs the layers' evaluation forward again, then their backward.
+    * scale + beta, with the ReLU in its epilogue: one pass where the layers take two. Not
+    bit-identical to the layers: the weights are rounded after scaling and conv * scale - mean * scale
+    replaces (conv - mean) * scale, so the outputs differ within the unfused computation's own rounding
+    error (1e-7 to 1e-6 relative in float32 when the batch norm's input has a moderate mean; both
+    errors grow with |running_mean| / std). A backward after an evaluation forward (rare) runs the
+    layers' evaluation forward again, then their backward.
     """
 
     def __init__(self, conv, norm):
@@ -258,20 +266,19 @@ class ConvBatchNorm(Block):
         self.norm = norm
         self.bn = norm if isinstance(norm, BatchNorm) else norm.bn
         self.relu = not isinstance(norm, BatchNorm)
-        self.pool = None if isinstance(norm, BatchNorm) else norm.pool
+        assert getattr(norm, "pool", None) is None, "a max-pool after the batch norm stays in its own block"
         self.parts = (conv, norm)  # what a compile helper runs (fastcnn/runtime.py): the same kernels
 
     def forward(self, x, training):
         self._begin_forward(x, training)
         if training:
             return self.norm.forward(self.conv.forward(x, True), True)
-        y = self.folded_forward(x, self._buffer("y", (x.shape[0], *self.conv.out_shape), x.dtype))
-        return y if self.pool is None else self.pool.forward(y, False)
+        return self.folded_forward(x, self._buffer("y", (x.shape[0], *self.conv.out_shape), x.dtype))
 
     def folded_forward(self, x, y, residual=None, relu=None):
-        """The evaluation forward before the max-pool into y: the convolution with the batch norm folded
-        in, then ``residual`` added (a residual block's other branch) and ReLU (``relu``: None for the
-        block's own), each output row as it is written; returns y."""
+        """The evaluation forward into y: the convolution with the batch norm folded in, then ``residual``
+        added (a residual block's other branch) and ReLU (``relu``: None for the block's own), each
+        output row as it is written; returns y."""
         self._begin_forward(x, False)
         self.eval_x = x
         bn = self.bn
@@ -307,12 +314,14 @@ def plan_blocks(layers):
         return j < n and type(layers[j]) is cls
 
     while i < n:
-        if at(i, Conv2D) and layers[i].groups == 1 and at(i + 1, BatchNorm):
-            conv = layers[i]
-            rest = plan_blocks(layers[i + 1:i + 4])[0]  # the batch norm, or its block with ReLU (and max-pool)
-            blocks.append(ConvBatchNorm(conv, rest))
-            i += 1 + len(getattr(rest, "layers", (rest,)))
-        elif at(i, Conv2D) and layers[i].groups == 1 and at(i + 1, ReLU) and not at(i + 2, MaxPool2D):
+        conv_first = at(i, Conv2D) and layers[i].groups == 1
+        if conv_first and at(i + 1, BatchNorm) and at(i + 2, ReLU) and not at(i + 3, MaxPool2D):
+            blocks.append(ConvBatchNorm(layers[i], BatchNormReLU(layers[i + 1], layers[i + 2])))
+            i += 3
+        elif conv_first and at(i + 1, BatchNorm) and not at(i + 2, ReLU):
+            blocks.append(ConvBatchNorm(layers[i], layers[i + 1]))
+            i += 2
+        elif conv_first and at(i + 1, ReLU) and not at(i + 2, MaxPool2D):
             blocks.append(ConvReLU(layers[i], layers[i + 1]))  # before a max-pool: ReLU + max-pool is fused
             i += 2
         elif at(i, BatchNorm) and at(i + 1, ReLU):

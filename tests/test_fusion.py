@@ -92,8 +92,9 @@ def test_planner_fuses_the_seed_networks():
                                    "Dense", "ReLU", "Dense"]
     assert model.blocks[1].layers == (model.layers[1], model.layers[2])
     bn = fastcnn.build_model(config_model("mnist_bn.yaml"), seed=0)
-    assert kinds(bn.blocks) == ["ConvBatchNorm", "ConvBatchNorm", "Flatten", "Dense", "ReLU", "Dense"]
-    assert bn.blocks[0].layers == tuple(bn.layers[0:4])
+    assert kinds(bn.blocks) == ["Conv2D", "BatchNormReLU", "Conv2D", "BatchNormReLU", "Flatten", "Dense", "ReLU",
+                                "Dense"]
+    assert bn.blocks[1].layers == tuple(bn.layers[1:4])
     # The unfused model runs the layers themselves.
     plain = fastcnn.build_model(config_model("mnist.yaml"), seed=0, fuse=False)
     assert all(b is layer for b, layer in zip(plain.blocks, plain.layers))
@@ -102,11 +103,12 @@ def test_planner_fuses_the_seed_networks():
 def test_planner_patterns_and_near_misses():
     model = fastcnn.build_model(BN_NET, seed=0)
     blocks = model.blocks
-    assert kinds(blocks) == ["ConvBatchNorm", "ConvBatchNorm", "Conv2D", "ActivationMaxPool2D", "Conv2D",
+    # conv -> bn -> relu -> pool: the convolution alone, then batchnorm+relu+maxpool2d.
+    assert kinds(blocks) == ["Conv2D", "BatchNormReLU", "ConvBatchNorm", "Conv2D", "ActivationMaxPool2D", "Conv2D",
                              "ActivationMaxPool2D", "Flatten", "Dense", "BatchNormReLU", "Dense"]
-    assert blocks[0].pool is model.layers[3] and blocks[1].pool is None and blocks[8].pool is None
-    assert isinstance(blocks[0].norm, fusion.BatchNormReLU) and blocks[0].relu
-    assert isinstance(blocks[5].act, LeakyReLU)
+    assert blocks[1].pool is model.layers[3] and blocks[9].pool is None
+    assert isinstance(blocks[2].norm, fusion.BatchNormReLU) and blocks[2].norm.pool is None and blocks[2].relu
+    assert isinstance(blocks[6].act, LeakyReLU)
     # Every layer appears exactly once, in order.
     flat = [layer for b in blocks for layer in getattr(b, "layers", (b,))]
     assert flat == model.layers
@@ -132,7 +134,9 @@ def test_planner_on_bare_layer_lists():
     conv, grouped = Conv2D(4, 3), Conv2D(4, 3, groups=2)
     assert kinds(fusion.plan_blocks([conv, relu, dense])) == ["ConvReLU", "Dense"]
     assert kinds(fusion.plan_blocks([conv, relu, pool])) == ["Conv2D", "ActivationMaxPool2D"]  # relu + pool instead
-    assert kinds(fusion.plan_blocks([conv, bn, relu, pool, relu])) == ["ConvBatchNorm", "ReLU"]
+    assert kinds(fusion.plan_blocks([conv, bn, relu, pool, relu])) == ["Conv2D", "BatchNormReLU", "ReLU"]
+    assert kinds(fusion.plan_blocks([conv, bn, relu, dense])) == ["ConvBatchNorm", "Dense"]
+    assert kinds(fusion.plan_blocks([conv, bn, pool])) == ["ConvBatchNorm", "MaxPool2D"]
     blocks = fusion.plan_blocks([conv, bn, leaky])
     assert kinds(blocks) == ["ConvBatchNorm", "LeakyReLU"] and blocks[0].norm is bn and not blocks[0].relu
     assert fusion.plan_blocks([grouped, bn]) == [grouped, bn]          # groups > 1: other kernels, no epilogue
@@ -145,8 +149,8 @@ def test_blocks_hold_no_parameters_of_their_own():
     plain = fastcnn.build_model(config_model("mnist_bn.yaml"), seed=0, fuse=False)
     assert [k for k, _ in fused.named_parameters()] == [k for k, _ in plain.named_parameters()]
     assert fused.state_dict().keys() == plain.state_dict().keys()
-    block = fused.blocks[0]
-    assert block.bn is fused.layers[1] and block.conv is fused.layers[0]
+    block = fused.blocks[1]
+    assert block.bn is fused.layers[1]
     assert not hasattr(block, "params") and not hasattr(block, "buffers")
 
 
@@ -291,15 +295,18 @@ def test_batchnorm_block_rejects_a_single_value_per_channel():
 def test_fused_block_outputs_keep_the_dtype_and_reuse_buffers():
     model = fastcnn.build_model(config_model("mnist_bn.yaml"), seed=0)
     x = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
-    block = model.blocks[0]
-    y1 = block.forward(x, True)
-    y2 = block.forward(x, True)
+    block = model.blocks[1]
+    h = model.blocks[0].forward(x, True)
+    y1 = block.forward(h, True)
+    y2 = block.forward(h, True)
     assert y1 is y2 and y1.dtype == np.float32 and y1.shape == (4, 13, 13, 32)
     dx = block.backward(np.ones_like(y1), True)
-    assert dx.dtype == np.float32 and dx.shape == x.shape
+    assert dx.dtype == np.float32 and dx.shape == h.shape
     assert block.backward(np.ones_like(y1), False) is None
-    e1 = block.forward(x, False)
-    assert e1 is block.forward(x, False) and e1.dtype == np.float32 and e1.shape == y1.shape
+    folded = fastcnn.build_model(with_dtype(EPILOGUE_NET, "float32"), seed=0).blocks[0]
+    x1 = np.random.default_rng(1).normal(size=(3, 11, 9, 1)).astype(np.float32)
+    e1 = folded.forward(x1, False)
+    assert e1 is folded.forward(x1, False) and e1.dtype == np.float32 and e1.shape == (3, 11, 9, 5)
 
 
 # The convolution's epilogue (ReLU) on each of the forward's paths: one input channel and few filters

@@ -300,8 +300,8 @@ if given is not None:
 def test_forward_epilogue_equals_the_separate_passes(dtype, name):
     """relu=True and residual= give, bit for bit, what the plain forward then NumPy's add and ReLU
     give (the same float operations), on every path of the forward (products in place or in padded
-    rows, transposed, slab, per kernel column, im2col); NaN, -0.0 and inf in the residual keep
-    torch's ReLU semantics."""
+    rows, transposed, slab, per kernel column, im2col); NaN and inf in the residual keep torch's
+    ReLU semantics (NaN stays), and a sum of -0.0 gives +0.0 as the ReLU layer does."""
     x, w, b, dy, stride, padding, dilation = _make(CASES[name], dtype)
     args = _args(stride, padding, dilation)
     y = _forward(x, w, b, dy.shape, stride, padding, dilation)
@@ -317,6 +317,10 @@ def test_forward_epilogue_equals_the_separate_passes(dtype, name):
         assert out.tobytes() == expected.tobytes(), kwargs
     with pytest.raises(ValueError, match="residual must be"):
         conv.conv2d_forward(x, w, b, np.empty_like(y), *args, residual=r[:, :-1] if r.shape[1] > 1 else r[:0])
+    out = y.copy()
+    with pytest.raises(ValueError, match="must not share memory with y"):  # y += conv(x) is not this
+        conv.conv2d_forward(x, w, b, out, *args, residual=out)
+    assert out.tobytes() == y.tobytes()
 
 
 # ---------------------------------------------------------------------------

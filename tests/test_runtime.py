@@ -333,3 +333,46 @@ def test_deferred_signals_record_raise_at_check_and_leave_other_handlers_alone()
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+
+
+HELPER_COVERAGE = """
+import json, sys
+import fastcnn
+from fastcnn import runtime
+
+cfg = json.loads(sys.argv[1])
+def signatures():
+    return {(d.py_func.__module__ + "." + d.__name__, str(s)) for d in runtime.kernel_dispatchers()
+            for s in d.signatures}
+for share in range(2):
+    runtime.compile_kinds(cfg, 2, "adam", False, share, 2)
+before = signatures()
+runtime._warm_up_step(cfg, 2, "adam", False)
+print(json.dumps(sorted(map(list, signatures() - before))))
+"""
+
+
+def test_compile_helpers_run_every_kernel_of_the_fused_blocks():
+    """What the helpers' shares run (compile_kinds, every share) holds every kernel signature the
+    warm-up step then needs for conv + ReLU, conv + batch norm (+ ReLU) and batch norm + ReLU +
+    max-pool blocks: none is left to compile one after the other in the main process. A fresh
+    process (its dispatchers start empty; the kernels load from Numba's cache)."""
+    import json
+    import subprocess
+    import sys
+
+    conv = {"type": "conv2d", "kernel_size": 3}
+    cfg = {"input_shape": [9, 8, 1], "num_classes": 3, "layers": [
+        {**conv, "filters": 5, "padding": 1}, {"type": "batchnorm"}, {"type": "relu"},
+        {"type": "maxpool2d", "pool_size": 2},
+        {**conv, "filters": 16}, {"type": "relu"},
+        {**conv, "filters": 7, "padding": "same", "bias": False}, {"type": "batchnorm"}, {"type": "relu"},
+        {**conv, "filters": 6, "kernel_size": 1}, {"type": "batchnorm"},
+        {"type": "flatten"}, {"type": "dense", "units": 3}]}
+    kinds = [type(b).__name__ for b in fastcnn.build_model(cfg, seed=0).blocks]
+    assert {"ConvReLU", "ConvBatchNorm", "BatchNormReLU"} <= set(kinds), kinds
+    proc = subprocess.run([sys.executable, "-c", HELPER_COVERAGE, json.dumps(cfg)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    missing = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert missing == [], f"compiled only by the warm-up step: {missing}"

@@ -211,7 +211,7 @@ def test_bench_suite_smoke(tmp_path):
     if HAVE_TORCH:
         assert float(cells[3]) > 0 and float(cells[7]) > 0
         assert cells[4].endswith("x") and cells[8].endswith("x")
-    assert "Matrix-multiply peak (1 thread(s))" in stdout and "| 0 | conv2d 6 5x5 s1 p2 | 28x28x6 |" in stdout
+    assert "Matrix-multiply peak (1 thread(s))" in stdout and "| 0 | conv2d 6 5x5 s1 p2 + relu | 28x28x6 |" in stdout
 
     report = json.loads(out.read_text())
     assert report["suite"] is True and report["threads"] == 1
@@ -223,8 +223,8 @@ def test_bench_suite_smoke(tmp_path):
     assert peak["peak_gflops"] == max(peak["rates"].values())
     layers = report["layers"]["lenet5"]
     assert layers["matmul_peak_gflops"] == peak["peak_gflops"] and layers["batch_size"] == 4
-    convs = [r for r in layers["layers"] if r["kind"] == "conv2d"]
-    assert len(convs) == 2 and len(layers["layers"]) == 12
+    convs = [r for r in layers["layers"] if r["kind"] == "conv2d+relu"]  # the fused conv + ReLU rows
+    assert len(convs) == 2 and len(layers["layers"]) == 10
     for r in convs:
         assert r["forward_gflops"] > 0 and r["backward_gflops"] > 0
         assert r["forward_peak_pct"] == pytest.approx(100 * r["forward_gflops"] / peak["peak_gflops"])
@@ -277,3 +277,18 @@ def test_profile_compile_lists_each_compiled_kernel(tmp_path):
     listed = [line.split()[-1] for line in proc.stdout.splitlines()[1:]]
     assert "fastcnn.kernels.dense._dense_forward" in listed, proc.stdout
     assert "fastcnn.kernels.dense._dense_backward_weight" in listed, proc.stdout
+
+
+def test_ab_step_times_a_step_and_inference(tmp_path):
+    """scripts/ab_step.py (what scripts/ab_trees.sh runs per tree): one JSON line with both rates."""
+    env = dict(os.environ, PYTHONPATH=REPO, TREE="here")
+    proc = _run([os.path.join(SCRIPTS, "ab_step.py"), os.path.join(REPO, "configs", "synthetic_small.yaml")], env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["tree"] == "here" and res["config"].endswith("synthetic_small.yaml")
+    assert res["train_img_s"] > 0 and res["eval_img_s"] > 0
+
+
+def test_ab_trees_script_usage():
+    proc = subprocess.run(["bash", os.path.join(SCRIPTS, "ab_trees.sh")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "usage: scripts/ab_trees.sh BASE THREADS ROUNDS CONFIG" in proc.stderr

@@ -227,8 +227,9 @@ def _epilogue_pass(a, y, r, res, relu):
 @njit(error_model="numpy", cache=True, inline="always")
 def _epilogue(acc, yrow, rrow, relu, in_place):
     """An output row's products, in cache, written to yrow (OW, Cout): plus the same row of a residual
-    branch (``rrow``, when not empty), then ReLU (``relu``; NaN stays, as torch.relu). The products are
-    in yrow itself (``in_place``) or in acc (OW, >= Cout).
+    branch (``rrow``, when not empty), then ReLU (``relu``; NaN stays, as torch.relu; -0.0 gives +0.0,
+    as the ReLU layer). The products are in yrow itself (``in_place``: one loop over the whole row) or
+    in acc (OW, Np > Cout: padded columns; one loop per pixel).
 
     In place, the pass reads and writes one view (two views of the same row make LLVM's overlap check
     fail at run time and take its scalar loop: measured 2.5x slower)."""
@@ -237,9 +238,7 @@ def _epilogue(acc, yrow, rrow, relu, in_place):
     if in_place:
         yf = yrow.reshape(-1)
         _epilogue_pass(yf, yf, rrow.reshape(-1), res, relu)
-    elif acc.shape[1] == Cout:  # no padded columns: one long loop over the row
-        _epilogue_pass(acc.reshape(-1), yrow.reshape(-1), rrow.reshape(-1), res, relu)
-    else:  # per pixel
+    else:
         for ow in range(OW):
             _epilogue_pass(acc[ow, :Cout], yrow[ow], rrow[ow] if res else yrow[ow], res, relu)
 
@@ -667,6 +666,8 @@ def conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil
     elif residual.shape != y.shape or residual.dtype != y.dtype or not residual.flags.c_contiguous:
         raise ValueError(f"conv2d_forward: residual must be a C-contiguous {y.dtype} array of shape {y.shape}, "
                          f"got {residual.dtype} {residual.shape}")
+    elif np.may_share_memory(residual, y):  # the products overwrite y before the epilogue reads it
+        raise ValueError("conv2d_forward: residual must not share memory with y")
     _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, residual, bool(relu))
 
 

@@ -71,11 +71,11 @@ kernels = kernel_module("residual")
 
 
 def _ends_in_conv_batchnorm(block):
-    """Whether a body's last block is a convolution + batch norm (no ReLU, no pool: fastcnn/fusion.py),
+    """Whether a body's last block is a convolution + batch norm (no ReLU: fastcnn/fusion.py),
     whose evaluation forward can add the shortcut and apply the block's ReLU itself."""
     from ..fusion import ConvBatchNorm  # the fusion module imports the layers
 
-    return isinstance(block, ConvBatchNorm) and not block.relu and block.pool is None
+    return isinstance(block, ConvBatchNorm) and not block.relu
 
 
 def _layer_list(value, path):
