@@ -31,13 +31,13 @@ as at the top level); a fused block never spans the block's input, which feeds t
 ``build_model(..., fuse=False)``, passed on to nested blocks) the branches run their layers
 unfused.
 
-Forward, copy by copy: ``b = body(x)``, ``s = x`` (identity) or ``shortcut(x)``; then
+Forward, copy by copy: ``s = x`` (identity) or ``shortcut(x)``, ``b = body(x)``; then
 ``relu(b + s)`` (or ``b + s``) in one pass (fastcnn/kernels/residual.py) into a buffer the
 block owns for that copy. That buffer is the copy's output (the next copy's input, or the
 block's output): valid until the next forward, as the protocol asks. In evaluation, when the body
 ends in a convolution + batch norm block (fastcnn/fusion.ConvBatchNorm, no ReLU after the batch
-norm), the shortcut runs first and that convolution (batch norm folded into its weights) adds it
-and applies the ReLU as it writes each output row: no pass of the add's own. A backward after such
+norm), that convolution (batch norm folded into its weights) adds the shortcut and applies the
+ReLU as it writes each output row: no pass of the add's own. A backward after such
 a forward (rare) first runs the evaluation forward again block by block, as the unfused blocks do,
 so each block holds what its backward reads.
 
@@ -232,36 +232,35 @@ class Residual(Layer):
     def forward(self, x, training):
         self._begin_forward(x, training)
         self._eval_input = None if training else x
+        return self._run_copies(x, training, fold=not training)
+
+    def _run_copies(self, x, training, fold):
+        """The copies one after the other from x; returns the last one's output. Each copy: the shortcut,
+        then the body, then the add (+ ReLU) in one pass into the copy's buffer. With ``fold``
+        (evaluation), a body ending in conv + batch norm lets that convolution (batch norm folded in)
+        add the shortcut and apply the ReLU as it writes each output row: no pass of the add's own."""
         relu = self.activation == "relu"
         for r, (body, short) in enumerate(self._runs):
             y = self._buffer(f"y{r}", (x.shape[0], *self.copy_shapes[r][1]))
-            if not training and body and _ends_in_conv_batchnorm(body[-1]):
-                # Evaluation: the shortcut first, then the body's last convolution (batch norm folded in)
-                # adds it and applies the ReLU as it writes each output row: no pass of its own.
-                s = x
-                for block in short or ():
-                    s = block.forward(s, training)
-                b = x
-                for block in body[:-1]:
-                    b = block.forward(b, training)
-                body[-1].folded_forward(b, y, residual=np.ascontiguousarray(s, self.dtype), relu=relu)
-                x = y
-                continue
-            b = x
-            for block in body:
-                b = block.forward(b, training)
+            last = body[-1] if fold and body and _ends_in_conv_batchnorm(body[-1]) else None
             s = x
             for block in short or ():
                 s = block.forward(s, training)
-            b, s = np.ascontiguousarray(b, self.dtype), np.ascontiguousarray(s, self.dtype)
-            (kernels.add_relu_forward if relu else kernels.add_forward)(b, s, y)  # one pass
+            s = np.ascontiguousarray(s, self.dtype)
+            b = x
+            for block in body[:-1] if last is not None else body:
+                b = block.forward(b, training)
+            if last is not None:
+                last.folded_forward(b, y, residual=s, relu=relu)
+            else:
+                (kernels.add_relu_forward if relu else kernels.add_forward)(np.ascontiguousarray(b, self.dtype), s, y)
             x = y
         return x
 
     def backward(self, dy, need_input_grad=True):
         dy = self._check_dy(dy)
-        if not self.training:  # after an evaluation forward (rare): the blocks' own, for their backward
-            self._blockwise_eval_forward()
+        if not self.training:  # after an evaluation forward (rare): each block's own forward, which the
+            self._run_copies(self._eval_input, False, fold=False)  # fold skips, for its backward
         relu = self.activation == "relu"
         last = len(self._runs) - 1
         if relu:  # the gradient through the last copy's ReLU, read from its output
@@ -293,23 +292,6 @@ class Residual(Layer):
             else:
                 kernels.add_forward(db, ds, g)
         return None  # not reached: copy 0 returns
-
-    def _blockwise_eval_forward(self):
-        """The evaluation forward again, each block on its own (the sums through kernels.add_*), so that
-        every block holds what its backward reads (the fused forward above skips the last body block's)."""
-        x = self._eval_input
-        relu = self.activation == "relu"
-        for r, (body, short) in enumerate(self._runs):
-            b = x
-            for block in body:
-                b = block.forward(b, False)
-            s = x
-            for block in short or ():
-                s = block.forward(s, False)
-            y = self._buffer(f"y{r}", b.shape)
-            (kernels.add_relu_forward if relu else kernels.add_forward)(
-                np.ascontiguousarray(b, self.dtype), np.ascontiguousarray(s, self.dtype), y)
-            x = y
 
     # -- ONNX ------------------------------------------------------------------
     def onnx_nodes(self, graph, x):
