@@ -309,12 +309,12 @@ def test_fused_block_outputs_keep_the_dtype_and_reuse_buffers():
     assert e1 is folded.forward(x1, False) and e1.dtype == np.float32 and e1.shape == (3, 11, 9, 5)
 
 
-# The convolution's epilogue (ReLU) on each of the forward's paths: one input channel and few filters
-# (transposed products), every kernel column inside the image (in place: 16 filters), padding with
-# few inputs per kernel row (zero-padded rows), padding with many (one product per kernel column:
-# 128 channels), dilated columns (im2col); odd filter counts (written through a padded row).
-# Bit-identical to the layers in training; the evaluation forward folds the batch norm (within
-# rounding).
+# The convolution's epilogue (ReLU) in models, on several of the forward's paths: one input channel
+# and few filters (transposed products), every kernel column inside the image (in place: 16
+# filters), padding (zero-padded rows), dilated columns (im2col); odd filter counts (written through
+# a padded row). (Every path of the kernel, one product per kernel column included:
+# tests/test_kernels_conv.py.) Bit-identical to the layers in training; the evaluation forward folds
+# the batch norm (within rounding).
 EPILOGUE_NET = {
     "input_shape": [11, 9, 1],
     "num_classes": 3,
@@ -324,9 +324,9 @@ EPILOGUE_NET = {
         {"type": "relu"},
         {"type": "conv2d", "filters": 16, "kernel_size": 3},                               # in place
         {"type": "relu"},
-        {"type": "conv2d", "filters": 128, "kernel_size": 3, "padding": 1, "bias": False},  # slab, 3 columns
+        {"type": "conv2d", "filters": 128, "kernel_size": 3, "padding": 1, "bias": False},  # zero-padded rows
         {"type": "batchnorm"},
-        {"type": "conv2d", "filters": 7, "kernel_size": 3, "padding": 1, "stride": 2},     # per kernel column
+        {"type": "conv2d", "filters": 7, "kernel_size": 3, "padding": 1, "stride": 2},     # padded columns
         {"type": "batchnorm"},
         {"type": "relu"},
         {"type": "conv2d", "filters": 6, "kernel_size": 2, "dilation": [1, 2], "padding": 1},  # im2col

@@ -331,8 +331,10 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
                 for ow in range(OW):
                     for co in range(Cout):
                         yrow[ow, co] = accT[co, i * SW + ow]
-                if epilogue:
-                    _epilogue(yrow, yrow, res[n, oh0 + i] if res.shape[0] > 0 else nores, relu, True)
+            if epilogue:  # once over the block's g rows (short rows: one pass each cost more than a pass)
+                yblk = y[n, oh0:oh0 + g].reshape(g * OW, Cout)
+                _epilogue(yblk, yblk, res[n, oh0:oh0 + g].reshape(g * OW, Cout) if res.shape[0] > 0 else nores,
+                          relu, True)
             r += g
         for r in range(r_end if tposed else (c * R) // nchunks, r_end):
             n = r // OH
