@@ -28,4 +28,3 @@ class CheckpointError(UserError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM outside the training loop's own handling (or a second one inside it): exit 143."""
-

@@ -270,10 +270,10 @@ class ConvBatchNorm(Block):
         self.parts = (conv, norm)  # what a compile helper runs (fastcnn/runtime.py): the same kernels
 
     def forward(self, x, training):
-        self._begin_forward(x, training)
-        if training:
-            return self.norm.forward(self.conv.forward(x, True), True)
-        return self.folded_forward(x, self._buffer("y", (x.shape[0], *self.conv.out_shape), x.dtype))
+        if not training:
+            return self.folded_forward(x, self._buffer("y", (x.shape[0], *self.conv.out_shape), x.dtype))
+        self._begin_forward(x, True)
+        return self.norm.forward(self.conv.forward(x, True), True)
 
     def folded_forward(self, x, y, residual=None, relu=None):
         """The evaluation forward into y: the convolution with the batch norm folded in, then ``residual``

@@ -108,10 +108,7 @@ class Conv2D(Layer):
         """y = relu?(conv(x) * scale + shift [+ residual]) per output channel, computed as conv(x) with
         the weights times ``scale`` and the bias ``bias * scale + shift``: an evaluation-mode batch norm
         folded in (fastcnn/fusion.py), and a residual block's add (groups 1), in one pass. Records
-        nothing for a backward."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.in_shape:
-            raise ValueError(f"Conv2D.folded_forward: input must have shape (batch, "
-                             f"{', '.join(map(str, self.in_shape))}), got {x.shape}")
+        nothing for a backward; x's shape is the caller's to check (ConvBatchNorm: its block's)."""
         w = self._buffer("folded_weight", self.params["weight"].data.shape)
         b = self._buffer("folded_bias", (self.filters,))
         np.multiply(self.params["weight"].data, scale, out=w)  # HWIO: the last axis is the output channel
