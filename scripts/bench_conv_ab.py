@@ -12,6 +12,11 @@ of each in turn for ``--rounds`` rounds, and the medians are printed with the ra
 (above 1: this tree is faster) and whether the outputs are bit-identical. On a machine shared with
 other jobs, alternating the calls in one process is what keeps the two comparable: a slow period
 hits both.
+
+``--chunks G`` times what a training step runs instead: the pass on each of G chunks of the batch in
+turn (the layers compute every batch sum per chunk, fastcnn/shard.py; G = 8 for batches of 8 or
+more), with the caches flushed (a 64 MiB write) before each timed call, as the layer finds them
+after the rest of the step.
 """
 import argparse
 import atexit
@@ -53,18 +58,30 @@ def load_base_conv(base):
     return module
 
 
-def kernel_call(module, which, x, w, b, dy, outputs, geometry):
-    """A no-argument call of ``module``'s kernel for ``which``, writing into ``outputs``."""
+def kernel_call(module, which, x, w, b, dy, outputs, geometry, chunks=1):
+    """A no-argument call of ``module``'s kernel for ``which``, writing into ``outputs``; with
+    ``chunks`` > 1, one call per chunk of the batch in turn (outputs of the last chunk)."""
     y, dx, dw, db = outputs
+    n = x.shape[0]
+    parts = [slice(c * n // chunks, (c + 1) * n // chunks) for c in range(chunks)]
     if which == "forward":
-        return lambda: module.conv2d_forward(x, w, b, y, *geometry)
-    if which == "input":
-        return lambda: module.conv2d_backward_input(dy, w, dx, *geometry)
-    return lambda: module.conv2d_backward_weight(x, dy, dw, db, *geometry)
+        def call():
+            for s in parts:
+                module.conv2d_forward(x[s], w, b, y[s], *geometry)
+    elif which == "input":
+        def call():
+            for s in parts:
+                module.conv2d_backward_input(dy[s], w, dx[s], *geometry)
+    else:
+        def call():
+            for s in parts:
+                module.conv2d_backward_weight(x[s], dy[s], dw, db, *geometry)
+    return call
 
 
-def compare(base_conv, this_conv, shape, which, rounds, seed=0):
-    """{'base_ms', 'this_ms', 'gflops_base', 'gflops_this', 'identical'} for one shape."""
+def compare(base_conv, this_conv, shape, which, rounds, seed=0, chunks=1):
+    """{'base_ms', 'this_ms', 'gflops_base', 'gflops_this', 'identical'} for one shape; ``chunks`` > 1:
+    the pass per chunk of the batch, caches flushed before each timed call."""
     N, H, W, Cin, Cout, K, stride = shape
     pad = K // 2
     OH = (H + 2 * pad - K) // stride + 1
@@ -80,13 +97,15 @@ def compare(base_conv, this_conv, shape, which, rounds, seed=0):
     for name, module in (("base", base_conv), ("this", this_conv)):
         outs[name] = (np.zeros((N, OH, OW, Cout), np.float32), np.zeros_like(x), np.zeros_like(w),
                       np.zeros(Cout, np.float32))
-        calls[name] = kernel_call(module, which, x, w, b, dy, outs[name], geometry)
+        calls[name] = kernel_call(module, which, x, w, b, dy, outs[name], geometry, chunks)
     for _ in range(2):  # compile or load, then warm the caches
         calls["base"]()
         calls["this"]()
+    flush = np.zeros(64 << 20 if chunks > 1 else 0, np.uint8)
     times = {"base": [], "this": []}
     for _ in range(rounds):
         for name in ("base", "this"):
+            flush[::64] += 1  # one write per cache line: evicts x, dy and the outputs
             t0 = time.perf_counter()
             calls[name]()
             times[name].append(time.perf_counter() - t0)
@@ -106,6 +125,8 @@ def main(argv=None):
     ap.add_argument("--pass", dest="which", choices=("forward", "input", "weight"), default="weight")
     ap.add_argument("--rounds", type=int, default=21, help="alternated calls of each (median)")
     ap.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
+    ap.add_argument("--chunks", type=int, default=1,
+                    help="call the pass on this many chunks of the batch in turn, caches flushed (a step's way)")
     args = ap.parse_args(argv)
     try:
         shapes = [parse_shape(s) for s in args.shapes.split(",")]
@@ -118,10 +139,14 @@ def main(argv=None):
     from fastcnn.kernels import conv as this_conv
 
     base_conv = load_base_conv(args.base)
-    print(f"{args.which} pass, {numba.get_num_threads()} thread(s), median of {args.rounds} alternated calls")
+    if not 1 <= args.chunks <= min(shape[0] for shape in shapes):
+        ap.error(f"--chunks {args.chunks}: want 1 to the smallest batch of the shapes")
+    chunked = f", {args.chunks} chunks per call, caches flushed" if args.chunks > 1 else ""
+    print(f"{args.which} pass, {numba.get_num_threads()} thread(s), median of {args.rounds} alternated calls"
+          f"{chunked}")
     print(f"{'shape':>24} {'base ms':>9} {'GFLOP/s':>8} {'this ms':>9} {'GFLOP/s':>8} {'base/this':>9}  same bits")
     for shape in shapes:
-        r = compare(base_conv, this_conv, shape, args.which, args.rounds)
+        r = compare(base_conv, this_conv, shape, args.which, args.rounds, chunks=args.chunks)
         label = "x".join(map(str, shape))
         print(f"{label:>24} {r['base_ms']:9.3f} {r['gflops_base']:8.1f} {r['this_ms']:9.3f} {r['gflops_this']:8.1f} "
               f"{r['base_ms'] / r['this_ms']:8.2f}x  {'yes' if r['identical'] else 'no'}", flush=True)

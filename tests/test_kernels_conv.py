@@ -72,8 +72,15 @@ CASES = {
     # transposed (filters as rows, output pixels as vector columns), with or without padding.
     "transposed_cin1_cout10_valid": (2, 9, 23, 1, 10, (3, 4), (1, 1), (0, 0, 0, 0), (1, 1)),
     "transposed_cin1_cout3_pad_stride_h": (2, 10, 18, 1, 3, (5, 3), (2, 1), (2, 1, 1, 2), (2, 1)),
-    # ... but images too large for those copies: the weight gradient's im2col blocks.
-    "padded_large_image_im2col": (1, 24, 24, 48, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    # 64+ input channels, at least 64x128 channels and a kernel of more than one tap: the weight
+    # gradient's products read a channel-major copy of x (any column dilation), with a last row
+    # tile of fewer than MR channels, Cout padded, stride, asymmetric padding.
+    "channel_major_same": (2, 6, 7, 64, 128, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    "channel_major_stride_dil_padcols": (2, 9, 10, 64, 130, (3, 2), (2, 1), (2, 1, 1, 2), (1, 2)),
+    "channel_major_cin_tail": (1, 5, 6, 70, 120, (2, 3), (1, 2), (0, 1, 0, 2), (2, 1)),
+    # ... and larger images (the weight gradient's copies of x past 100 KiB per image; its im2col
+    # blocks are left for dilated columns: dilation2, direct_pad_stride_dil).
+    "padded_large_image": (1, 24, 24, 48, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
 }
 
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -182,7 +189,8 @@ def test_float32_is_computed_in_float32():
 
 @pytest.mark.parametrize(
     "name", ["pad_int", "dilation_2_1_pad_stride", "same_even_2x3", "cin1_cout1", "stride2_leftover",
-             "padded_rows_cin1_5x5", "padded_row_items_cout24", "transposed_cin1_cout3_pad_stride_h"]
+             "padded_rows_cin1_5x5", "padded_row_items_cout24", "transposed_cin1_cout3_pad_stride_h",
+             "channel_major_stride_dil_padcols"]
 )
 def test_gradients_central_difference(name):
     x, w, b, G, stride, padding, dilation = _make(CASES[name], np.float64, seed=1)
@@ -290,6 +298,30 @@ if given is not None:
         np.testing.assert_allclose(dw_, dw_ref, **tol)
         np.testing.assert_allclose(db_, db_ref, **tol)
 
+    @settings(max_examples=12, deadline=None)
+    @given(
+        n=st.integers(1, 2), h=st.integers(1, 7), w_=st.integers(1, 7),
+        cin=st.integers(64, 80), cout=st.integers(103, 140),
+        kh=st.integers(1, 3), kw=st.integers(1, 3),
+        sh=st.integers(1, 2), sw=st.integers(1, 2), dh=st.integers(1, 2), dw=st.integers(1, 2),
+        pt=st.integers(0, 2), pb=st.integers(0, 2), pl=st.integers(0, 2), pr=st.integers(0, 2),
+        seed=st.integers(0, 2**16),
+    )
+    def test_random_shapes_weight_gradient_channel_major(n, h, w_, cin, cout, kh, kw, sh, sw, dh, dw, pt, pb, pl,
+                                                         pr, seed):
+        """The weight gradient's channel-major path (64+ input channels, 64x128+ channels, more than
+        one tap) on random geometries."""
+        from hypothesis import assume
+        OH = window_output_size(h, kh, sh, pt, pb, dh)
+        OW = window_output_size(w_, kw, sw, pl, pr, dw)
+        assume(OH >= 1 and OW >= 1 and kh * kw > 1)
+        case = (n, h, w_, cin, cout, (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw))
+        x, w, b, dy, stride, padding, dilation = _make(case, np.float64, seed)
+        dw_, db_ = _backward_weight(x, dy, w.shape, stride, padding, dilation)
+        dw_ref, db_ref = ref.conv2d_backward_weight_ref(x, dy, w.shape, stride, padding, dilation)
+        np.testing.assert_allclose(dw_, dw_ref, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(db_, db_ref, rtol=1e-10, atol=1e-10)
+
 
 # ---------------------------------------------------------------------------
 # The forward's epilogue: a residual row added, ReLU
@@ -353,7 +385,7 @@ def test_outputs_overwritten_not_accumulated(dtype):
 
 
 @pytest.mark.parametrize("name", ["big_channels", "direct_row_items", "padded_rows_cin3_7x7_stride2",
-                                  "padded_row_items_cout100"])
+                                  "padded_row_items_cout100", "channel_major_stride_dil_padcols"])
 def test_weight_gradient_deterministic_across_thread_counts(name):
     import numba
 

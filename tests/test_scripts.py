@@ -254,14 +254,18 @@ def test_bench_conv_ab_same_tree_is_bit_identical(tmp_path):
     other = ab.load_base_conv(str(tmp_path / "base"))
     for which in ("forward", "input", "weight"):
         for shape in ((2, 9, 7, 3, 10, 3, 1), (2, 8, 8, 16, 16, 3, 2), (1, 5, 5, 12, 70, 1, 1)):
-            r = ab.compare(other, conv, shape, which, rounds=2)
-            assert r["identical"], (which, shape)
-            assert r["base_ms"] > 0 and r["this_ms"] > 0 and r["gflops_this"] > 0
+            for chunks in (1, 2):
+                r = ab.compare(other, conv, shape, which, rounds=2, chunks=chunks)
+                assert r["identical"], (which, shape, chunks)
+                assert r["base_ms"] > 0 and r["this_ms"] > 0 and r["gflops_this"] > 0
     assert os.listdir(base) == ["conv.py"]  # its kernels were compiled from a private copy: no cache here
     proc = _run([os.path.join(SCRIPTS, "bench_conv_ab.py"), "2x5x5x3x4x3", "--base", str(tmp_path)])
     assert proc.returncode != 0 and "no fastcnn/kernels/conv.py there" in proc.stderr
     proc = _run([os.path.join(SCRIPTS, "bench_conv_ab.py"), "2x5x5", "--base", str(tmp_path / "base")])
     assert proc.returncode == 2 and "want NxHxWxCINxCOUTxK" in proc.stderr
+    proc = _run([os.path.join(SCRIPTS, "bench_conv_ab.py"), "2x5x5x3x4x3", "--chunks", "3", "--base",
+                 str(tmp_path / "base")])
+    assert proc.returncode == 2 and "--chunks 3: want 1 to the smallest batch" in proc.stderr
 
 
 def test_profile_compile_lists_each_compiled_kernel(tmp_path):
