@@ -72,12 +72,14 @@ CASES = {
     # transposed (filters as rows, output pixels as vector columns), with or without padding.
     "transposed_cin1_cout10_valid": (2, 9, 23, 1, 10, (3, 4), (1, 1), (0, 0, 0, 0), (1, 1)),
     "transposed_cin1_cout3_pad_stride_h": (2, 10, 18, 1, 3, (5, 3), (2, 1), (2, 1, 1, 2), (2, 1)),
-    # 64+ input channels, at least 64x128 channels and a kernel of more than one tap: the weight
+    # 64+ input channels, at least 64x128 channels, a kernel of more than one tap, column stride 1: the weight
     # gradient's products read a channel-major copy of x (any column dilation), with a last row
     # tile of fewer than MR channels, Cout padded, stride, asymmetric padding.
     "channel_major_same": (2, 6, 7, 64, 128, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
     "channel_major_stride_dil_padcols": (2, 9, 10, 64, 130, (3, 2), (2, 1), (2, 1, 1, 2), (1, 2)),
-    "channel_major_cin_tail": (1, 5, 6, 70, 120, (2, 3), (1, 2), (0, 1, 0, 2), (2, 1)),
+    "channel_major_cin_tail": (1, 5, 6, 70, 120, (2, 3), (2, 1), (0, 1, 0, 2), (2, 1)),
+    # ... not at column stride 2 (the direct path's row items, straight into dw).
+    "channel_major_sized_stride2": (2, 8, 9, 64, 128, (3, 3), (1, 2), (1, 1, 1, 1), (1, 1)),
     # ... and larger images (the weight gradient's copies of x past 100 KiB per image; its im2col
     # blocks are left for dilated columns: dilation2, direct_pad_stride_dil).
     "padded_large_image": (1, 24, 24, 48, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
@@ -272,55 +274,50 @@ except ImportError:  # pragma: no cover
     given = None
 
 if given is not None:
-    @settings(max_examples=25, deadline=None)
-    @given(
-        n=st.integers(1, 2), h=st.integers(1, 9), w_=st.integers(1, 9),
-        cin=st.integers(1, 5), cout=st.integers(1, 10),
-        kh=st.integers(1, 4), kw=st.integers(1, 4),
-        sh=st.integers(1, 3), sw=st.integers(1, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
-        pt=st.integers(0, 2), pb=st.integers(0, 2), pl=st.integers(0, 2), pr=st.integers(0, 2),
-        seed=st.integers(0, 2**16),
-    )
-    def test_random_shapes_match_reference(n, h, w_, cin, cout, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, seed):
+    def _geometries(cin, cout, size, kernel, stride, col_stride=None):
+        """Hypothesis strategies for a random convolution: (n, h, w, cin, cout, kh, kw, sh, sw, dh, dw,
+        pt, pb, pl, pr, seed), channel counts, image sides, kernel sides and strides (column stride:
+        ``col_stride`` when given) from these ranges."""
+        ints = st.integers
+        return dict(n=ints(1, 2), h=ints(*size), w_=ints(*size), cin=ints(*cin), cout=ints(*cout),
+                    kh=ints(*kernel), kw=ints(*kernel), sh=ints(*stride), sw=ints(*(col_stride or stride)),
+                    dh=ints(1, 2),
+                    dw=ints(1, 2), pt=ints(0, 2), pb=ints(0, 2), pl=ints(0, 2), pr=ints(0, 2), seed=ints(0, 2**16))
+
+    def _random_case(n, h, w_, cin, cout, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, seed, taps=1):
+        """The arrays of one drawn geometry (float64); skips it (hypothesis.assume) when the output
+        would be empty or the kernel has fewer than ``taps`` taps."""
         from hypothesis import assume
         OH = window_output_size(h, kh, sh, pt, pb, dh)
         OW = window_output_size(w_, kw, sw, pl, pr, dw)
-        assume(OH >= 1 and OW >= 1)
+        assume(OH >= 1 and OW >= 1 and kh * kw >= taps)
         case = (n, h, w_, cin, cout, (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw))
-        x, w, b, dy, stride, padding, dilation = _make(case, np.float64, seed)
+        return _make(case, np.float64, seed)
+
+    def _assert_weight_gradient_matches_reference(x, dy, w, stride, padding, dilation):
+        dw_, db_ = _backward_weight(x, dy, w.shape, stride, padding, dilation)
+        dw_ref, db_ref = ref.conv2d_backward_weight_ref(x, dy, w.shape, stride, padding, dilation)
+        np.testing.assert_allclose(dw_, dw_ref, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(db_, db_ref, rtol=1e-10, atol=1e-10)
+
+    @settings(max_examples=25, deadline=None)
+    @given(**_geometries(cin=(1, 5), cout=(1, 10), size=(1, 9), kernel=(1, 4), stride=(1, 3)))
+    def test_random_shapes_match_reference(**geometry):
+        x, w, b, dy, stride, padding, dilation = _random_case(**geometry)
         tol = dict(rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(_forward(x, w, b, dy.shape, stride, padding, dilation),
                                    ref.conv2d_forward_ref(x, w, b, stride, padding, dilation), **tol)
         np.testing.assert_allclose(_backward_input(dy, w, x.shape, stride, padding, dilation),
                                    ref.conv2d_backward_input_ref(dy, w, x.shape, stride, padding, dilation), **tol)
-        dw_, db_ = _backward_weight(x, dy, w.shape, stride, padding, dilation)
-        dw_ref, db_ref = ref.conv2d_backward_weight_ref(x, dy, w.shape, stride, padding, dilation)
-        np.testing.assert_allclose(dw_, dw_ref, **tol)
-        np.testing.assert_allclose(db_, db_ref, **tol)
+        _assert_weight_gradient_matches_reference(x, dy, w, stride, padding, dilation)
 
     @settings(max_examples=12, deadline=None)
-    @given(
-        n=st.integers(1, 2), h=st.integers(1, 7), w_=st.integers(1, 7),
-        cin=st.integers(64, 80), cout=st.integers(103, 140),
-        kh=st.integers(1, 3), kw=st.integers(1, 3),
-        sh=st.integers(1, 2), sw=st.integers(1, 2), dh=st.integers(1, 2), dw=st.integers(1, 2),
-        pt=st.integers(0, 2), pb=st.integers(0, 2), pl=st.integers(0, 2), pr=st.integers(0, 2),
-        seed=st.integers(0, 2**16),
-    )
-    def test_random_shapes_weight_gradient_channel_major(n, h, w_, cin, cout, kh, kw, sh, sw, dh, dw, pt, pb, pl,
-                                                         pr, seed):
+    @given(**_geometries(cin=(64, 80), cout=(103, 140), size=(1, 7), kernel=(1, 3), stride=(1, 2), col_stride=(1, 1)))
+    def test_random_shapes_weight_gradient_channel_major(**geometry):
         """The weight gradient's channel-major path (64+ input channels, 64x128+ channels, more than
-        one tap) on random geometries."""
-        from hypothesis import assume
-        OH = window_output_size(h, kh, sh, pt, pb, dh)
-        OW = window_output_size(w_, kw, sw, pl, pr, dw)
-        assume(OH >= 1 and OW >= 1 and kh * kw > 1)
-        case = (n, h, w_, cin, cout, (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw))
-        x, w, b, dy, stride, padding, dilation = _make(case, np.float64, seed)
-        dw_, db_ = _backward_weight(x, dy, w.shape, stride, padding, dilation)
-        dw_ref, db_ref = ref.conv2d_backward_weight_ref(x, dy, w.shape, stride, padding, dilation)
-        np.testing.assert_allclose(dw_, dw_ref, rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(db_, db_ref, rtol=1e-10, atol=1e-10)
+        one tap, column stride 1) on random geometries."""
+        x, w, b, dy, stride, padding, dilation = _random_case(**geometry, taps=2)
+        _assert_weight_gradient_matches_reference(x, dy, w, stride, padding, dilation)
 
 
 # ---------------------------------------------------------------------------

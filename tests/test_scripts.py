@@ -296,3 +296,7 @@ def test_ab_step_times_a_step_and_inference(tmp_path):
 def test_ab_trees_script_usage():
     proc = subprocess.run(["bash", os.path.join(SCRIPTS, "ab_trees.sh")], capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "usage: scripts/ab_trees.sh BASE THREADS ROUNDS CONFIG" in proc.stderr
+    env = dict(os.environ, PYTHON="no/such/python")
+    proc = subprocess.run(["bash", os.path.join(SCRIPTS, "ab_trees.sh"), REPO, "1", "1", "configs/mnist.yaml"],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 2 and "PYTHON=" in proc.stderr and "no/such/python: no such interpreter" in proc.stderr

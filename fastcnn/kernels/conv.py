@@ -62,8 +62,8 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   dy with zero columns (and dw goes through a padded buffer); these copies are
   made when the whole batch's copies fit _COPY_BUDGET_BYTES; else such layers
   take the im2col path below. Channel-major path (at least _CHANNEL_MAJOR_CIN
-  input channels, Cin*Cout at least _CHANNEL_MAJOR_WEIGHTS, more than one tap;
-  any dilation): x is first copied image by image into channel planes (Cin, H,
+  input channels, Cin*Cout at least _CHANNEL_MAJOR_WEIGHTS, more than one tap,
+  column stride 1; any dilation): x is first copied image by image into channel planes (Cin, H,
   WC) with zero columns, and per image and kernel tap (kh, kw) one product
   ``dw[kh, kw] += A @ dy[n]`` with ``A[ci, (oh, ow)] = xc[n, ci, ih, ow*sw +
   kw*dw]``: each row of A runs along the output pixels, contiguous at stride 1,
@@ -71,8 +71,9 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   broadcasts then touch a new cache line at every step). Measured on a Zen 3,
   2 threads, batch 128 in 16-image chunks: 1.1-1.4x the direct path or
   im2col for 3x3 convolutions with 64 -> 128, 128 -> 128 and 256 -> 256
-  channels, 0.74-0.91x at 64 -> 64 (hence the thresholds) and 0.8x for 1x1
-  kernels (the copy costs a pass over x for few products). With
+  channels, 0.74-0.91x at 64 -> 64 (hence the thresholds), 0.8x for 1x1
+  kernels (the copy costs a pass over x for few products) and 0.85x at stride 2
+  (16x16x128 -> 128: the rows then read every other element). With
   enough (kh, kw, ci) rows (at least _MIN_ROW_TILES microkernel tiles) the
   rows are dealt to a multiple of the thread count of items (about
   _ROW_TILES_PER_ITEM tiles each), each owning its rows of dw and reducing
@@ -117,7 +118,8 @@ _ROW_TILES_PER_ITEM = 8
 # (32 KiB or more) while the product's row tiles read them.
 _B_BLOCK_BYTES = 16 * 1024
 # Weight gradient: the channel-major path (module docstring) from this many input channels and
-# Cin*Cout of at least _CHANNEL_MAJOR_WEIGHTS (measured: 64 -> 128 faster, 64 -> 64 slower).
+# Cin*Cout of at least _CHANNEL_MAJOR_WEIGHTS (measured: 64 -> 128 faster, 64 -> 64 slower), at
+# column stride 1.
 _CHANNEL_MAJOR_CIN = 64
 _CHANNEL_MAJOR_WEIGHTS = 8192
 # Weight gradient: the direct path reads zero-padded copies of x and dy (padding, Cout not a
@@ -547,7 +549,7 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     WC = max(pad_left + W, (OW - 1) * stride_w + (KW - 1) * dil_w + 1)
     TC = (Cin + MR - 1) // MR  # row tiles per kernel tap
     cm_bytes = N * (Cin * H * WC + (OHW * Np if Np != Cout else 0)) * dw.itemsize
-    cm = (KH * KW > 1 and Cin >= _CHANNEL_MAJOR_CIN and Cin * Cout >= _CHANNEL_MAJOR_WEIGHTS
+    cm = (KH * KW > 1 and stride_w == 1 and Cin >= _CHANNEL_MAJOR_CIN and Cin * Cout >= _CHANNEL_MAJOR_WEIGHTS
           and KH * KW * TC >= _MIN_ROW_TILES and cm_bytes <= _COPY_BUDGET_BYTES)
     direct = not cm and dil_w == 1 and (not copies or copy_bytes <= _COPY_BUDGET_BYTES)
     wide = direct and wide
