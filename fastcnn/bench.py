@@ -75,6 +75,20 @@ def _gflops(flops, ms):
     return flops / ms / 1e6 if flops and ms > 0 else None
 
 
+def training_step(model, optimizer, x, labels):
+    """The training step every benchmark times, as a no-argument function: the forward in training
+    mode, softmax cross-entropy, the backward (no gradient for the input), the optimizer's update."""
+    from .losses import softmax_cross_entropy
+
+    def step():
+        logits = model.forward(x, training=True)
+        _, dlogits = softmax_cross_entropy(logits, labels)
+        model.backward(dlogits, input_grad=False)
+        optimizer.step()
+
+    return step
+
+
 def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None, log=print, peak=None):
     """Measure and return a report dict (see ``print_report``).
 
@@ -82,7 +96,6 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
     use instead of measuring ``matmul_peak_gflops`` here.
     """
     from .config import load_config, validate
-    from .losses import softmax_cross_entropy
     from .model import build_model
     from .optim import build_optimizer
     from .runtime import set_threads, warm_up
@@ -129,14 +142,7 @@ def run_bench(config=None, batch_size=64, threads=None, repeats=20, compare=None
         rows.append(row)
         saved.append((layer, inp, dy, input_grad))
 
-    opt = build_optimizer(cfg.train.optimizer, model.parameters())
-
-    def step():
-        logits = model.forward(x, training=True)
-        _, dlogits = softmax_cross_entropy(logits, labels)
-        model.backward(dlogits, input_grad=False)
-        opt.step()
-
+    step = training_step(model, build_optimizer(cfg.train.optimizer, model.parameters()), x, labels)
     step_ms = _median_ms(step, repeats)
     infer_x = rng.normal(size=(256, *model.input_shape)).astype(model.dtype)
     infer_ms = _median_ms(lambda: model.forward(infer_x, training=False), max(3, repeats // 2))

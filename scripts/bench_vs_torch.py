@@ -103,7 +103,7 @@ def _time_steps(fn, warmup, steps, max_seconds=None):
 
 
 def _fastcnn_worker(cfg, args, x, labels):
-    from fastcnn.losses import softmax_cross_entropy
+    from fastcnn.bench import training_step
     from fastcnn.model import build_model
     from fastcnn.optim import build_optimizer
     from fastcnn.runtime import set_threads, warm_up
@@ -112,13 +112,7 @@ def _fastcnn_worker(cfg, args, x, labels):
     warm_up(cfg.model, log=lambda msg: print(msg, file=sys.stderr))  # compile/load kernels: never timed
     model = build_model(cfg.model, seed=cfg.seed)
     if args.mode == "train":
-        opt = build_optimizer(cfg.train.optimizer, model.parameters())
-
-        def fn():
-            logits = model.forward(x, training=True)
-            _, dlogits = softmax_cross_entropy(logits, labels)
-            model.backward(dlogits, input_grad=False)
-            opt.step()
+        fn = training_step(model, build_optimizer(cfg.train.optimizer, model.parameters()), x, labels)
     else:
         def fn():
             model.forward(x, training=False)

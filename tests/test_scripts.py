@@ -268,6 +268,26 @@ def test_bench_conv_ab_same_tree_is_bit_identical(tmp_path):
     assert proc.returncode == 2 and "--chunks 3: want 1 to the smallest batch" in proc.stderr
 
 
+def test_profile_step_lists_the_step_kernels():
+    """scripts/profile_step.py on the tiny synthetic config: the step's median, then one row per kernel
+    and shape, the convolution's three passes among them, each with its calls per step; a missing
+    config is refused with one line."""
+    proc = _run([os.path.join(SCRIPTS, "profile_step.py"), "configs/synthetic_small.yaml", "--steps", "2",
+                 "--by-shape", "--batch", "16"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "batch 16" in out and "step median" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(tuple("0123456789"))]
+    kernels = {row[3] for row in rows}
+    assert {"conv.conv2d_forward", "conv.conv2d_backward_weight", "dense.dense_forward"} <= kernels
+    # 16 images = 8 chunks of 2: the weight gradient is called once per chunk.
+    assert any(r[3] == "conv.conv2d_backward_weight" and r[2] == "8" and "(2, 12, 12, 1)" in " ".join(r)
+               for r in rows)
+    assert all(float(row[0]) >= 0 for row in rows)
+    proc = _run([os.path.join(SCRIPTS, "profile_step.py"), "no/such/config.yaml"])
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
 def test_profile_compile_lists_each_compiled_kernel(tmp_path):
     """A cold compile (an empty temporary Numba cache) of a one-dense-layer model: the warm-up's
     compiles are listed by function, the dense kernels among them; the project's cache is untouched."""
