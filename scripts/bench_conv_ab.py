@@ -62,20 +62,16 @@ def kernel_call(module, which, x, w, b, dy, outputs, geometry, chunks=1):
     """A no-argument call of ``module``'s kernel for ``which``, writing into ``outputs``; with
     ``chunks`` > 1, one call per chunk of the batch in turn (outputs of the last chunk)."""
     y, dx, dw, db = outputs
+    one = {"forward": lambda s: module.conv2d_forward(x[s], w, b, y[s], *geometry),
+           "input": lambda s: module.conv2d_backward_input(dy[s], w, dx[s], *geometry),
+           "weight": lambda s: module.conv2d_backward_weight(x[s], dy[s], dw, db, *geometry)}[which]
     n = x.shape[0]
     parts = [slice(c * n // chunks, (c + 1) * n // chunks) for c in range(chunks)]
-    if which == "forward":
-        def call():
-            for s in parts:
-                module.conv2d_forward(x[s], w, b, y[s], *geometry)
-    elif which == "input":
-        def call():
-            for s in parts:
-                module.conv2d_backward_input(dy[s], w, dx[s], *geometry)
-    else:
-        def call():
-            for s in parts:
-                module.conv2d_backward_weight(x[s], dy[s], dw, db, *geometry)
+
+    def call():
+        for s in parts:
+            one(s)
+
     return call
 
 
