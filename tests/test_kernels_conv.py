@@ -83,6 +83,12 @@ CASES = {
     # ... and larger images (the weight gradient's copies of x past 100 KiB per image; its im2col
     # blocks are left for dilated columns: dilation2, direct_pad_stride_dil).
     "padded_large_image": (1, 24, 24, 48, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    # 1x1 at stride 1 without padding: the forward's and the input gradient's products span
+    # several output rows, across images (more rows than the 64 row chunks): a chunk's rows in one
+    # product (GP >= rows per chunk), or in products of GP rows and a shorter last one; outputs in
+    # place or in padded scratch columns (Cout 20, Cin 5).
+    "pointwise_rows_merged": (8, 40, 3, 5, 16, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    "pointwise_wide_rows_padded_cout": (4, 36, 40, 16, 20, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
 }
 
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -192,7 +198,7 @@ def test_float32_is_computed_in_float32():
 @pytest.mark.parametrize(
     "name", ["pad_int", "dilation_2_1_pad_stride", "same_even_2x3", "cin1_cout1", "stride2_leftover",
              "padded_rows_cin1_5x5", "padded_row_items_cout24", "transposed_cin1_cout3_pad_stride_h",
-             "channel_major_stride_dil_padcols"]
+             "channel_major_stride_dil_padcols", "pointwise_rows_merged"]
 )
 def test_gradients_central_difference(name):
     x, w, b, G, stride, padding, dilation = _make(CASES[name], np.float64, seed=1)
@@ -404,7 +410,7 @@ def test_weight_gradient_deterministic_across_thread_counts(name):
 
 
 @pytest.mark.parametrize("name", ["direct_valid", "direct_pad_stride_dil", "direct_pad_wide_panel", "same_odd_5x5",
-                                  "padded_row_items_cout24"])
+                                  "padded_row_items_cout24", "pointwise_wide_rows_padded_cout"])
 def test_forward_and_input_gradient_deterministic_across_thread_counts(name):
     import numba
 
