@@ -113,13 +113,29 @@ def test_random_strided_problems_match_reference(fn, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fn", [_jit, G.gemm_numpy], ids=["gemm", "gemm_numpy"])
 def test_every_tile_shape(fn, dtype):
-    # rows around the MR-row tile (full tiles, remainders 1..5), column vectors
-    # 1..2*NV+1 (the NV-, 2- and 1-vector instances of the microkernel).
+    # rows around the MR-row tile (full tiles, remainders 1..5, the last 7 or 8 rows as 4 + 3 or
+    # 4 + 4 with AVX2), column vectors 1..2*NV+1 (the NV-, 2- and 1-vector instances of the microkernel).
     rng = np.random.default_rng(1)
-    for M in range(1, 2 * G.MR + 2):
+    for M in range(1, 2 * G.MR + 3):
         for NV in range(1, 2 * G.NV + 2):
             C, args = _problem(rng, dtype, M=M, NV=NV, K=int(rng.integers(1, 5)), S=int(rng.integers(1, 3)))
             _check(fn, C, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_tiles_never_change_the_bits(dtype):
+    """Each C element is summed in one order (segments, then k) whatever tile its row falls in: a
+    product of M rows equals, bit for bit, its rows computed one at a time (1-row tiles)."""
+    rng = np.random.default_rng(2)
+    for M in range(1, 2 * G.MR + 3):
+        C, args = _problem(rng, dtype, M=M, NV=int(rng.integers(1, 2 * G.NV + 2)), K=int(rng.integers(1, 40)),
+                           S=int(rng.integers(1, 3)))
+        c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, _, NV = args
+        one_by_one = C.copy()
+        _jit(C, *args)
+        for i in range(M):
+            _jit(one_by_one, c_off + i * ldc, ldc, A, a_off + i * lda, lda, ldk, B, b_off, ldb, K, S, sa, sb, 1, NV)
+        assert C.tobytes() == one_by_one.tobytes(), M
 
 
 @pytest.mark.parametrize("fn", [_jit, G.gemm_numpy], ids=["gemm", "gemm_numpy"])
