@@ -89,6 +89,9 @@ CASES = {
     # place or in padded scratch columns (Cout 20, Cin 5).
     "pointwise_rows_merged": (8, 40, 3, 5, 16, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
     "pointwise_wide_rows_padded_cout": (4, 36, 40, 16, 20, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    # ... and enough input channels for the weight gradient's row items: products over blocks of
+    # the batch's pixels across images (a block boundary inside an image), Cout padded in float32.
+    "pointwise_weight_rows_blocks": (8, 6, 6, 80, 24, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
 }
 
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -198,7 +201,7 @@ def test_float32_is_computed_in_float32():
 @pytest.mark.parametrize(
     "name", ["pad_int", "dilation_2_1_pad_stride", "same_even_2x3", "cin1_cout1", "stride2_leftover",
              "padded_rows_cin1_5x5", "padded_row_items_cout24", "transposed_cin1_cout3_pad_stride_h",
-             "channel_major_stride_dil_padcols", "pointwise_rows_merged"]
+             "channel_major_stride_dil_padcols", "pointwise_rows_merged", "pointwise_weight_rows_blocks"]
 )
 def test_gradients_central_difference(name):
     x, w, b, G, stride, padding, dilation = _make(CASES[name], np.float64, seed=1)
@@ -388,7 +391,8 @@ def test_outputs_overwritten_not_accumulated(dtype):
 
 
 @pytest.mark.parametrize("name", ["big_channels", "direct_row_items", "padded_rows_cin3_7x7_stride2",
-                                  "padded_row_items_cout100", "channel_major_stride_dil_padcols"])
+                                  "padded_row_items_cout100", "channel_major_stride_dil_padcols",
+                                  "pointwise_weight_rows_blocks"])
 def test_weight_gradient_deterministic_across_thread_counts(name):
     import numba
 
