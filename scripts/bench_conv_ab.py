@@ -13,6 +13,9 @@ of each in turn for ``--rounds`` rounds, and the medians are printed with the ra
 other jobs, alternating the calls in one process is what keeps the two comparable: a slow period
 hits both.
 
+``--epilogue relu`` or ``residual-relu`` (forward only) times the forward with its fused epilogue (ReLU,
+or a residual branch added then ReLU), as conv + ReLU layers and residual blocks run it.
+
 ``--chunks G`` times what a training step runs instead: the pass on each of G chunks of the batch in
 turn (the layers compute every batch sum per chunk, fastcnn/shard.py; G = 8 for batches of 8 or
 more), with the caches flushed (a 64 MiB write) before each timed call, as the layer finds them
@@ -58,11 +61,16 @@ def load_base_conv(base):
     return module
 
 
-def kernel_call(module, which, x, w, b, dy, outputs, geometry, chunks=1):
+def kernel_call(module, which, x, w, b, dy, outputs, geometry, chunks=1, epilogue="none", residual=None):
     """A no-argument call of ``module``'s kernel for ``which``, writing into ``outputs``; with
-    ``chunks`` > 1, one call per chunk of the batch in turn (outputs of the last chunk)."""
+    ``chunks`` > 1, one call per chunk of the batch in turn (outputs of the last chunk). ``epilogue``
+    (forward): "none", "relu" or "residual-relu" (``residual``, y's shape, added before the ReLU)."""
     y, dx, dw, db = outputs
-    one = {"forward": lambda s: module.conv2d_forward(x[s], w, b, y[s], *geometry),
+
+    def fused(s):
+        return {"none": {}, "relu": {"relu": True}, "residual-relu": {"relu": True, "residual": residual[s]}}[epilogue]
+
+    one = {"forward": lambda s: module.conv2d_forward(x[s], w, b, y[s], *geometry, **fused(s)),
            "input": lambda s: module.conv2d_backward_input(dy[s], w, dx[s], *geometry),
            "weight": lambda s: module.conv2d_backward_weight(x[s], dy[s], dw, db, *geometry)}[which]
     n = x.shape[0]
@@ -75,7 +83,7 @@ def kernel_call(module, which, x, w, b, dy, outputs, geometry, chunks=1):
     return call
 
 
-def compare(base_conv, this_conv, shape, which, rounds, seed=0, chunks=1):
+def compare(base_conv, this_conv, shape, which, rounds, seed=0, chunks=1, epilogue="none"):
     """{'base_ms', 'this_ms', 'gflops_base', 'gflops_this', 'identical'} for one shape; ``chunks`` > 1:
     the pass per chunk of the batch, caches flushed before each timed call."""
     N, H, W, Cin, Cout, K, stride = shape
@@ -87,13 +95,14 @@ def compare(base_conv, this_conv, shape, which, rounds, seed=0, chunks=1):
     w = rng.standard_normal((K, K, Cin, Cout), dtype=np.float32) / np.float32(np.sqrt(K * K * Cin))
     b = rng.standard_normal(Cout, dtype=np.float32)
     dy = rng.standard_normal((N, OH, OW, Cout), dtype=np.float32)
+    residual = rng.standard_normal((N, OH, OW, Cout), dtype=np.float32)
     geometry = (stride, stride, pad, pad, 1, 1)
     outs = {}
     calls = {}
     for name, module in (("base", base_conv), ("this", this_conv)):
         outs[name] = (np.zeros((N, OH, OW, Cout), np.float32), np.zeros_like(x), np.zeros_like(w),
                       np.zeros(Cout, np.float32))
-        calls[name] = kernel_call(module, which, x, w, b, dy, outs[name], geometry, chunks)
+        calls[name] = kernel_call(module, which, x, w, b, dy, outs[name], geometry, chunks, epilogue, residual)
     for _ in range(2):  # compile or load, then warm the caches
         calls["base"]()
         calls["this"]()
@@ -123,7 +132,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
     ap.add_argument("--chunks", type=int, default=1,
                     help="call the pass on this many chunks of the batch in turn, caches flushed (a step's way)")
+    ap.add_argument("--epilogue", choices=("none", "relu", "residual-relu"), default="none",
+                    help="forward only: with the fused ReLU, or residual add then ReLU")
     args = ap.parse_args(argv)
+    if args.epilogue != "none" and args.which != "forward":
+        ap.error(f"--epilogue {args.epilogue}: only with --pass forward")
     try:
         shapes = [parse_shape(s) for s in args.shapes.split(",")]
     except argparse.ArgumentTypeError as e:
@@ -138,11 +151,12 @@ def main(argv=None):
     if not 1 <= args.chunks <= min(shape[0] for shape in shapes):
         ap.error(f"--chunks {args.chunks}: want 1 to the smallest batch of the shapes")
     chunked = f", {args.chunks} chunks per call, caches flushed" if args.chunks > 1 else ""
-    print(f"{args.which} pass, {numba.get_num_threads()} thread(s), median of {args.rounds} alternated calls"
+    fused = f" with the {args.epilogue} epilogue" if args.epilogue != "none" else ""
+    print(f"{args.which} pass{fused}, {numba.get_num_threads()} thread(s), median of {args.rounds} alternated calls"
           f"{chunked}")
     print(f"{'shape':>24} {'base ms':>9} {'GFLOP/s':>8} {'this ms':>9} {'GFLOP/s':>8} {'base/this':>9}  same bits")
     for shape in shapes:
-        r = compare(base_conv, this_conv, shape, args.which, args.rounds, chunks=args.chunks)
+        r = compare(base_conv, this_conv, shape, args.which, args.rounds, chunks=args.chunks, epilogue=args.epilogue)
         label = "x".join(map(str, shape))
         print(f"{label:>24} {r['base_ms']:9.3f} {r['gflops_base']:8.1f} {r['this_ms']:9.3f} {r['gflops_this']:8.1f} "
               f"{r['base_ms'] / r['this_ms']:8.2f}x  {'yes' if r['identical'] else 'no'}", flush=True)

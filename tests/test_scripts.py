@@ -258,6 +258,9 @@ def test_bench_conv_ab_same_tree_is_bit_identical(tmp_path):
                 r = ab.compare(other, conv, shape, which, rounds=2, chunks=chunks)
                 assert r["identical"], (which, shape, chunks)
                 assert r["base_ms"] > 0 and r["this_ms"] > 0 and r["gflops_this"] > 0
+    for epilogue in ("relu", "residual-relu"):
+        r = ab.compare(other, conv, (2, 9, 7, 3, 10, 3, 1), "forward", rounds=2, chunks=2, epilogue=epilogue)
+        assert r["identical"], epilogue
     assert os.listdir(base) == ["conv.py"]  # its kernels were compiled from a private copy: no cache here
     proc = _run([os.path.join(SCRIPTS, "bench_conv_ab.py"), "2x5x5x3x4x3", "--base", str(tmp_path)])
     assert proc.returncode != 0 and "no fastcnn/kernels/conv.py there" in proc.stderr
@@ -266,6 +269,9 @@ def test_bench_conv_ab_same_tree_is_bit_identical(tmp_path):
     proc = _run([os.path.join(SCRIPTS, "bench_conv_ab.py"), "2x5x5x3x4x3", "--chunks", "3", "--base",
                  str(tmp_path / "base")])
     assert proc.returncode == 2 and "--chunks 3: want 1 to the smallest batch" in proc.stderr
+    proc = _run([os.path.join(SCRIPTS, "bench_conv_ab.py"), "2x5x5x3x4x3", "--pass", "weight", "--epilogue", "relu",
+                 "--base", str(tmp_path / "base")])
+    assert proc.returncode == 2 and "--epilogue relu: only with --pass forward" in proc.stderr
 
 
 def test_profile_step_lists_the_step_kernels():

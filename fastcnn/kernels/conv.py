@@ -282,9 +282,15 @@ def _epilogue_pass(a, y, r, res, relu):
             y[t] = a[t]
 
 
-@njit(error_model="numpy", cache=True, inline="always")
+@njit(error_model="numpy", cache=True)
 def _epilogue(acc, yrow, rrow, relu, in_place):
-    """An output row's products, in cache, written to yrow (OW, Cout): plus the same row of a residual
+    """(A function called, not inlined into the forward's three call sites: inlined, each site's copy
+    of the four loops cost the forward's cold compile about 3 s; its compile went from 23 s to 14 s,
+    the same speed within noise: `scripts/bench_conv_ab.py --epilogue relu`. _epilogue_pass stays
+    inlined into it: called, its in-place pass would see two aliasing arguments and fall back to
+    LLVM's scalar loop.)
+
+    An output row's products, in cache, written to yrow (OW, Cout): plus the same row of a residual
     branch (``rrow``, when not empty), then ReLU (``relu``; NaN stays, as torch.relu; -0.0 gives +0.0,
     as the ReLU layer). The products are in yrow itself (``in_place``: one loop over the whole row) or
     in acc (OW, Np > Cout: padded columns; one loop per pixel).
