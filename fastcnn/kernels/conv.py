@@ -788,13 +788,17 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
         for k in range(K):
             copy_vector(dwm[k], dwp[k, :Cout])
     if not rows:
+        # Serial: a third prange would cost about 2 s of cold compile, and these partials are small
+        # (few rows of dw, or the rare im2col path: nchunks adds per dw element against 2*P
+        # flops for its products). Element by element ((p0 + p1) + p2) + ..., in chunk order.
         dwm = dw.reshape(K, Cout)
-        for k in prange(K):
-            for co in range(Cout):
-                s = partial[0, k * Np + co]
-                for c in range(1, nchunks):
-                    s += partial[c, k * Np + co]
-                dwm[k, co] = s
+        for k in range(K):
+            row = dwm[k]
+            copy_vector(row, partial[0, k * Np:k * Np + Cout])
+            for c in range(1, nchunks):
+                pc = partial[c, k * Np:k * Np + Cout]
+                for co in range(Cout):
+                    row[co] += pc[co]
     for co in range(Cout):
         s = partial_b[0, co]
         for c in range(1, nchunks):
