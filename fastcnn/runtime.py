@@ -149,7 +149,9 @@ class DeferredSignals(SignalFlag):
 # Numba compiles one function at a time in a process, and a cold start of a network compiles 20-30
 # kernels (about 50 s for the seed network on a 2-core Zen 3). The warm-up cuts the network's leaf
 # blocks (fused blocks and layers, residual bodies and shortcuts opened up) into kinds that run the
-# same kernels, plus "head" (the loss and the optimizer), and deals the kinds to 1 + H shares of
+# same kernels, plus "head" (the loss and the optimizer), the convolution (groups 1) as two kinds, its
+# forward ("conv2d") and its backward ("conv2d:backward": its two gradient kernels, half the cold
+# compile of a plain CNN, run after Conv2D.record_forward instead of a forward), and deals the kinds to 1 + H shares of
 # about equal estimated compile time (KIND_COST). This process runs share 0 (forward, backward and
 # evaluation forward of those blocks on a throwaway model). When it is still compiling after a
 # second, H helper processes (one per further core, at most HELPERS_MAX) start and run shares 1..H
@@ -165,9 +167,9 @@ class DeferredSignals(SignalFlag):
 HELPERS_MAX = 3
 # Estimated cold compile seconds of a kind's kernels (2-core Zen 3, measured with
 # scripts/profile_compile.py); only the balance of the shares depends on them.
-KIND_COST = {"conv2d": 22.0, "conv2d/g": 12.0, "relu+maxpool2d": 10.0, "leaky_relu+maxpool2d": 10.0,
-             "batchnorm+relu+maxpool2d": 10.0, "batchnorm+relu": 6.0, "dense": 8.0, "batchnorm": 5.0,
-             "maxpool2d": 4.0, "avgpool2d": 3.0, "head": 3.0}
+KIND_COST = {"conv2d": 12.0, "conv2d:backward": 16.0, "conv2d/g": 17.0, "relu+maxpool2d": 7.0,
+             "leaky_relu+maxpool2d": 7.0, "batchnorm+relu+maxpool2d": 10.0, "batchnorm+relu": 9.0, "dense": 6.5,
+             "batchnorm": 5.0, "maxpool2d": 4.0, "avgpool2d": 3.0, "global_avgpool": 3.0, "head": 2.0}
 
 
 def compile_helper_count() -> int:
@@ -217,14 +219,19 @@ def _leaf_kind(block) -> str:
     return f"{kind}/g" if groups != 1 else kind
 
 
+# A kind whose backward is a unit of its own: compile_kinds runs "<kind>" as the forwards (training and
+# evaluation) and "<kind>:backward" as the backward after the block's record_forward.
+_SPLIT_KINDS = ("conv2d",)
+
+
 def helper_kinds(model) -> list:
-    """The kinds of the model's leaf blocks in forward order (first appearance), then "head" (the loss
-    and the optimizer)."""
+    """The kinds of the model's leaf blocks in forward order (first appearance; a kind of _SPLIT_KINDS
+    followed by its ":backward"), then "head" (the loss and the optimizer)."""
     kinds = []
     for block in leaf_blocks(model):
         kind = _leaf_kind(block)
         if kind not in kinds:
-            kinds.append(kind)
+            kinds += [kind, kind + ":backward"] if kind in _SPLIT_KINDS else [kind]
     return kinds + ["head"]
 
 
@@ -354,15 +361,24 @@ def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None
             build_optimizer(_optimizer_options(optimizer), params).step()
             check()
         else:
+            leaf_kind, _, part = kind.partition(":")
+            split = leaf_kind in _SPLIT_KINDS
             for block in leaves:
-                if _leaf_kind(block) != kind:
+                if _leaf_kind(block) != leaf_kind:
                     continue
                 x = np.zeros((batch, *_block_in_shape(block)), scratch.dtype)
                 # Each call compiles its kernels; a recorded signal is raised between them.
+                if part == "backward":
+                    block.record_forward(x)
+                    block.backward(np.zeros((batch, *block.out_shape), scratch.dtype),
+                                   need_input_grad=block is not first)
+                    check()
+                    continue
                 y = block.forward(x, True)
                 check()
-                block.backward(np.zeros_like(y), need_input_grad=block is not first)
-                check()
+                if not split:
+                    block.backward(np.zeros_like(y), need_input_grad=block is not first)
+                    check()
                 block.forward(x, False)
                 check()
         done.append(kind)

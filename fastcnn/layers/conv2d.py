@@ -104,6 +104,13 @@ class Conv2D(Layer):
             depthwise.grouped_forward(x, self.params["weight"].data, self._bias(), y, self.groups, *self._geometry())
         return y
 
+    def record_forward(self, x):
+        """What ``forward(x, True)`` records for ``backward``, without computing y: the cold-start
+        warm-up's backward-only unit (fastcnn/runtime.py) compiles the backward kernels in one process
+        while another compiles the forward's."""
+        self._begin_forward(x, True)
+        self.x = x
+
     def folded_forward(self, x, scale, shift, y, relu=False, residual=None):
         """y = relu?(conv(x) * scale + shift [+ residual]) per output channel, computed as conv(x) with
         the weights times ``scale`` and the bias ``bias * scale + shift``: an evaluation-mode batch norm
