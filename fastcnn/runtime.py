@@ -151,7 +151,8 @@ class DeferredSignals(SignalFlag):
 # blocks (fused blocks and layers, residual bodies and shortcuts opened up) into kinds that run the
 # same kernels, plus "head" (the loss and the optimizer), the convolution (groups 1) as two kinds, its
 # forward ("conv2d") and its backward ("conv2d:backward": its two gradient kernels, half the cold
-# compile of a plain CNN, run after Conv2D.record_forward instead of a forward), and deals the kinds to 1 + H shares of
+# compile of a plain CNN, run after Conv2D.record_forward instead of a forward; not when an input
+# gradient runs the forward's kernel: both would compile it), and deals the kinds to 1 + H shares of
 # about equal estimated compile time (KIND_COST). This process runs share 0 (forward, backward and
 # evaluation forward of those blocks on a throwaway model). When it is still compiling after a
 # second, H helper processes (one per further core, at most HELPERS_MAX) start and run shares 1..H
@@ -219,19 +220,20 @@ def _leaf_kind(block) -> str:
     return f"{kind}/g" if groups != 1 else kind
 
 
-# A kind whose backward is a unit of its own: compile_kinds runs "<kind>" as the forwards (training and
-# evaluation) and "<kind>:backward" as the backward after the block's record_forward.
-_SPLIT_KINDS = ("conv2d",)
-
-
 def helper_kinds(model) -> list:
-    """The kinds of the model's leaf blocks in forward order (first appearance; a kind of _SPLIT_KINDS
-    followed by its ":backward"), then "head" (the loss and the optimizer)."""
+    """The kinds of the model's leaf blocks in forward order (first appearance; "conv2d" followed by
+    "conv2d:backward" unless an input gradient, the first block's aside, runs the forward's kernel),
+    then "head" (the loss and the optimizer). compile_kinds runs a kind "K" with a "K:backward" as the
+    forwards alone (training and evaluation), and "K:backward" as the backward after the block's
+    record_forward."""
+    leaves = leaf_blocks(model)
+    split = not any(_leaf_kind(b) == "conv2d" and b is not leaves[0] and b.input_gradient_runs_forward_kernel()
+                    for b in leaves)
     kinds = []
-    for block in leaf_blocks(model):
+    for block in leaves:
         kind = _leaf_kind(block)
         if kind not in kinds:
-            kinds += [kind, kind + ":backward"] if kind in _SPLIT_KINDS else [kind]
+            kinds += [kind, kind + ":backward"] if kind == "conv2d" and split else [kind]
     return kinds + ["head"]
 
 
@@ -349,7 +351,8 @@ def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None
     leaves = leaf_blocks(scratch)
     first = leaves[0] if leaves else None
     done = []
-    for kind in kind_shares(helper_kinds(scratch), shares)[share]:
+    kinds = helper_kinds(scratch)
+    for kind in kind_shares(kinds, shares)[share]:
         if kind == "head":
             logits = np.zeros((batch, scratch.num_classes), scratch.dtype)
             softmax_cross_entropy(logits, np.zeros(batch, np.int64))
@@ -362,7 +365,7 @@ def compile_kinds(model_cfg, batch, optimizer, clip, share, shares, scratch=None
             check()
         else:
             leaf_kind, _, part = kind.partition(":")
-            split = leaf_kind in _SPLIT_KINDS
+            split = leaf_kind + ":backward" in kinds
             for block in leaves:
                 if _leaf_kind(block) != leaf_kind:
                     continue

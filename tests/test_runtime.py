@@ -71,9 +71,25 @@ def test_leaf_blocks_open_residual_blocks_and_kinds_cover_every_leaf():
     assert any(hasattr(b, "parts") for b in model.blocks)
     kinds = helper_kinds(model)
     assert kinds[-1] == "head" and len(set(kinds)) == len(kinds)
-    assert {"conv2d", "conv2d:backward", "batchnorm+relu", "batchnorm+relu+maxpool2d", "leaky_relu+maxpool2d",
-            "dropout", "dense", "batchnorm"} <= set(kinds)
-    assert kinds.index("conv2d:backward") == kinds.index("conv2d") + 1
+    assert {"conv2d", "batchnorm+relu", "batchnorm+relu+maxpool2d", "leaky_relu+maxpool2d", "dropout",
+            "dense", "batchnorm"} <= set(kinds)
+
+
+def test_the_convolution_backward_is_a_kind_of_its_own_unless_it_runs_the_forward_kernel():
+    """conv2d:backward (right after conv2d) when no input gradient runs the forward's kernel (64 or
+    more filters, a stride, a 1x1 kernel; the first layer computes none); else one conv2d kind, whose
+    units would both compile the forward."""
+    from fastcnn.runtime import helper_kinds
+
+    def kinds(*convs):
+        layers = [{"type": "conv2d", "kernel_size": 3, **c} for c in convs]
+        return helper_kinds(fastcnn.build_model({"input_shape": [12, 12, 3], "num_classes": 3, "layers": [
+            *layers, {"type": "flatten"}, {"type": "dense", "units": 3}]}, seed=0))
+
+    split = kinds({"filters": 8}, {"filters": 64}, {"filters": 16, "stride": 2}, {"filters": 8, "kernel_size": 1})
+    assert split[:2] == ["conv2d", "conv2d:backward"] and split[-1] == "head"
+    assert "conv2d:backward" not in kinds({"filters": 8}, {"filters": 16, "padding": 1})
+    assert "conv2d:backward" not in kinds({"filters": 64}, {"filters": 63})
 
 
 def test_kind_shares_deal_every_kind_once_balanced_and_the_same_every_time():
@@ -372,6 +388,30 @@ def test_compile_helpers_run_every_kernel_of_the_fused_blocks():
         {"type": "flatten"}, {"type": "dense", "units": 3}]}
     kinds = [type(b).__name__ for b in fastcnn.build_model(cfg, seed=0).blocks]
     assert {"ConvReLU", "ConvBatchNorm", "BatchNormReLU"} <= set(kinds), kinds
+    proc = subprocess.run([sys.executable, "-c", HELPER_COVERAGE, json.dumps(cfg)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    missing = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert missing == [], f"compiled only by the warm-up step: {missing}"
+
+
+def test_compile_helpers_run_every_kernel_with_the_convolution_backward_apart():
+    """The same with the convolution's backward a unit of its own (conv2d:backward, after
+    Conv2D.record_forward): its gradient kernels' signatures are those the warm-up step needs."""
+    import json
+    import subprocess
+    import sys
+
+    from fastcnn.runtime import helper_kinds
+
+    conv = {"type": "conv2d", "kernel_size": 3}
+    cfg = {"input_shape": [9, 8, 3], "num_classes": 3, "layers": [
+        {**conv, "filters": 8, "padding": 1}, {"type": "relu"},
+        {**conv, "filters": 64, "padding": 1}, {"type": "batchnorm"}, {"type": "relu"},
+        {**conv, "filters": 12, "stride": 2}, {"type": "relu"},
+        {**conv, "filters": 16, "kernel_size": 1},
+        {"type": "flatten"}, {"type": "dense", "units": 3}]}
+    assert "conv2d:backward" in helper_kinds(fastcnn.build_model(cfg, seed=0))
     proc = subprocess.run([sys.executable, "-c", HELPER_COVERAGE, json.dumps(cfg)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -838,15 +838,23 @@ def conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_
     ensure_gemm(dx.dtype)
     KH, KW, Cin, Cout = w.shape
     pt, pl = (KH - 1) * dil_h - pad_top, (KW - 1) * dil_w - pad_left
-    # Not for 1x1 kernels (one tap: nothing to gain, measured 0.92-0.97x) nor for padding past the
-    # kernel's extent (the forward's padding would be negative).
-    if (stride_h == 1 and stride_w == 1 and Cout < _VIA_FORWARD_FILTERS and KH * KW > 1 and pt >= 0
-            and pl >= 0):
+    if input_gradient_via_forward(w.shape, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
         flipped = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
         _conv2d_forward(dy, flipped, np.zeros(Cin, dx.dtype), dx, 1, 1, pt, pl, dil_h, dil_w,
                         np.empty((0, 0, 0, 0), dx.dtype), False)
         return
     _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w)
+
+
+def input_gradient_via_forward(w_shape, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
+    """Whether conv2d_backward_input runs the forward kernel (on dy, the kernel flipped) for weights of
+    shape ``w_shape`` (KH, KW, Cin, Cout) and this geometry: stride 1, fewer than _VIA_FORWARD_FILTERS
+    filters; not for 1x1 kernels (one tap: nothing to gain, measured 0.92-0.97x) nor for padding past
+    the kernel's extent (the forward's padding would be negative)."""
+    KH, KW, _, Cout = w_shape
+    pt, pl = (KH - 1) * dil_h - pad_top, (KW - 1) * dil_w - pad_left
+    return (stride_h == 1 and stride_w == 1 and Cout < _VIA_FORWARD_FILTERS and KH * KW > 1 and pt >= 0
+            and pl >= 0)
 
 
 def conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):

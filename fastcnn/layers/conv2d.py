@@ -111,6 +111,12 @@ class Conv2D(Layer):
         self._begin_forward(x, True)
         self.x = x
 
+    def input_gradient_runs_forward_kernel(self):
+        """Whether this layer's input gradient runs the forward's kernel (conv.input_gradient_via_forward):
+        then the warm-up does not compile its backward apart from its forward."""
+        return self.groups == 1 and conv.input_gradient_via_forward(self.params["weight"].data.shape,
+                                                                     *self._geometry())
+
     def folded_forward(self, x, scale, shift, y, relu=False, residual=None):
         """y = relu?(conv(x) * scale + shift [+ residual]) per output channel, computed as conv(x) with
         the weights times ``scale`` and the bias ``bias * scale + shift``: an evaluation-mode batch norm
