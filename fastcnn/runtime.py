@@ -168,7 +168,8 @@ class DeferredSignals(SignalFlag):
 HELPERS_MAX = 3
 # Estimated cold compile seconds of a kind's kernels (2-core Zen 3, measured with
 # scripts/profile_compile.py); only the balance of the shares depends on them.
-KIND_COST = {"conv2d": 12.0, "conv2d:backward": 16.0, "conv2d/g": 17.0, "relu+maxpool2d": 7.0,
+# A kind whose backward is a kind of its own costs its own figure less its backward's (_kind_cost).
+KIND_COST = {"conv2d": 28.0, "conv2d:backward": 16.0, "conv2d/g": 17.0, "relu+maxpool2d": 7.0,
              "leaky_relu+maxpool2d": 7.0, "batchnorm+relu+maxpool2d": 10.0, "batchnorm+relu": 9.0, "dense": 6.5,
              "batchnorm": 5.0, "maxpool2d": 4.0, "avgpool2d": 3.0, "global_avgpool": 3.0, "head": 2.0}
 
@@ -243,11 +244,20 @@ def kind_shares(kinds, shares) -> list:
     same shares."""
     dealt = [[] for _ in range(max(1, shares))]
     load = [0.0] * len(dealt)
-    for kind in sorted(kinds, key=lambda k: -KIND_COST.get(k, 2.0)):  # stable: forward order for ties
+    for kind in sorted(kinds, key=lambda k: -_kind_cost(k, kinds)):  # stable: forward order for ties
         i = load.index(min(load))
         dealt[i].append(kind)
-        load[i] += KIND_COST.get(kind, 2.0)
+        load[i] += _kind_cost(kind, kinds)
     return dealt
+
+
+def _kind_cost(kind, kinds) -> float:
+    """KIND_COST of ``kind`` among ``kinds`` (2 when unknown): less its backward's when that is a kind
+    of its own."""
+    cost = KIND_COST.get(kind, 2.0)
+    if kind + ":backward" in kinds:
+        cost -= KIND_COST.get(kind + ":backward", 0.0)
+    return cost
 
 
 class CompileHelpers:

@@ -93,7 +93,7 @@ def test_the_convolution_backward_is_a_kind_of_its_own_unless_it_runs_the_forwar
 
 
 def test_kind_shares_deal_every_kind_once_balanced_and_the_same_every_time():
-    from fastcnn.runtime import KIND_COST, kind_shares
+    from fastcnn.runtime import _kind_cost, kind_shares
 
     kinds = ["conv2d", "conv2d:backward", "relu+maxpool2d", "flatten", "dense", "relu", "head"]
     for n in (1, 2, 3, 4, 8):
@@ -101,7 +101,7 @@ def test_kind_shares_deal_every_kind_once_balanced_and_the_same_every_time():
         assert len(shares) == n and shares == kind_shares(list(kinds), n)
         assert sorted(k for share in shares for k in share) == sorted(kinds)
     two = kind_shares(kinds, 2)
-    cost = [sum(KIND_COST.get(k, 2.0) for k in share) for share in two]
+    cost = [sum(_kind_cost(k, kinds) for k in share) for share in two]
     assert max(cost) <= 1.2 * min(cost)  # 16 + 6.5 + 2 against 12 + 7 + 2 + 2
     assert kind_shares([], 3) == [[], [], []]
 
