@@ -215,6 +215,15 @@ def _row_piece(q, q1, TK, L):
 
 
 @njit(error_model="numpy", cache=True)
+def _pointwise(KH, KW, stride_h, stride_w, pad_top, pad_left, H, W, OH, OW):
+    """A 1x1 kernel at stride 1 without padding (so OH == H and OW == W): the pixels of x and of the
+    output follow each other in memory in the same order, across rows and images, and a product may
+    span several output rows."""
+    return (KH == 1 and KW == 1 and stride_h == 1 and stride_w == 1 and pad_top == 0 and pad_left == 0
+            and OH == H and OW == W)
+
+
+@njit(error_model="numpy", cache=True)
 def _channel_major(xn, out, pad_left, zero):
     """out (Cin, H, WC) = the image xn (H, W, Cin) channel by channel, each row with pad_left zero
     columns on the left and WC - pad_left - W on the right. Blocks of 8 x 8 (pixels x channels):
@@ -349,8 +358,7 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
     # images too), so one product covers GP output rows: M = GP*OW rows instead of OW (an 8x8
     # layer's 8 rows make a 6-row and a 2-row tile, the 2-row tile short of accumulators to hide
     # the FMA latency). Each output element is still summed in the same order: the same bits.
-    pointwise = (not tposed and KH == 1 and KW == 1 and stride_h == 1 and stride_w == 1 and pad_top == 0
-                 and pad_left == 0 and OH == H and OW == W)
+    pointwise = not tposed and _pointwise(KH, KW, stride_h, stride_w, pad_top, pad_left, H, W, OH, OW)
     GP = max(1, _POINTWISE_PIXELS // OW) if pointwise else 1
     xflat = x.reshape(-1)
     y2 = y.reshape(N * OH * OW, Cout)
@@ -507,8 +515,7 @@ def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil
     zero = dx.dtype.type(0)
     in_place = Cp == Cin
     # 1x1 at stride 1 without padding: GP input rows per product, as in the forward.
-    pointwise = (KH == 1 and KW == 1 and stride_h == 1 and stride_w == 1 and pad_top == 0 and pad_left == 0
-                 and OH == H and OW == W)
+    pointwise = _pointwise(KH, KW, stride_h, stride_w, pad_top, pad_left, H, W, OH, OW)
     GP = max(1, _POINTWISE_PIXELS // W) if pointwise else 1
     dyflat = dy.reshape(-1)
     dx2 = dx.reshape(N * H * W, Cin)
@@ -658,8 +665,7 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     # (SB output rows' worth) instead of image by image: a 4x4 image's 16 pixels made products
     # too short for the accumulators' loads and stores. Each dw element still sums its terms in
     # pixel order: the same bits.
-    pointwise = (rows and not cm and KH == 1 and KW == 1 and stride_h == 1 and stride_w == 1 and not wide
-                 and pad_top == 0 and OH == H and OW == W)
+    pointwise = rows and not cm and _pointwise(KH, KW, stride_h, stride_w, pad_top, pad_left, H, W, OH, OW)
     PK = SB * max(1, OW)
     partial = np.zeros((0 if rows else nchunks, K * Np), dtype=dw.dtype)
     partial_b = np.zeros((nchunks, Cout), dtype=dw.dtype)
