@@ -167,7 +167,8 @@ class DeferredSignals(SignalFlag):
 
 HELPERS_MAX = 3
 # Estimated cold compile seconds of a kind's kernels (2-core Zen 3, measured with
-# scripts/profile_compile.py); only the balance of the shares depends on them.
+# `scripts/profile_compile.py CONFIG --kinds` on configs/mnist.yaml, resnet20_cifar10.yaml and
+# mobilenet_cifar10.yaml); only the balance of the shares depends on them.
 # A kind whose backward is a kind of its own costs its own figure less its backward's (_kind_cost).
 KIND_COST = {"conv2d": 28.0, "conv2d:backward": 16.0, "conv2d/g": 17.0, "relu+maxpool2d": 7.0,
              "leaky_relu+maxpool2d": 7.0, "batchnorm+relu+maxpool2d": 10.0, "batchnorm+relu": 9.0, "dense": 6.5,

@@ -307,6 +307,12 @@ def test_profile_compile_lists_each_compiled_kernel(tmp_path):
     listed = [line.split()[-1] for line in proc.stdout.splitlines()[1:]]
     assert "fastcnn.kernels.dense._dense_forward" in listed, proc.stdout
     assert "fastcnn.kernels.dense._dense_backward_weight" in listed, proc.stdout
+    proc = _run([os.path.join(SCRIPTS, "profile_compile.py"), str(config), "--kinds"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("cold compile by kind, "), proc.stdout
+    assert [line.split(None, 2)[2] for line in lines[1:]] == ["flatten", "dense", "head", "(warm-up step after them)"]
+    assert float(lines[2].split()[0]) > 0  # the dense kernels compile in the dense kind
 
 
 def test_ab_step_times_a_step_and_inference(tmp_path):
