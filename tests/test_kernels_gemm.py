@@ -236,11 +236,13 @@ _DISABLE_JIT_SCRIPT = textwrap.dedent("""
     assert gemm.DISABLE_JIT and gemm.gemm is gemm.gemm_numpy
     rng = np.random.default_rng(0)
     out = {}
-    # conv: im2col forward, direct forward (KW*Cin >= 32) with padding, stride 2 + dilation
+    # conv: im2col forward, direct forward (KW*Cin >= 32) with padding, stride 2 + dilation, 1x1 (products
+    # over several output rows; the weight gradient's row items over pixels of several images)
     for name, (N, H, W, Cin, Cout, KH, KW, sh, sw, pt, pl, dh, dw) in {
             "a": (2, 7, 8, 3, 5, 3, 3, 1, 1, 0, 0, 1, 1),
             "b": (2, 7, 8, 16, 20, 3, 3, 1, 1, 1, 1, 1, 1),
-            "c": (2, 9, 10, 4, 8, 3, 2, 2, 2, 1, 0, 2, 1)}.items():
+            "c": (2, 9, 10, 4, 8, 3, 2, 2, 2, 1, 0, 2, 1),
+            "d": (3, 5, 6, 80, 10, 1, 1, 1, 1, 0, 0, 1, 1)}.items():
         x = rng.standard_normal((N, H, W, Cin))
         w = rng.standard_normal((KH, KW, Cin, Cout))
         b = rng.standard_normal(Cout)
@@ -272,7 +274,7 @@ def test_conv_and_dense_kernels_run_under_disable_jit(tmp_path):
     got = np.load(tmp_path / "out.npz")
     tol = dict(rtol=1e-10, atol=1e-10)
     for name, (sh, sw, pt, pl, dh, dw) in {"a": (1, 1, 0, 0, 1, 1), "b": (1, 1, 1, 1, 1, 1),
-                                           "c": (2, 2, 1, 0, 2, 1)}.items():
+                                           "c": (2, 2, 1, 0, 2, 1), "d": (1, 1, 0, 0, 1, 1)}.items():
         x, w, b, dy = (got[name + k] for k in ("x", "w", "b", "dy"))
         args = (sh, sw, pt, pl, dh, dw)
         y = np.empty_like(got[name + "y"])

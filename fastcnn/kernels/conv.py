@@ -224,6 +224,25 @@ def _pointwise(KH, KW, stride_h, stride_w, pad_top, pad_left, H, W, OH, OW):
 
 
 @njit(error_model="numpy", cache=True)
+def _pointwise_product(out2, acc, init, a2, w2, p0, P, in_place, write_out):
+    """Rows p0 <= p < p0 + P of out2 (pixels, C) = init (Cp,) + a2[p] (pixels, K) @ w2 (K, Cp): the
+    1x1 convolution's product over several output rows (its forward, and its input gradient). In out2
+    itself when ``in_place`` (C == Cp), else in acc's first P rows (Cp wide), then copied to out2 when
+    ``write_out`` (else the caller's epilogue reads them there)."""
+    K = a2.shape[1]
+    Cp = w2.shape[1]
+    C = out2.shape[1]
+    out = out2[p0:p0 + P] if in_place else acc[:P]
+    for p in range(P):
+        copy_vector(out[p], init)
+    gemm(out2.reshape(-1) if in_place else acc.reshape(-1), p0 * Cp if in_place else 0, Cp, a2.reshape(-1), p0 * K,
+          K, 1, w2.reshape(-1), 0, Cp, K, 1, 0, 0, P, Cp // (VBYTES // out2.itemsize))
+    if write_out and not in_place:
+        for p in range(P):
+            copy_vector(out2[p0 + p], acc[p, :C])
+
+
+@njit(error_model="numpy", cache=True)
 def _channel_major(xn, out, pad_left, zero):
     """out (Cin, H, WC) = the image xn (H, W, Cin) channel by channel, each row with pad_left zero
     columns on the left and WC - pad_left - W on the right. Blocks of 8 x 8 (pixels x channels):
@@ -360,7 +379,7 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
     # the FMA latency). Each output element is still summed in the same order: the same bits.
     pointwise = not tposed and _pointwise(KH, KW, stride_h, stride_w, pad_top, pad_left, H, W, OH, OW)
     GP = max(1, _POINTWISE_PIXELS // OW) if pointwise else 1
-    xflat = x.reshape(-1)
+    x2 = x.reshape(N * H * W, Cin)
     y2 = y.reshape(N * OH * OW, Cout)
     res2 = res.reshape(N * OH * OW if res.shape[0] > 0 else 0, Cout)
     G = max(1, min(OH, _TPOSED_COLUMNS // SW))
@@ -380,7 +399,6 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
         # Scratch once per chunk of rows (rows are independent: any split
         # gives the same result).
         acc = np.empty((OW * GP, Np), dtype=y.dtype)
-        accf = acc.reshape(-1)
         col = np.empty((OW, 0 if direct or slab else K), dtype=y.dtype)
         colf = col.reshape(-1)
         # Zero columns left and right of the copied inputs, written once.
@@ -423,16 +441,9 @@ def _conv2d_forward(x, w, b, y, stride_h, stride_w, pad_top, pad_left, dil_h, di
             g = min(GP, r_end - r)
             p0 = r * OW
             P = g * OW
-            out = y2[p0:p0 + P] if in_place else acc[:P]
-            for p in range(P):
-                copy_vector(out[p], bp)
-            gemm(y2.reshape(-1) if in_place else accf, p0 * Np if in_place else 0, Np, xflat, p0 * Cin, Cin, 1,
-                  wflat, 0, Np, Cin, 1, 0, 0, P, NVt)
+            _pointwise_product(y2, acc, bp, x2, wp, p0, P, in_place, not epilogue)
             if epilogue:
                 _epilogue(acc[:P], y2[p0:p0 + P], res2[p0:p0 + P] if res.shape[0] > 0 else nores, relu, in_place)
-            elif not in_place:
-                for p in range(P):
-                    copy_vector(y2[p0 + p], acc[p, :Cout])
             r += g
         for r in range(r_end if tposed or pointwise else (c * R) // nchunks, r_end):
             n = r // OH
@@ -517,8 +528,9 @@ def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil
     # 1x1 at stride 1 without padding: GP input rows per product, as in the forward.
     pointwise = _pointwise(KH, KW, stride_h, stride_w, pad_top, pad_left, H, W, OH, OW)
     GP = max(1, _POINTWISE_PIXELS // W) if pointwise else 1
-    dyflat = dy.reshape(-1)
+    dy2 = dy.reshape(N * OH * OW, Cout)
     dx2 = dx.reshape(N * H * W, Cin)
+    zeros = np.zeros(Cp, dtype=dx.dtype)
     R = N * H
     nchunks = min(R, _ROW_CHUNKS)
     for c in prange(nchunks):
@@ -527,16 +539,7 @@ def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil
         r_end = ((c + 1) * R) // nchunks
         while pointwise and r < r_end:
             g = min(GP, r_end - r)
-            p0 = r * W
-            P = g * W
-            out = dx2[p0:p0 + P] if in_place else acc[:P]
-            for p in range(P):
-                fill(out[p], zero)
-            gemm(dx2.reshape(-1) if in_place else acc.reshape(-1), p0 * Cp if in_place else 0, Cp, dyflat,
-                  p0 * Cout, Cout, 1, wflat, 0, Cp, Cout, 1, 0, 0, P, NVt)
-            if not in_place:
-                for p in range(P):
-                    copy_vector(dx2[p0 + p], acc[p, :Cin])
+            _pointwise_product(dx2, acc, zeros, dy2, wt, r * W, g * W, in_place, True)
             r += g
         for r in range(r_end if pointwise else (c * R) // nchunks, r_end):
             n = r // H
