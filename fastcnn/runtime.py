@@ -229,7 +229,8 @@ def helper_kinds(model) -> list:
     forwards alone (training and evaluation), and "K:backward" as the backward after the block's
     record_forward."""
     leaves = leaf_blocks(model)
-    split = not any(_leaf_kind(b) == "conv2d" and b is not leaves[0] and b.input_gradient_runs_forward_kernel()
+    first = leaves[0] if leaves else None  # its input gradient is never computed
+    split = not any(_leaf_kind(b) == "conv2d" and b is not first and b.input_gradient_runs_forward_kernel()
                     for b in leaves)
     kinds = []
     for block in leaves:
