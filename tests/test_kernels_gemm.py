@@ -4,7 +4,7 @@
 ``gemm_numpy`` (its NumPy version, what ``gemm`` is under NUMBA_DISABLE_JIT)
 against a float64 reference built by index arithmetic straight from the
 definition, on random strided problems: every tile shape (rows 1..13 around
-the MR = 6 tile, column vectors 1..5 around NV), overlapping segments (as the
+the MR = 6 tile, column vectors 1..2*NB+2 around the NB-vector block), overlapping segments (as the
 conv kernels read them), transposed A, offsets, arrays of any shape.
 
 The file also passes under NUMBA_DISABLE_JIT=1: the @njit wrapper is then
@@ -23,6 +23,9 @@ from numba import njit
 from fastcnn.kernels import gemm as G
 
 DTYPES = [np.float32, np.float64]
+# The bit-for-bit tests are about the jitted gemm's summation order; under NUMBA_DISABLE_JIT gemm is
+# gemm_numpy, whose sums go in NumPy's order.
+jit_only = pytest.mark.skipif(G.DISABLE_JIT, reason="NUMBA_DISABLE_JIT: gemm is gemm_numpy (NumPy's summation order)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -114,14 +117,16 @@ def test_random_strided_problems_match_reference(fn, dtype):
 @pytest.mark.parametrize("fn", [_jit, G.gemm_numpy], ids=["gemm", "gemm_numpy"])
 def test_every_tile_shape(fn, dtype):
     # rows around the MR-row tile (full tiles, remainders 1..5, the last 7 or 8 rows as 4 + 3 or
-    # 4 + 4 with AVX2), column vectors 1..2*NV+1 (the NV-, 2- and 1-vector instances of the microkernel).
+    # 4 + 4 with AVX2, 4-row tiles and 3 + 2 or 3 + 3 in 3-vector blocks), column vectors 1..2*NB+2
+    # (the blocks of NB, 3, 2 and 1 vectors, the last 4 as 2 + 2 with AVX2).
     rng = np.random.default_rng(1)
     for M in range(1, 2 * G.MR + 3):
-        for NV in range(1, 2 * G.NV + 2):
+        for NV in range(1, 2 * G.NB + 3):
             C, args = _problem(rng, dtype, M=M, NV=NV, K=int(rng.integers(1, 5)), S=int(rng.integers(1, 3)))
             _check(fn, C, args)
 
 
+@jit_only
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_tiles_never_change_the_bits(dtype):
     """Each C element is summed in one order (segments, then k) whatever tile its row falls in: a
@@ -136,6 +141,24 @@ def test_row_tiles_never_change_the_bits(dtype):
         for i in range(M):
             _jit(one_by_one, c_off + i * ldc, ldc, A, a_off + i * lda, lda, ldk, B, b_off, ldb, K, S, sa, sb, 1, NV)
         assert C.tobytes() == one_by_one.tobytes(), M
+
+
+@jit_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_column_blocks_never_change_the_bits(dtype):
+    """Each column is summed in one order whatever column block (NB, 3, 2 or 1 vectors) it falls in:
+    a product of NV vectors equals, bit for bit, its vectors computed one at a time."""
+    rng = np.random.default_rng(3)
+    vl = _vl(dtype)
+    for NV in range(1, 3 * G.NB + 2):
+        C, args = _problem(rng, dtype, M=int(rng.integers(1, 2 * G.MR + 3)), NV=NV, K=int(rng.integers(1, 40)),
+                           S=int(rng.integers(1, 3)))
+        c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, M, _ = args
+        one_by_one = C.copy()
+        _jit(C, *args)
+        for j in range(NV):
+            _jit(one_by_one, c_off + j * vl, ldc, A, a_off, lda, ldk, B, b_off + j * vl, ldb, K, S, sa, sb, M, 1)
+        assert C.tobytes() == one_by_one.tobytes(), NV
 
 
 @pytest.mark.parametrize("fn", [_jit, G.gemm_numpy], ids=["gemm", "gemm_numpy"])

@@ -103,7 +103,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from fastcnn.kernels.gemm import MR, NV, VBYTES, copy_vector, ensure_gemm, fill, gemm, prange_only
+from fastcnn.kernels.gemm import MR, NB, NV, VBYTES, copy_vector, ensure_gemm, fill, gemm, prange_only
 from fastcnn.shapes import pair, same_padding, window_output_size
 
 # Number of partial buffers of the weight gradient: fixed (never the thread
@@ -125,7 +125,7 @@ _PIXEL_BLOCK = 256
 _MIN_ROW_TILES = 12
 _ROW_TILES_PER_ITEM = 8
 # Weight gradient: each product reduces over at most as many pixels as make this many
-# bytes of dy columns (a block of the microkernel's NV vectors per pixel): they stay in L1
+# bytes of dy columns (a block of gemm's NB column vectors per pixel): they stay in L1
 # (32 KiB or more) while the product's row tiles read them.
 _B_BLOCK_BYTES = 16 * 1024
 # Weight gradient: the channel-major path (module docstring) from this many input channels and
@@ -661,9 +661,9 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
         T = max(1, threads)
         nitems = min(NG * TG, T * _ceil_div(NG * TG, T * _ROW_TILES_PER_ITEM))
     # Output rows per product: the microkernel's columns of dy for that many pixels (a block of
-    # NV vectors per pixel) stay in L1 across its row tiles. Splitting the pixels over
+    # NB vectors per pixel) stay in L1 across its row tiles. Splitting the pixels over
     # successive products never changes a sum (the accumulators go through dw exactly).
-    SB = max(1, (_B_BLOCK_BYTES // (min(NVt, NV) * VBYTES)) // max(1, OW))
+    SB = max(1, (_B_BLOCK_BYTES // (min(NVt, NB) * VBYTES)) // max(1, OW))
     # 1x1 at stride 1 without padding on the row path: the chunk's pixels, across images, follow
     # each other in x and dy, so the products run over blocks of PK pixels of the whole chunk
     # (SB output rows' worth) instead of image by image: a 4x4 image's 16 pixels made products

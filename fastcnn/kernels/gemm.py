@@ -19,12 +19,13 @@ guarantees every index is inside its array.
 
 Implementation. ``_mk`` is the microkernel, written in LLVM IR through
 ``numba.extending.intrinsic`` because Numba's loop vectorizer will not keep a
-tile of accumulators in registers across a reduction: ``MR`` (6) rows times
-up to ``NV`` SIMD vectors of columns (4 x 16 float32 with AVX-512: 24
-accumulator registers; 2 vectors with AVX2's 16 registers), each loaded B
-vector reused by the 6 rows, each A element broadcast, FMA. ``_gemm_impl``
-tiles a whole product with it (columns outermost, so a block of B stays in
-cache across the row tiles) and is compiled once per dtype as a C-callable
+tile of accumulators in registers across a reduction: up to ``MR`` (6) rows
+times up to ``NV`` SIMD vectors of columns (4 x 16 float32 with AVX-512: 24
+accumulator registers), or with AVX2's 16 registers 4 rows times 3 vectors
+(``NB``; 12 accumulators, measured faster than 6 x 2), each loaded B vector
+reused by the rows, each A element broadcast, FMA. ``_gemm_impl`` tiles a
+whole product with it (columns outermost, in blocks of NB vectors, so a
+block of B stays in cache across the row tiles) and is compiled once per dtype as a C-callable
 ``cfunc`` registered with LLVM under a fixed symbol name (``ensure_gemm``);
 ``gemm`` is an intrinsic emitting a call of that symbol. Each gemm call sums
 its terms in a fixed order (segments, then k, per element), whatever thread
@@ -57,7 +58,7 @@ from numba import cfunc, njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-__all__ = ["VBYTES", "NV", "MR", "DISABLE_JIT", "gemm", "gemm_numpy", "ensure_gemm", "vector_length",
+__all__ = ["VBYTES", "NV", "NB", "MR", "DISABLE_JIT", "gemm", "gemm_numpy", "ensure_gemm", "vector_length",
            "copy_vector", "fill", "prange_only"]
 
 
@@ -81,6 +82,10 @@ VBYTES = _vector_bytes()
 NV = 4 if VBYTES == 64 else 2
 # Rows per microkernel tile.
 MR = 6
+# Column vectors per block of a product (gemm's column loop): with AVX2, 3 (tiles of 4 rows by 3
+# vectors: measured on a Zen 3, 1 thread, 1.1-1.2x the 6 x 2 tiles' FLOP rate on the same
+# products); with AVX-512, NV.
+NB = 3 if NV == 2 else NV
 # Numba's debugging mode: @njit functions run as Python, gemm is gemm_numpy.
 DISABLE_JIT = bool(numba.config.DISABLE_JIT)
 
@@ -175,7 +180,8 @@ def _mk(typingctx, C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, s
 
 @njit(error_model="numpy", cache=True, inline="always")
 def _tile(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, m, nv):
-    """_mk with runtime m (1..MR) and nv (1, 2 or NV) dispatched to literal instances."""
+    """_mk with runtime m (1..MR; 1..4 when nv is 3 with AVX2) and nv (1, 2, 3 or NV) dispatched to
+    literal instances."""
     if nv == NV:
         if m == 6:
             _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 6, NV)
@@ -189,6 +195,21 @@ def _tile(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, m, nv)
             _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 2, NV)
         else:
             _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 1, NV)
+    elif nv == 3:
+        # 4 rows at most with AVX2 (12 accumulators of its 16 registers; _gemm_impl never asks
+        # for more there), 6 with AVX-512.
+        if NV == 4 and m == 6:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 6, 3)
+        elif NV == 4 and m == 5:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 5, 3)
+        elif m == 4:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 4, 3)
+        elif m == 3:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 3, 3)
+        elif m == 2:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 2, 3)
+        else:
+            _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 1, 3)
     elif nv == 2:
         if m == 6:
             _mk(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, 6, 2)
@@ -229,20 +250,25 @@ def vector_length(typingctx, C):
 
 
 def _gemm_impl(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, M, NV_):
-    """gemm's body (compiled as a C-callable cfunc, see ensure_gemm): tiles of MR
-    rows (4 + 3 or 4 + 4 for the last 7 or 8 with AVX2) x (up to) NV vectors; columns
-    outermost so a block of B stays in cache across the row tiles. C, A, B are pointers to float32 or float64.
+    """gemm's body (compiled as a C-callable cfunc, see ensure_gemm): column blocks of NB vectors
+    (outermost, so a block of B stays in cache across the row tiles), each in row tiles (MR rows;
+    with AVX2 4 rows in 3-vector blocks, and the last 7 or 8 rows of 2-vector blocks as 4 + 3 or
+    4 + 4). C, A, B are pointers to float32 or float64.
     """
     if K <= 0 or M <= 0 or S <= 0:
         return
     VL = vector_length(C)
     j = 0
     while j < NV_:
+        # Column blocks of NB vectors. AVX2: blocks of 3 (4-row tiles, 12 accumulators), the last
+        # 4 vectors as 2 + 2; AVX-512: blocks of 4, the last 3 as one block. Blocks of 3 load 7
+        # operands per 12 FMAs where 6 x 2 tiles load 8, and no remainder leaves a 1-vector block
+        # of 6 accumulators (too few to hide the FMA latency; 24 or 100 filters did).
         nv = NV_ - j
-        if nv >= NV:
-            nv = NV
-        elif nv >= 2:
-            nv = 2
+        if NB == 3:
+            nv = 2 if nv == 4 else min(nv, 3)
+        else:
+            nv = min(nv, NB)
         cj = c_off + j * VL
         bj = b_off + j * VL
         i = 0
@@ -254,6 +280,10 @@ def _gemm_impl(C, c_off, ldc, A, a_off, lda, ldk, B, b_off, ldb, K, S, sa, sb, M
             # Measured on a Zen 3, 2 threads: 1.05-1.2x on 8x8x256 and 14x14x64 -> 128 3x3 layers.
             if NV == 2 and (M - i == 7 or M - i == 8):
                 m = 4
+            if NV == 2 and nv == 3:
+                # 4-row tiles; the last 5 or 6 rows as 3 + 2 or 3 + 3 (a 3-row tile's 9 FMAs per step
+                # take about as long as a 4-row tile's 12, a 1-row tile's 3 as long as 8).
+                m = 3 if M - i == 5 or M - i == 6 else min(4, M - i)
             _tile(C, cj + i * ldc, ldc, A, a_off + i * lda, lda, ldk, B, bj, ldb, K, S, sa, sb, m, nv)
             i += m
         j += nv
