@@ -19,7 +19,7 @@ the later subprocesses load them from Numba's cache. Shapes: the seed
 network's (batch 64, 28x28x1, conv 32 and 64 3x3, dense 1600->128->10) and a
 spread around it: 1 and 3 input channels, odd channel counts (10, 24, 48,
 100), stride 2, padding, dilation, 5x5, 7x7 and 1x1 kernels, every path of
-the conv kernels (im2col / in place / row items, channel-major), dense sizes that are not
+the conv kernels (im2col / in place / row items / filter rows), dense sizes that are not
 multiples of the vector length or the row blocks, optimizer parameters from
 1 element to several blocks. Depthwise: the MobileNet-on-CIFAR shapes (register
 tiles, stride 1 and 2), channel counts that take the runs path (3 channels, a
@@ -58,10 +58,11 @@ CONV_CASES = [
     ("cin24_cout24_1x1_stride2", 8, 11, 11, 24, 24, 1, 1, 2, 2, (0, 0, 0, 0), 1, 1, "float32"),
     ("cin10_cout10_rect_asym", 5, 17, 13, 10, 10, 3, 2, 2, 1, (2, 1, 0, 1), 1, 2, "float32"),
     ("cifar_cin3_cout32_same", 16, 32, 32, 3, 32, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float32"),
-    # Weight gradient's row items, whose number follows the thread count (3 or 4 items here):
+    # Weight gradient's filter-row items and row items (1x1), whose number follows the thread count:
     ("resnet_cin16_cout16_same", 8, 32, 32, 16, 16, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float32"),
     ("cin128_cout128_1x1", 4, 8, 8, 128, 128, 1, 1, 1, 1, (0, 0, 0, 0), 1, 1, "float32"),
-    # ... on the channel-major copy of x (64+ input channels, 3x3), dilated columns, Cout padded:
+    # ... filter-row items with 64+ input channels, dilated columns (one product per tap), Cout not a
+    # multiple of the vector length:
     ("vgg_cin64_cout128_same", 4, 12, 12, 64, 128, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, "float32"),
     ("cin72_cout120_dil_stride2", 3, 11, 12, 72, 120, 3, 3, 2, 1, (1, 1, 2, 0), 1, 2, "float32"),
     ("f64_cin10_cout24_stride2_pad", 8, 15, 15, 10, 24, 3, 3, 2, 2, (1, 1, 1, 1), 1, 1, "float64"),

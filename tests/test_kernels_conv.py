@@ -54,10 +54,10 @@ CASES = {
     # weight gradient straight from x and dy (no im2col): kernel rows clipped
     # by top/bottom padding, row stride and dilation.
     "direct_rows_dil_pad_top": (2, 11, 10, 3, 16, (3, 3), (2, 1), (1, 2, 0, 0), (2, 1)),
-    # ... with enough (kh, kw, ci) rows that they are dealt to row items (no
-    # partials): a last block of rows shorter than an item, kernel rows clipped.
-    "direct_row_items": (3, 9, 10, 20, 32, (3, 3), (2, 1), (1, 1, 0, 0), (2, 1)),
-    "direct_row_items_valid": (2, 7, 8, 16, 16, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1)),
+    # ... with enough columns for the filter-row path: kernel rows clipped (row stride and
+    # dilation), and x read in place (no padding, KW*Cin a multiple of the vector length).
+    "filter_rows_kernel_rows_clipped": (3, 9, 10, 20, 32, (3, 3), (2, 1), (1, 1, 0, 0), (2, 1)),
+    "filter_rows_in_place": (2, 7, 8, 16, 16, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1)),
     # Few channels and a kernel column outside the image: the forward copies the kernel
     # rows into zero-padded rows (any stride, row dilation); the weight gradient reads a
     # zero-padded copy of x, and a zero-padded copy of dy when Cout is not a multiple
@@ -72,14 +72,20 @@ CASES = {
     # transposed (filters as rows, output pixels as vector columns), with or without padding.
     "transposed_cin1_cout10_valid": (2, 9, 23, 1, 10, (3, 4), (1, 1), (0, 0, 0, 0), (1, 1)),
     "transposed_cin1_cout3_pad_stride_h": (2, 10, 18, 1, 3, (5, 3), (2, 1), (2, 1, 1, 2), (2, 1)),
-    # 64+ input channels, at least 64x128 channels, a kernel of more than one tap, column stride 1: the weight
-    # gradient's products read a channel-major copy of x (any column dilation), with a last row
-    # tile of fewer than MR channels, Cout padded, stride, asymmetric padding.
-    "channel_major_same": (2, 6, 7, 64, 128, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
-    "channel_major_stride_dil_padcols": (2, 9, 10, 64, 130, (3, 2), (2, 1), (2, 1, 1, 2), (1, 2)),
-    "channel_major_cin_tail": (1, 5, 6, 70, 120, (2, 3), (2, 1), (0, 1, 0, 2), (2, 1)),
-    # ... not at column stride 2 (the direct path's row items, straight into dw).
-    "channel_major_sized_stride2": (2, 8, 9, 64, 128, (3, 3), (1, 2), (1, 1, 1, 1), (1, 1)),
+    # The weight gradient's filter-row path (products with the filters as rows, the kernel row's
+    # (kw, ci) as columns): padding (a zero-padded copy of x), dilated columns (one product per
+    # tap), stride, asymmetric padding, a last row tile of fewer than 4 filters, a last block of
+    # filters shorter than the others (Cout 130 or 100), columns padded to the vector length
+    # (KW*Cin = 210, 50: the copy of x then has a tail), column stride 2, one filter.
+    "filter_rows_same": (2, 6, 7, 64, 128, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    "filter_rows_stride_dil_cols": (2, 9, 10, 64, 130, (3, 2), (2, 1), (2, 1, 1, 2), (1, 2)),
+    "filter_rows_cin_tail": (1, 5, 6, 70, 120, (2, 3), (2, 1), (0, 1, 0, 2), (2, 1)),
+    "filter_rows_col_stride2": (2, 8, 9, 64, 128, (3, 3), (1, 2), (1, 1, 1, 1), (1, 1)),
+    "filter_rows_tail_valid": (2, 9, 11, 10, 12, (3, 5), (1, 1), (0, 0, 0, 0), (1, 1)),
+    "filter_rows_cout1": (2, 6, 7, 16, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    # Too few columns for it (KW*Cin = 21) but enough row tiles: the row items, x and dy (Cout 20)
+    # read from zero-padded copies.
+    "row_items_cin7_padcols": (2, 8, 9, 7, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
     # ... and larger images (the weight gradient's copies of x past 100 KiB per image; its im2col
     # blocks are left for dilated columns: dilation2, direct_pad_stride_dil).
     "padded_large_image": (1, 24, 24, 48, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
@@ -95,6 +101,30 @@ CASES = {
 }
 
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-10, atol=1e-10)}
+
+# The weight gradient's path of some of the cases at 8 elements per vector (float32 with AVX2,
+# float64 with AVX-512): together they take every path (conv.WEIGHT_GRADIENT_PATHS).
+WEIGHT_GRADIENT_PATHS = {
+    "filter_rows_same": "filter_rows", "filter_rows_stride_dil_cols": "filter_rows",
+    "filter_rows_cin_tail": "filter_rows", "filter_rows_col_stride2": "filter_rows",
+    "filter_rows_tail_valid": "filter_rows", "filter_rows_cout1": "filter_rows",
+    "filter_rows_in_place": "filter_rows",
+    "row_items_cin7_padcols": "rows", "padded_rows_cin3_7x7_stride2": "rows", "pointwise_weight_rows_blocks": "rows",
+    "padded_rows_cin1_5x5": "direct", "direct_rows_dil_pad_top": "direct", "dilation2": "im2col",
+}
+
+
+def test_the_cases_take_every_weight_gradient_path():
+    from fastcnn.kernels.gemm import VBYTES
+
+    dtype = np.float32 if VBYTES == 32 else np.float64
+    for name, path in WEIGHT_GRADIENT_PATHS.items():
+        N, H, W, Cin, Cout, (KH, KW), (sh, sw), (pt, pb, pl, pr), (dh, dw) = CASES[name]
+        OH = window_output_size(H, KH, sh, pt, pb, dh)
+        OW = window_output_size(W, KW, sw, pl, pr, dw)
+        got = conv.weight_gradient_path((N, H, W, Cin), (KH, KW, Cin, Cout), (N, OH, OW, Cout), sw, pl, dw, dtype)
+        assert got == path, name
+    assert set(WEIGHT_GRADIENT_PATHS.values()) == set(conv.WEIGHT_GRADIENT_PATHS)
 
 
 def _make(case, dtype, seed=0):
@@ -201,7 +231,8 @@ def test_float32_is_computed_in_float32():
 @pytest.mark.parametrize(
     "name", ["pad_int", "dilation_2_1_pad_stride", "same_even_2x3", "cin1_cout1", "stride2_leftover",
              "padded_rows_cin1_5x5", "padded_row_items_cout24", "transposed_cin1_cout3_pad_stride_h",
-             "channel_major_stride_dil_padcols", "pointwise_rows_merged", "pointwise_weight_rows_blocks"]
+             "filter_rows_stride_dil_cols", "filter_rows_tail_valid", "row_items_cin7_padcols",
+             "pointwise_rows_merged", "pointwise_weight_rows_blocks"]
 )
 def test_gradients_central_difference(name):
     x, w, b, G, stride, padding, dilation = _make(CASES[name], np.float64, seed=1)
@@ -277,7 +308,7 @@ def test_convenience_same_matches_torch_same():
 # ---------------------------------------------------------------------------
 
 try:
-    from hypothesis import given, settings
+    from hypothesis import assume, given, settings
     from hypothesis import strategies as st
 except ImportError:  # pragma: no cover
     given = None
@@ -296,7 +327,6 @@ if given is not None:
     def _random_case(n, h, w_, cin, cout, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, seed, taps=1):
         """The arrays of one drawn geometry (float64); skips it (hypothesis.assume) when the output
         would be empty or the kernel has fewer than ``taps`` taps."""
-        from hypothesis import assume
         OH = window_output_size(h, kh, sh, pt, pb, dh)
         OW = window_output_size(w_, kw, sw, pl, pr, dw)
         assume(OH >= 1 and OW >= 1 and kh * kw >= taps)
@@ -321,11 +351,12 @@ if given is not None:
         _assert_weight_gradient_matches_reference(x, dy, w, stride, padding, dilation)
 
     @settings(max_examples=12, deadline=None)
-    @given(**_geometries(cin=(64, 80), cout=(103, 140), size=(1, 7), kernel=(1, 3), stride=(1, 2), col_stride=(1, 1)))
-    def test_random_shapes_weight_gradient_channel_major(**geometry):
-        """The weight gradient's channel-major path (64+ input channels, 64x128+ channels, more than
-        one tap, column stride 1) on random geometries."""
+    @given(**_geometries(cin=(24, 70), cout=(1, 140), size=(1, 7), kernel=(1, 3), stride=(1, 3)))
+    def test_random_shapes_weight_gradient_filter_rows(**geometry):
+        """The weight gradient's filter-row path on random geometries (any stride, dilation, padding)."""
         x, w, b, dy, stride, padding, dilation = _random_case(**geometry, taps=2)
+        assume(conv.weight_gradient_path(x.shape, w.shape, dy.shape, stride[1], padding[2], dilation[1], x.dtype)
+               == "filter_rows")
         _assert_weight_gradient_matches_reference(x, dy, w, stride, padding, dilation)
 
 
@@ -390,8 +421,9 @@ def test_outputs_overwritten_not_accumulated(dtype):
     np.testing.assert_array_equal(y, y1)
 
 
-@pytest.mark.parametrize("name", ["big_channels", "direct_row_items", "padded_rows_cin3_7x7_stride2",
-                                  "padded_row_items_cout100", "channel_major_stride_dil_padcols",
+@pytest.mark.parametrize("name", ["big_channels", "filter_rows_kernel_rows_clipped", "padded_rows_cin3_7x7_stride2",
+                                  "padded_row_items_cout100", "filter_rows_stride_dil_cols", "filter_rows_tail_valid",
+                                  "row_items_cin7_padcols",
                                   "pointwise_weight_rows_blocks"])
 def test_weight_gradient_deterministic_across_thread_counts(name):
     import numba

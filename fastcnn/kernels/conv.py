@@ -60,30 +60,36 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   1x1 at stride 1 without padding: several rows per product, as in the
   forward (1.10-1.21x on 8x8 and 4x4 layers, the same bits).
 * backward weight: the split of the work never depends on the thread count,
-  so dw is bit-identical run to run and whatever the number of threads.
-  Direct path (dil_w == 1): per image and kernel row kh one product ``dw[kh]
-  += A @ dy[n]`` with ``A[kw*Cin + ci, (oh, ow)] = x[n, ih, ow*sw + kw, ci]``,
-  reducing over all the image's output pixels (output rows are the segments)
-  in registers, in products of a few output rows each (_B_BLOCK_BYTES: the
-  block of dy stays in L1). When a kernel column falls outside the image, x is first
-  copied with zero columns; when Cout is not a multiple of the vector length,
-  dy with zero columns (and dw goes through a padded buffer); these copies are
-  made when the whole batch's copies fit _COPY_BUDGET_BYTES; else such layers
-  take the im2col path below. Channel-major path (at least _CHANNEL_MAJOR_CIN
-  input channels, Cin*Cout at least _CHANNEL_MAJOR_WEIGHTS, more than one tap,
-  column stride 1; any dilation): x is first copied image by image into channel planes (Cin, H,
-  WC) with zero columns, and per image and kernel tap (kh, kw) one product
-  ``dw[kh, kw] += A @ dy[n]`` with ``A[ci, (oh, ow)] = xc[n, ci, ih, ow*sw +
-  kw*dw]``: each row of A runs along the output pixels, contiguous at stride 1,
-  where the direct path's rows hop Cin elements per pixel (the microkernel's
-  broadcasts then touch a new cache line at every step). Measured on a Zen 3,
-  2 threads, batch 128 in 16-image chunks: 1.1-1.4x the direct path or
-  im2col for 3x3 convolutions with 64 -> 128, 128 -> 128 and 256 -> 256
-  channels, 0.74-0.91x at 64 -> 64 (hence the thresholds), 0.8x for 1x1
-  kernels (the copy costs a pass over x for few products) and 0.85x at stride 2
-  (16x16x128 -> 128: the rows then read every other element). With
-  enough (kh, kw, ci) rows (at least _MIN_ROW_TILES microkernel tiles) the
-  rows are dealt to a multiple of the thread count of items (about
+  so dw is bit-identical run to run and whatever the number of threads. The
+  path is chosen by _weight_gradient_path (``weight_gradient_path`` names it).
+  Filter-row path (more than one tap, and the products' columns, KW*Cin, or Cin
+  with dilated columns, at least _FILTER_ROWS_MIN_VECTORS vectors with at most
+  an eighth of padding): per kernel row kh (per tap with dilated columns),
+  image and block of output rows, one product ``dwT[kh] += dy.T @ X`` with the
+  filters as its rows, ``A[co, (oh, ow)] = dy[n, oh, ow, co]`` broadcast, and
+  ``X[(oh, ow), kw*Cin + ci] = x[n, ih, ow*sw + kw, ci]``: the kernel row's
+  inputs at an output pixel, KW*Cin contiguous elements read as vectors in
+  place (from a zero-padded copy of x when a kernel column falls outside the
+  image, or when the columns are padded to the vector length: the extra columns
+  read the next inputs and are dropped). Items of (kernel row, block of at most
+  _FILTER_ROWS_BLOCK filters) reduce over every image in order, then write
+  their block of dwT into dw. Each element of dw sums its terms in the order
+  of the row path below, so where it ran before, the same bits. Measured on a
+  Zen 3, 2 threads, 16-image chunks, against the paths it replaced (the row
+  path, and a channel-major copy of x for 64+ input channels): 1.2-1.46x for
+  3x3 32x32x16 -> 16, 32x32x64 -> 64, 16x16x64 -> 128, 5x5 28x28x10 -> 24
+  and odd filter counts (24, 48, 100); 0.9-1.1x on 8x8x128..256 and stride 2.
+  Otherwise (1x1 kernels, few columns), direct path (dil_w == 1): per image
+  and kernel row kh one product ``dw[kh] += A @ dy[n]`` with ``A[kw*Cin + ci,
+  (oh, ow)] = x[n, ih, ow*sw + kw, ci]``, reducing over all the image's output
+  pixels (output rows are the segments) in registers, in products of a few
+  output rows each (_B_BLOCK_BYTES: the block of dy stays in L1). When a
+  kernel column falls outside the image, x is first copied with zero columns;
+  when Cout is not a multiple of the vector length, dy with zero columns (and
+  dw goes through a padded buffer); these copies are made when the whole
+  batch's copies fit _COPY_BUDGET_BYTES; else such layers take the im2col path
+  below. With enough (kh, kw, ci) rows (at least _MIN_ROW_TILES microkernel
+  tiles) the rows are dealt to a multiple of the thread count of items (about
   _ROW_TILES_PER_ITEM tiles each), each owning its rows of dw and reducing
   over every image in order: no partial buffers and no reduction pass; which
   item sums a row never changes its bits (for a 1x1 kernel at stride 1 without
@@ -93,6 +99,8 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   fixed number of chunks (of images, or of blocks of _PIXEL_BLOCK pixels whose
   im2col rows are gathered and ``col_block.T @ dy_block`` added), each with its
   own ``(KH*KW*Cin, Cout)`` partial, and the partials are added in chunk order.
+  On the item paths db is summed in partials over a split of the pixels fixed
+  by the shape.
 
 Columns (Cout for forward and weight gradient, Cin for input gradient) are
 padded to a multiple of the vector length in packed weights/scratch rows when
@@ -128,11 +136,11 @@ _ROW_TILES_PER_ITEM = 8
 # bytes of dy columns (a block of gemm's NB column vectors per pixel): they stay in L1
 # (32 KiB or more) while the product's row tiles read them.
 _B_BLOCK_BYTES = 16 * 1024
-# Weight gradient: the channel-major path (module docstring) from this many input channels and
-# Cin*Cout of at least _CHANNEL_MAJOR_WEIGHTS (measured: 64 -> 128 faster, 64 -> 64 slower), at
-# column stride 1.
-_CHANNEL_MAJOR_CIN = 64
-_CHANNEL_MAJOR_WEIGHTS = 8192
+# Weight gradient, filter-row path (module docstring): for kernels of more than one tap whose
+# products have at least this many vectors of columns (KW*Cin, or Cin with dilated columns), of which
+# at most an eighth are padding; in items of at most _FILTER_ROWS_BLOCK filters.
+_FILTER_ROWS_MIN_VECTORS = 3
+_FILTER_ROWS_BLOCK = 32
 # Weight gradient: the direct path reads zero-padded copies of x and dy (padding, Cout not a
 # multiple of the vector length) when the copies of the whole batch take at most this many
 # bytes (e.g. not for a batch of 224x224 images into 24 filters, whose dy copy would take
@@ -243,32 +251,42 @@ def _pointwise_product(out2, acc, init, a2, w2, p0, P, in_place, write_out):
             copy_vector(out2[p0 + p], acc[p, :C])
 
 
+# The weight gradient's paths (module docstring), as _weight_gradient_path names them.
+WG_IM2COL, WG_DIRECT, WG_ROWS, WG_FILTER_ROWS = 0, 1, 2, 3
+WEIGHT_GRADIENT_PATHS = ("im2col", "direct", "rows", "filter_rows")
+
+
 @njit(error_model="numpy", cache=True)
-def _channel_major(xn, out, pad_left, zero):
-    """out (Cin, H, WC) = the image xn (H, W, Cin) channel by channel, each row with pad_left zero
-    columns on the left and WC - pad_left - W on the right. Blocks of 8 x 8 (pixels x channels):
-    measured 1.5x faster than a pass per channel on a 32x32x64 image."""
-    H, W, Cin = xn.shape
-    WC = out.shape[2]
-    for ih in range(H):
-        xr = xn[ih]
-        for ci in range(Cin):
-            o = out[ci, ih]
-            for iw in range(pad_left):
-                o[iw] = zero
-            for iw in range(pad_left + W, WC):
-                o[iw] = zero
-        for c0 in range(0, Cin - 7, 8):
-            for w0 in range(0, W - 7, 8):
-                for a in range(8):
-                    for b in range(8):
-                        out[c0 + b, ih, pad_left + w0 + a] = xr[w0 + a, c0 + b]
-            for iw in range(W - W % 8, W):
-                for b in range(8):
-                    out[c0 + b, ih, pad_left + iw] = xr[iw, c0 + b]
-        for ci in range(Cin - Cin % 8, Cin):
-            for iw in range(W):
-                out[ci, ih, pad_left + iw] = xr[iw, ci]
+def _wide(W, KW, OW, stride_w, pad_left, dil_w):
+    """Whether a kernel column falls outside the image (left padding, or past the right edge)."""
+    return not (pad_left == 0 and (OW - 1) * stride_w + (KW - 1) * dil_w + 1 <= W)
+
+
+@njit(error_model="numpy", cache=True)
+def _weight_gradient_path(N, H, W, Cin, KH, KW, Cout, OH, OW, stride_w, pad_left, dil_w, itemsize):
+    """The weight gradient's path for this shape (WG_*; the one home of the rule, module docstring).
+
+    Filter rows: more than one tap and at least _FILTER_ROWS_MIN_VECTORS vectors of columns (KW*Cin,
+    or Cin with dilated columns) of which at most an eighth are padding, and x's copy (when padded)
+    within _COPY_BUDGET_BYTES. Else direct (dil_w == 1, the copies of x and dy within the budget), as
+    row items with at least _MIN_ROW_TILES row tiles; else im2col.
+    """
+    VL = VBYTES // itemsize
+    wide = _wide(W, KW, OW, stride_w, pad_left, dil_w)
+    WP = max(pad_left + W, (OW - 1) * stride_w + (KW - 1) * dil_w + 1) if wide else W
+    LG = KW * Cin if dil_w == 1 else Cin
+    LGP = ((LG + VL - 1) // VL) * VL
+    fr_bytes = (N * H * WP * Cin + LGP if wide or LGP != LG else 0) * itemsize
+    if (KH * KW > 1 and LG >= _FILTER_ROWS_MIN_VECTORS * VL and (LGP - LG) * 8 <= LGP
+            and fr_bytes <= _COPY_BUDGET_BYTES):
+        return WG_FILTER_ROWS
+    Np = ((Cout + VL - 1) // VL) * VL
+    copy_bytes = N * ((H * WP * Cin if wide else 0) + (OH * OW * Np if Np != Cout else 0)) * itemsize
+    if dil_w != 1 or copy_bytes > _COPY_BUDGET_BYTES:
+        return WG_IM2COL
+    if KH * ((KW * Cin + MR - 1) // MR) >= _MIN_ROW_TILES:
+        return WG_ROWS
+    return WG_DIRECT
 
 
 @njit(error_model="numpy", cache=True)
@@ -576,24 +594,23 @@ def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil
 def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, threads):
     """dw (KH, KW, Cin, Cout) and db (Cout,) = dL/dw, dL/db; both overwritten (not accumulated).
 
-    ``threads``: Numba's thread count, used only to deal the row items of the
-    direct path evenly (which item computes a row of dw never changes its sum).
+    ``threads``: Numba's thread count, used only to deal the items of the filter-row and
+    row paths evenly (which item computes an element of dw never changes its sum).
 
-    Direct path (dil_w == 1; see the module docstring for when x and dy are
-    read from zero-padded copies): per image and kernel row, one product reduces
-    over all the image's output pixels straight from x and dy; channel-major path:
-    per image and kernel tap, from x's channel planes. With at least _MIN_ROW_TILES
-    row tiles (always on the channel-major path), the rows of dw are dealt to items
-    (whole microkernel tiles, possibly of several kernel rows or taps) that reduce
-    over every image in order, while db is
-    summed in partials over a split of the dy rows fixed by the shape (iteration c
-    < nchunks sums partial c). Otherwise the images are dealt to
-    (at most) _WEIGHT_CHUNKS chunks in order; or, off the direct path, the
-    N*OH*OW output pixels are cut into blocks of _PIXEL_BLOCK, dealt to the
-    chunks in order, and each chunk adds col_block.T @ dy_block (im2col) into
-    its partial. Each chunk has its own (K, Cout) partial and the partials are
-    added in chunk order: the result does not depend on scheduling or the
-    thread count.
+    Filter-row path (more than one tap, enough columns; see the module docstring): per
+    group (kernel row, or tap with dilated columns), image and block of output rows, one
+    product dwT[g, co, (kw, ci)] += sum_p dy[p, co] * x[p's input pixel, (kw, ci)], the
+    filters its rows; items of (group, block of filters) reduce over every image in order,
+    then write their block of dwT into dw. Row path (direct, dil_w == 1, at least
+    _MIN_ROW_TILES row tiles; see the module docstring for when x and dy are read from
+    zero-padded copies): the (kh, kw, ci) rows of dw, dealt to items of whole microkernel
+    tiles, each reducing over every image in order straight from x and dy. On both, db is
+    summed in partials over a split of the dy rows fixed by the shape (iteration c <
+    nchunks sums partial c). Otherwise the images are dealt to (at most) _WEIGHT_CHUNKS
+    chunks in order (direct); or the N*OH*OW output pixels are cut into blocks of
+    _PIXEL_BLOCK, dealt to the chunks in order, and each chunk adds col_block.T @ dy_block
+    (im2col) into its partial. Each chunk has its own (K, Cout) partial and the partials
+    are added in chunk order: the result does not depend on scheduling or the thread count.
     """
     N = x.shape[0]
     KH, KW, Cin, Cout = dw.shape
@@ -610,28 +627,26 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     x3 = x.reshape(N, H, W * Cin)
     dy2 = dy.reshape(P, Cout)
     budget = max(1, _PARTIAL_BUDGET // max(1, K * Np))
-    # Direct (no im2col) when dil_w == 1: per image and kernel row kh, one product
-    # reduces over all the output pixels of the image: A[kw*Cin + ci, (oh, ow)] =
-    # x[n, ih, ow*sw + kw, ci]. When a kernel column falls outside the image (padding,
-    # or a right edge), x is read from a copy xw with zero columns, rows of WP inputs;
-    # when Cout is not a multiple of the vector length, dy from a copy dyw with zero
-    # columns (rows of Np) and the rows of dw go to dwp (K, Np) first.
-    wide = not (pad_left == 0 and (OW - 1) * stride_w + KW <= W)
-    WP = max(pad_left + W, (OW - 1) * stride_w + KW) if wide else W
-    copies = wide or Np != Cout
-    # Bytes of the copies for the whole batch (x only when padded, dy only when Cout is).
-    copy_bytes = N * ((H * WP * Cin if wide else 0) + (OHW * Np if Np != Cout else 0)) * dw.itemsize
-    # Channel-major (enough input channels): x copied per image as (Cin, H, WC) planes with zero
-    # columns, WC wide, so that a row of A (one input channel at one kernel tap) runs along the
-    # output pixels, contiguous at stride 1 (any kernel column dilation).
-    WC = max(pad_left + W, (OW - 1) * stride_w + (KW - 1) * dil_w + 1)
-    TC = (Cin + MR - 1) // MR  # row tiles per kernel tap
-    cm_bytes = N * (Cin * H * WC + (OHW * Np if Np != Cout else 0)) * dw.itemsize
-    cm = (KH * KW > 1 and stride_w == 1 and Cin >= _CHANNEL_MAJOR_CIN and Cin * Cout >= _CHANNEL_MAJOR_WEIGHTS
-          and KH * KW * TC >= _MIN_ROW_TILES and cm_bytes <= _COPY_BUDGET_BYTES)
-    direct = not cm and dil_w == 1 and (not copies or copy_bytes <= _COPY_BUDGET_BYTES)
-    wide = direct and wide
-    padcols = (direct or cm) and Np != Cout
+    T = max(1, threads)
+    path = _weight_gradient_path(N, H, W, Cin, KH, KW, Cout, OH, OW, stride_w, pad_left, dil_w, dw.itemsize)
+    fr = path == WG_FILTER_ROWS
+    rows = path == WG_ROWS
+    direct = rows or path == WG_DIRECT
+    # The filter-row and direct paths read x from a copy xw with zero columns, rows of WP inputs, when
+    # a kernel column falls outside the image (padding, or a right edge).
+    wide = (fr or direct) and _wide(W, KW, OW, stride_w, pad_left, dil_w)
+    WP = max(pad_left + W, (OW - 1) * stride_w + (KW - 1) * dil_w + 1) if wide else W
+    # Filter-row path: groups g of LG columns (kw, ci): kernel rows (LG = KW*Cin), or with dilated
+    # columns kernel taps (LG = Cin); dwT (NG, Cout, LGP) holds the products' rows (filters) with the
+    # columns padded to a multiple of the vector length, whose extra columns read the next inputs of
+    # x's rows and are dropped (x is then read from xw, which has a tail of LGP zeros).
+    LG = KW * Cin if dil_w == 1 else Cin
+    NG = KH if dil_w == 1 else KH * KW
+    LGP = ((LG + VL - 1) // VL) * VL
+    fr_copy = fr and (wide or LGP != LG)
+    # Direct paths: when Cout is not a multiple of the vector length, dy is read from a copy dyw
+    # with zero columns (rows of Np) and the rows of dw go to dwp (K, Np) first.
+    padcols = direct and Np != Cout
     PB = _PIXEL_BLOCK
     nblocks = (P + PB - 1) // PB
     if direct:
@@ -639,111 +654,132 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     else:
         nchunks = min(nblocks, _WEIGHT_CHUNKS, budget)
     L = KW * Cin
-    # Row items (direct path with enough rows): the (kh, kw, ci) rows of dw are
-    # dealt to items of whole microkernel tiles; each item owns its rows and
-    # reduces over every image in order. The db partials are summed beside them
-    # over a fixed split of the pixels. No dw partials.
-    # The rows of dw come in groups that one product covers: kernel rows of L = KW*Cin rows
-    # (kw, ci), or on the channel-major path kernel taps (kh, kw) of Cin rows ci; TG tiles of MR
-    # rows per group.
-    rows = cm or (direct and KH * ((L + MR - 1) // MR) >= _MIN_ROW_TILES)
-    LG = Cin if cm else L
-    NG = KH * KW if cm else KH
-    TG = (LG + MR - 1) // MR
-    # db partials of the row path: a split fixed by the shape (never by the thread count).
-    nrb = (TG + _ROW_TILES_PER_ITEM - 1) // _ROW_TILES_PER_ITEM
+    # Row items: the (kh, kw, ci) rows of dw, in groups of L = KW*Cin rows (one kernel row, one
+    # product) of TG tiles of MR rows, are dealt to items of whole microkernel tiles; each item owns
+    # its rows and reduces over every image in order. No dw partials.
+    TG = (L + MR - 1) // MR
     nitems = 0
     if rows:
-        nchunks = NG * nrb
-        # Row items: the NG*TG tiles cut into a multiple of the thread count of items of at
-        # most about _ROW_TILES_PER_ITEM tiles (3 items on 2 threads left one idle a third of
-        # the time). Each dw row is summed by one item, over the images in order, whichever.
-        T = max(1, threads)
-        nitems = min(NG * TG, T * _ceil_div(NG * TG, T * _ROW_TILES_PER_ITEM))
-    # Output rows per product: the microkernel's columns of dy for that many pixels (a block of
-    # NB vectors per pixel) stay in L1 across its row tiles. Splitting the pixels over
-    # successive products never changes a sum (the accumulators go through dw exactly).
-    SB = max(1, (_B_BLOCK_BYTES // (min(NVt, NB) * VBYTES)) // max(1, OW))
+        # db partials: a split fixed by the shape (never by the thread count).
+        nchunks = KH * ((TG + _ROW_TILES_PER_ITEM - 1) // _ROW_TILES_PER_ITEM)
+        # The KH*TG tiles cut into a multiple of the thread count of items of at most about
+        # _ROW_TILES_PER_ITEM tiles (3 items on 2 threads left one idle a third of the time).
+        nitems = min(KH * TG, T * _ceil_div(KH * TG, T * _ROW_TILES_PER_ITEM))
+    # Filter-row items: (group, block of FB filters, a multiple of the 4-row tile), at least two
+    # per thread where the filters allow; db partials over a split fixed by the shape.
+    FB = 4
+    nfb = 1
+    if fr:
+        nfb = max(_ceil_div(Cout, _FILTER_ROWS_BLOCK), _ceil_div(2 * T, NG))
+        FB = 4 * _ceil_div(_ceil_div(Cout, min(nfb, _ceil_div(Cout, 4))), 4)
+        nfb = _ceil_div(Cout, FB)
+        nitems = NG * nfb
+        nchunks = min(_WEIGHT_CHUNKS, max(1, P // PB))
+    # Output rows per product: the microkernel's columns of B (dy on the row path, x on the
+    # filter-row path) for that many pixels (a block of NB vectors per pixel) stay in L1 across its
+    # row tiles. Splitting the pixels over successive products never changes a sum (the
+    # accumulators go through dw exactly).
+    SB = max(1, (_B_BLOCK_BYTES // (min(LGP // VL if fr else NVt, NB) * VBYTES)) // max(1, OW))
     # 1x1 at stride 1 without padding on the row path: the chunk's pixels, across images, follow
     # each other in x and dy, so the products run over blocks of PK pixels of the whole chunk
     # (SB output rows' worth) instead of image by image: a 4x4 image's 16 pixels made products
     # too short for the accumulators' loads and stores. Each dw element still sums its terms in
     # pixel order: the same bits.
-    pointwise = rows and not cm and _pointwise(KH, KW, stride_h, stride_w, pad_top, pad_left, H, W, OH, OW)
+    pointwise = rows and _pointwise(KH, KW, stride_h, stride_w, pad_top, pad_left, H, W, OH, OW)
     PK = SB * max(1, OW)
-    partial = np.zeros((0 if rows else nchunks, K * Np), dtype=dw.dtype)
+    partial = np.zeros((0 if rows or fr else nchunks, K * Np), dtype=dw.dtype)
     partial_b = np.zeros((nchunks, Cout), dtype=dw.dtype)
     zero = dw.dtype.type(0)
-    xw = np.empty((N if wide else 0, H, WP * Cin), dtype=dw.dtype)
-    xc = np.empty((N if cm else 0, Cin, H, WC), dtype=dw.dtype)
+    # x with zero columns: rows of WP inputs (and LGP elements of slack on the filter-row path).
+    xw = np.empty(N * H * WP * Cin + LGP if (direct and wide) or fr_copy else 0, dtype=dw.dtype)
     dyw = np.empty((N if padcols else 0, OHW, Np), dtype=dw.dtype)
-    if wide or padcols or cm:
+    if (direct and wide) or padcols or fr_copy:
         for n in prange(N):
-            if wide:
+            if (direct and wide) or fr_copy:
                 for ih in range(H):
-                    xrow = xw[n, ih]
+                    xrow = xw[(n * H + ih) * WP * Cin:(n * H + ih + 1) * WP * Cin]
                     fill(xrow[:pad_left * Cin], zero)
                     copy_vector(xrow[pad_left * Cin:(pad_left + W) * Cin], x3[n, ih])
                     fill(xrow[(pad_left + W) * Cin:], zero)
-            if cm:
-                _channel_major(x[n], xc[n], pad_left, zero)
             if padcols:
                 for t in range(OHW):
                     copy_vector(dyw[n, t, :Cout], dy2[n * OHW + t])
                     fill(dyw[n, t, Cout:], zero)
+        if fr_copy:
+            fill(xw[N * H * WP * Cin:], zero)
     dwp = np.empty((K if padcols and rows else 0, Np), dtype=dw.dtype)
-    dwf = dwp.reshape(-1) if padcols else dw.reshape(-1)
-    xf = xc.reshape(-1) if cm else (xw.reshape(-1) if wide else x.reshape(-1))
+    dwT = np.empty((NG if fr else 0, Cout, LGP), dtype=dw.dtype)
+    dwf = dwT.reshape(-1) if fr else (dwp.reshape(-1) if padcols else dw.reshape(-1))
+    xf = xw if (direct and wide) or fr_copy else x.reshape(-1)
     dyf = dyw.reshape(-1) if padcols else dy.reshape(-1)
     HWC = H * WP * Cin
     OHWC = OHW * Np
-    # The row path's A: row r of group g (kernel row kh = g, or tap (kh, kw) = divmod(g, KW)) at
-    # output pixel (oh, ow) of image n is x[n, oh*sh + kh*dh - pad_top, ow*sw + kw*dw - pad_left, ci]:
-    # in x (or xw) rows of one group are adjacent (lda 1), pixels sw*Cin apart, output rows
-    # sh*WP*Cin; in xc the channels are planes (lda H*WC), pixels sw apart, output rows sh*WC.
-    lda = H * WC if cm else 1
-    ldk = stride_w if cm else stride_w * Cin
-    sa = stride_h * WC if cm else stride_h * WP * Cin
-    # One prange for all the paths: each prange is compiled as its own gufunc.
-    nloop = max(nchunks, nitems)
+    dw4 = dw.reshape(KH, KW * Cin, Cout)
+    # One prange for all the paths: each prange is compiled as its own gufunc. On the item paths the
+    # iterations are the items, and iteration c also sums the db partials j = c, c + nitems, ...
+    # (Numba deals the iterations to the threads in contiguous ranges: with the partials as
+    # iterations of their own, the items all fell to the first thread.)
+    nloop = nitems if rows or fr else nchunks
     for c in prange(nloop):
-        if rows:
-            if c < nchunks:
-                pb = partial_b[c]
-                for p in range((c * P) // nchunks, ((c + 1) * P) // nchunks):
+        if rows or fr:
+            for j in range(c, nchunks, nloop):
+                pb = partial_b[j]
+                for p in range((j * P) // nchunks, ((j + 1) * P) // nchunks):
                     dp = dy2[p]
                     for co in range(Cout):
                         pb[co] += dp[co]
-            # Tiles q0 <= q < q1 (tile q: group q // TG, rows of its tile q % TG), in pieces of
-            # one group each (none when c >= nitems).
-            q0 = min(c, nitems) * NG * TG // max(1, nitems)
-            q1 = min(c + 1, nitems) * NG * TG // max(1, nitems)
+        if fr:
+            g = c // nfb
+            co0 = (c - g * nfb) * FB
+            co1 = min(Cout, co0 + FB)
+            kh = g if dil_w == 1 else g // KW
+            kw = 0 if dil_w == 1 else g - kh * KW
+            fill(dwf[(g * Cout + co0) * LGP:(g * Cout + co1) * LGP], zero)
+            u = pad_top - kh * dil_h
+            oh0 = max(0, _ceil_div(u, stride_h))
+            oh1 = min(OH, _ceil_div(H + u, stride_h))
+            for n in range(N):
+                for s0 in range(oh0, oh1, SB):
+                    s1 = min(oh1, s0 + SB)
+                    gemm(dwf, (g * Cout + co0) * LGP, LGP, dyf, (n * OH + s0) * OW * Cout + co0, 1, Cout,
+                         xf, n * HWC + (s0 * stride_h - u) * WP * Cin + kw * dil_w * Cin, stride_w * Cin,
+                         OW, s1 - s0, OW * Cout, stride_h * WP * Cin, co1 - co0, LGP // VL)
+            # dw[kh, kw, ci, co] = dwT[g, co, (kw, ci)] for the item's filters.
+            for j in range(LG):
+                dwrow = dw4[kh, kw * Cin + j]
+                for co in range(co0, co1):
+                    dwrow[co] = dwT[g, co, j]
+        elif rows:
+            # Tiles q0 <= q < q1 (tile q: kernel row q // TG, rows of its tile q % TG), in pieces of
+            # one kernel row each.
+            q0 = c * KH * TG // nitems
+            q1 = (c + 1) * KH * TG // nitems
             q = q0
             while q < q1:
-                g, r0, r1, q = _row_piece(q, q1, TG, LG)
-                fill(dwf[(g * LG + r0) * Np:(g * LG + r1) * Np], zero)
+                g, r0, r1, q = _row_piece(q, q1, TG, L)
+                fill(dwf[(g * L + r0) * Np:(g * L + r1) * Np], zero)
             for p0 in range(0, P if pointwise else 0, PK):
                 q = q0
                 while q < q1:
-                    g, r0, r1, q = _row_piece(q, q1, TG, LG)
+                    g, r0, r1, q = _row_piece(q, q1, TG, L)
                     gemm(dwf, r0 * Np, Np, xf, p0 * Cin + r0, 1, Cin, dyf, p0 * Np, Np, min(PK, P - p0), 1, 0, 0,
                           r1 - r0, NVt)
             for n in range(0 if pointwise else N):
                 q = q0
                 while q < q1:
-                    g, r0, r1, q = _row_piece(q, q1, TG, LG)
-                    kh = g // KW if cm else g
-                    u = pad_top - kh * dil_h
+                    g, r0, r1, q = _row_piece(q, q1, TG, L)
+                    # Row r of kernel row g at output pixel (oh, ow) of image n: x[n, oh*sh + g*dh -
+                    # pad_top, ow*sw + kw - pad_left, ci] with r = kw*Cin + ci: in x (or xw) adjacent
+                    # (lda 1), pixels sw*Cin apart, output rows sh*WP*Cin.
+                    u = pad_top - g * dil_h
                     oh0 = max(0, _ceil_div(u, stride_h))
                     oh1 = min(OH, _ceil_div(H + u, stride_h))
-                    if cm:
-                        a0 = ((n * Cin + r0) * H - u) * WC + (g - kh * KW) * dil_w
-                    else:
-                        a0 = n * HWC - u * WP * Cin + r0
+                    a0 = n * HWC - u * WP * Cin + r0
                     for s0 in range(oh0, oh1, SB):
                         s1 = min(oh1, s0 + SB)
-                        gemm(dwf, (g * LG + r0) * Np, Np, xf, a0 + s0 * sa, lda, ldk, dyf, n * OHWC + s0 * OW * Np,
-                              Np, OW, s1 - s0, sa, OW * Np, r1 - r0, NVt)
+                        gemm(dwf, (g * L + r0) * Np, Np, xf, a0 + s0 * stride_h * WP * Cin, 1, stride_w * Cin,
+                             dyf, n * OHWC + s0 * OW * Np, Np, OW, s1 - s0, stride_h * WP * Cin, OW * Np, r1 - r0,
+                             NVt)
         elif direct:
             pc = partial[c]
             pb = partial_b[c]
@@ -797,7 +833,7 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
         dwm = dw.reshape(K, Cout)
         for k in range(K):
             copy_vector(dwm[k], dwp[k, :Cout])
-    if not rows:
+    if not rows and not fr:
         # Serial: a third prange would cost about 2 s of cold compile, and these partials are small
         # (few rows of dw, or the rare im2col path: nchunks adds per dw element against 2*P
         # flops for its products). Element by element ((p0 + p1) + p2) + ..., in chunk order.
@@ -865,6 +901,16 @@ def input_gradient_via_forward(w_shape, stride_h, stride_w, pad_top, pad_left, d
     pt, pl = (KH - 1) * dil_h - pad_top, (KW - 1) * dil_w - pad_left
     return (stride_h == 1 and stride_w == 1 and Cout < _VIA_FORWARD_FILTERS and KH * KW > 1 and pt >= 0
             and pl >= 0)
+
+
+def weight_gradient_path(x_shape, w_shape, dy_shape, stride_w, pad_left, dil_w, dtype):
+    """The name of the path (WEIGHT_GRADIENT_PATHS) conv2d_backward_weight takes for these shapes
+    (NHWC x and dy, HWIO w) and column geometry."""
+    N, H, W, Cin = x_shape
+    KH, KW, _, Cout = w_shape
+    path = _weight_gradient_path(N, H, W, Cin, KH, KW, Cout, dy_shape[1], dy_shape[2], stride_w, pad_left, dil_w,
+                                 np.dtype(dtype).itemsize)
+    return WEIGHT_GRADIENT_PATHS[path]
 
 
 def conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w):
