@@ -315,6 +315,23 @@ def test_profile_compile_lists_each_compiled_kernel(tmp_path):
     assert float(lines[2].split()[0]) > 0  # the dense kernels compile in the dense kind
 
 
+def test_ab_kernels_against_this_tree(tmp_path):
+    """scripts/ab_kernels.py with this tree as the base: a row per case and pass, the same bits; an
+    unknown case and a base without fastcnn are refused with one line."""
+    script = os.path.join(SCRIPTS, "ab_kernels.py")
+    proc = _run([script, REPO, "--rounds", "2", "--reps", "1", "--threads", "1", "--batch", "8",
+                 "--cases", "mnist_13x13x32_to_64,odd_7x7x48_to_100_3x5"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("mnist_", "odd_"))]
+    assert [r[0] for r in rows] == [f"{c}:{p}" for c in ("mnist_13x13x32_to_64", "odd_7x7x48_to_100_3x5")
+                                    for p in ("fwd", "inp", "wgt")]
+    assert all(r[-1] == "same" and float(r[1]) > 0 and float(r[2]) > 0 for r in rows), proc.stdout
+    proc = _run([script, REPO, "--cases", "no_such_case"])
+    assert proc.returncode == 2 and "unknown case or pass: no_such_case" in proc.stderr
+    proc = _run([script, str(tmp_path)])
+    assert proc.returncode == 2 and "no fastcnn/kernels/conv.py there" in proc.stderr
+
+
 def test_ab_step_times_a_step_and_inference(tmp_path):
     """scripts/ab_step.py (what scripts/ab_trees.sh runs per tree): one JSON line with both rates."""
     env = dict(os.environ, PYTHONPATH=REPO, TREE="here")
