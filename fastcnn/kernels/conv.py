@@ -665,13 +665,15 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
         # The KH*TG tiles cut into a multiple of the thread count of items of at most about
         # _ROW_TILES_PER_ITEM tiles (3 items on 2 threads left one idle a third of the time).
         nitems = min(KH * TG, T * _ceil_div(KH * TG, T * _ROW_TILES_PER_ITEM))
-    # Filter-row items: (group, block of FB filters, a multiple of the 4-row tile), at least two
-    # per thread where the filters allow; db partials over a split fixed by the shape.
-    FB = 4
+    # Filter-row items: (group, block of FB filters, a multiple of the TR rows of gemm's tiles in
+    # NB-vector blocks), at least two per thread where the filters allow; db partials over a split
+    # fixed by the shape.
+    TR = 4 if NB == 3 else MR
+    FB = TR
     nfb = 1
     if fr:
         nfb = max(_ceil_div(Cout, _FILTER_ROWS_BLOCK), _ceil_div(2 * T, NG))
-        FB = 4 * _ceil_div(_ceil_div(Cout, min(nfb, _ceil_div(Cout, 4))), 4)
+        FB = TR * _ceil_div(_ceil_div(Cout, min(nfb, _ceil_div(Cout, TR))), TR)
         nfb = _ceil_div(Cout, FB)
         nitems = NG * nfb
         nchunks = min(_WEIGHT_CHUNKS, max(1, P // PB))
