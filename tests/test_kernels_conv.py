@@ -89,6 +89,11 @@ CASES = {
     # ... and larger images (the weight gradient's copies of x past 100 KiB per image; its im2col
     # blocks are left for dilated columns: dilation2, direct_pad_stride_dil).
     "padded_large_image": (1, 24, 24, 48, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    # The input gradient's per-tap products over blocks of rows (more rows than the 64 row chunks, a
+    # chunk's rows in blocks of _DX_BLOCK_BYTES): dx in padded scratch rows (Cin 250: blocks of 2 rows
+    # and a last one in float32, single rows in float64), and in place (Cin 64, one block).
+    "input_grad_row_blocks": (4, 48, 32, 250, 8, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    "input_grad_row_blocks_in_place": (4, 48, 32, 64, 8, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
     # 1x1 at stride 1 without padding: the forward's and the input gradient's products span
     # several output rows, across images (more rows than the 64 row chunks): a chunk's rows in one
     # product (GP >= rows per chunk), or in products of GP rows and a shorter last one; outputs in
@@ -446,7 +451,8 @@ def test_weight_gradient_deterministic_across_thread_counts(name):
 
 
 @pytest.mark.parametrize("name", ["direct_valid", "direct_pad_stride_dil", "direct_pad_wide_panel", "same_odd_5x5",
-                                  "padded_row_items_cout24", "pointwise_wide_rows_padded_cout"])
+                                  "padded_row_items_cout24", "pointwise_wide_rows_padded_cout",
+                                  "input_grad_row_blocks"])
 def test_forward_and_input_gradient_deterministic_across_thread_counts(name):
     import numba
 

@@ -57,6 +57,11 @@ NUMBA_DISABLE_JIT the kernels run as Python with gemm's NumPy version.
   for each (kh, kw) whose output row exists, ``dx[n, ih, iw] += dy[n, oh, ow]
   @ w[kh, kw].T`` over the range of ``ow`` that lands inside the row, C rows
   at stride sw*Cin. Each dx row is written by one thread: no races, fixed order.
+  A chunk's rows go in blocks of _DX_BLOCK_BYTES, each tap's products done for
+  the whole block before the next tap's, so a tap's weights are read once per
+  block (from L2), not once per row; each dx element still adds the taps in
+  (kh, kw) order: the same bits (measured on a Zen 3, 2 threads: 1.04-1.18x on
+  8x8 and 16x16 layers of 128-256 channels and at stride 2, 1.0x elsewhere).
   1x1 at stride 1 without padding: several rows per product, as in the
   forward (1.10-1.21x on 8x8 and 4x4 layers, the same bits).
 * backward weight: the split of the work never depends on the thread count,
@@ -170,6 +175,9 @@ _SLAB_PANEL_BYTES = 48 * 1024
 # 1x1 convolution at stride 1 without padding (forward and input gradient): the output rows of
 # a chunk are done in products of up to this many pixels (whole rows, across images).
 _POINTWISE_PIXELS = 96
+# Input gradient (per-tap products): rows of dx in blocks of at most this many bytes (at least one
+# row), each tap's products done for the whole block before the next tap.
+_DX_BLOCK_BYTES = 64 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -549,32 +557,31 @@ def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil
     GP = max(1, _POINTWISE_PIXELS // W) if pointwise else 1
     dy2 = dy.reshape(N * OH * OW, Cout)
     dx2 = dx.reshape(N * H * W, Cin)
+    dxf = dx.reshape(-1)
     zeros = np.zeros(Cp, dtype=dx.dtype)
     R = N * H
     nchunks = min(R, _ROW_CHUNKS)
+    # Rows in blocks of RB: each tap's weights (Cout x Cp) are read once per block of rows, from L2,
+    # not once per row; each dx element still adds the taps in (kh, kw) order: the same bits.
+    RB = max(1, _DX_BLOCK_BYTES // (W * Cp * dx.itemsize))
     for c in prange(nchunks):
-        acc = np.empty((W * GP, Cp), dtype=dx.dtype)
+        acc = np.empty((W * max(GP, RB), Cp), dtype=dx.dtype)
+        accf = acc.reshape(-1)
         r = (c * R) // nchunks
         r_end = ((c + 1) * R) // nchunks
         while pointwise and r < r_end:
             g = min(GP, r_end - r)
             _pointwise_product(dx2, acc, zeros, dy2, wt, r * W, g * W, in_place, True)
             r += g
-        for r in range(r_end if pointwise else (c * R) // nchunks, r_end):
-            n = r // H
-            ih = r - n * H
-            out = dx[n, ih] if in_place else acc
-            for iw in range(W):
-                fill(out[iw], zero)
-            af = out.reshape(-1)
+        for r0 in range(r_end if pointwise else (c * R) // nchunks, r_end, RB):
+            r1 = min(r_end, r0 + RB)
+            for r in range(r0, r1):
+                n = r // H
+                ih = r - n * H
+                out = dx[n, ih] if in_place else acc[(r - r0) * W:(r - r0 + 1) * W]
+                for iw in range(W):
+                    fill(out[iw], zero)
             for kh in range(KH):
-                t = ih + pad_top - kh * dil_h
-                if t < 0:
-                    continue
-                oh = t // stride_h
-                if oh * stride_h != t or oh >= OH:
-                    continue
-                dyrow = dy3[n, oh]
                 for kw in range(KW):
                     # iw = ow*sw + s with s = kw*dw - pl; 0 <= iw < W, 0 <= ow < OW
                     s = kw * dil_w - pad_left
@@ -582,12 +589,26 @@ def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil
                     ow1 = min(OW, _ceil_div(W - s, stride_w))
                     if ow1 <= ow0:
                         continue
-                    gemm(af, (ow0 * stride_w + s) * Cp, stride_w * Cp, dyrow, ow0 * Cout, Cout, 1,
-                          wflat, (kh * KW + kw) * Cout * Cp, Cp, Cout, 1, 0, 0, ow1 - ow0, NVt)
+                    for r in range(r0, r1):
+                        n = r // H
+                        ih = r - n * H
+                        t = ih + pad_top - kh * dil_h
+                        if t < 0:
+                            continue
+                        oh = t // stride_h
+                        if oh * stride_h != t or oh >= OH:
+                            continue
+                        c0 = r * W * Cp if in_place else (r - r0) * W * Cp
+                        gemm(dxf if in_place else accf, c0 + (ow0 * stride_w + s) * Cp, stride_w * Cp, dy3[n, oh],
+                             ow0 * Cout, Cout, 1, wflat, (kh * KW + kw) * Cout * Cp, Cp, Cout, 1, 0, 0, ow1 - ow0,
+                             NVt)
             if not in_place:
-                dxrow = dx[n, ih]
-                for iw in range(W):
-                    copy_vector(dxrow[iw], acc[iw, :Cin])
+                for r in range(r0, r1):
+                    n = r // H
+                    ih = r - n * H
+                    dxrow = dx[n, ih]
+                    for iw in range(W):
+                        copy_vector(dxrow[iw], acc[(r - r0) * W + iw, :Cin])
 
 
 @njit(error_model="numpy", parallel=prange_only(), cache=True)
