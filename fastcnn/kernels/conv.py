@@ -231,6 +231,19 @@ def _row_piece(q, q1, TK, L):
 
 
 @njit(error_model="numpy", cache=True)
+def tap_output_row(ih, kh, pad_top, dil_h, stride_h, OH):
+    """The output row oh whose kernel row kh reads input row ih (ih = oh*stride_h + kh*dil_h - pad_top),
+    or -1 when there is none (the input gradients, which go by input rows)."""
+    t = ih + pad_top - kh * dil_h
+    if t < 0:
+        return -1
+    oh = t // stride_h
+    if oh * stride_h != t or oh >= OH:
+        return -1
+    return oh
+
+
+@njit(error_model="numpy", cache=True)
 def _pointwise(KH, KW, stride_h, stride_w, pad_top, pad_left, H, W, OH, OW):
     """A 1x1 kernel at stride 1 without padding (so OH == H and OW == W): the pixels of x and of the
     output follow each other in memory in the same order, across rows and images, and a product may
@@ -592,11 +605,8 @@ def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil
                     for r in range(r0, r1):
                         n = r // H
                         ih = r - n * H
-                        t = ih + pad_top - kh * dil_h
-                        if t < 0:
-                            continue
-                        oh = t // stride_h
-                        if oh * stride_h != t or oh >= OH:
+                        oh = tap_output_row(ih, kh, pad_top, dil_h, stride_h, OH)
+                        if oh < 0:
                             continue
                         c0 = r * W * Cp if in_place else (r - r0) * W * Cp
                         gemm(dxf if in_place else accf, c0 + (ow0 * stride_w + s) * Cp, stride_w * Cp, dy3[n, oh],

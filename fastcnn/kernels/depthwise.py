@@ -114,6 +114,7 @@ from numba import cfunc, njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from fastcnn.kernels.conv import tap_output_row
 from fastcnn.kernels.gemm import DISABLE_JIT, VBYTES, prange_only, vector_length
 
 # Forward and input gradient: rows are dealt to this many chunks (scratch is
@@ -921,11 +922,8 @@ def _backward_input_rows(dy, w, wr, zf, dx, buf, r0, r1, stride_h, stride_w, pad
             base = 0
             _zero(buf, 0, sw * Wp * Cm)
         for kh in range(KH):
-            t = ih + pad_top - kh * dil_h
-            if t < 0:
-                continue
-            oh = t // stride_h
-            if oh * stride_h != t or oh >= OH:
+            oh = tap_output_row(ih, kh, pad_top, dil_h, stride_h, OH)
+            if oh < 0:
                 continue
             dyo = (n * OH + oh) * L
             for kw in range(KW):
