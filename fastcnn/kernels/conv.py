@@ -278,9 +278,10 @@ WEIGHT_GRADIENT_PATHS = ("im2col", "direct", "rows", "filter_rows")
 
 
 @njit(error_model="numpy", cache=True)
-def _wide(W, KW, OW, stride_w, pad_left, dil_w):
-    """Whether a kernel column falls outside the image (left padding, or past the right edge)."""
-    return not (pad_left == 0 and (OW - 1) * stride_w + (KW - 1) * dil_w + 1 <= W)
+def _padded_width(W, KW, OW, stride_w, pad_left, dil_w):
+    """The width of x's rows with the zero columns the kernel windows reach (left padding, past the
+    right edge): W when every kernel column falls inside the image."""
+    return max(pad_left + W, (OW - 1) * stride_w + (KW - 1) * dil_w + 1)
 
 
 @njit(error_model="numpy", cache=True)
@@ -293,8 +294,8 @@ def _weight_gradient_path(N, H, W, Cin, KH, KW, Cout, OH, OW, stride_w, pad_left
     row items with at least _MIN_ROW_TILES row tiles; else im2col.
     """
     VL = VBYTES // itemsize
-    wide = _wide(W, KW, OW, stride_w, pad_left, dil_w)
-    WP = max(pad_left + W, (OW - 1) * stride_w + (KW - 1) * dil_w + 1) if wide else W
+    WP = _padded_width(W, KW, OW, stride_w, pad_left, dil_w)
+    wide = WP > W
     LG = KW * Cin if dil_w == 1 else Cin
     LGP = ((LG + VL - 1) // VL) * VL
     fr_bytes = (N * H * WP * Cin + LGP if wide or LGP != LG else 0) * itemsize
@@ -578,7 +579,7 @@ def _conv2d_backward_input(dy, w, dx, stride_h, stride_w, pad_top, pad_left, dil
     # not once per row; each dx element still adds the taps in (kh, kw) order: the same bits.
     RB = max(1, _DX_BLOCK_BYTES // (W * Cp * dx.itemsize))
     for c in prange(nchunks):
-        acc = np.empty((W * max(GP, RB), Cp), dtype=dx.dtype)
+        acc = np.empty((W * max(GP, 1 if in_place else RB), Cp), dtype=dx.dtype)
         accf = acc.reshape(-1)
         r = (c * R) // nchunks
         r_end = ((c + 1) * R) // nchunks
@@ -665,8 +666,8 @@ def _conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_top, pad_left
     direct = rows or path == WG_DIRECT
     # The filter-row and direct paths read x from a copy xw with zero columns, rows of WP inputs, when
     # a kernel column falls outside the image (padding, or a right edge).
-    wide = (fr or direct) and _wide(W, KW, OW, stride_w, pad_left, dil_w)
-    WP = max(pad_left + W, (OW - 1) * stride_w + (KW - 1) * dil_w + 1) if wide else W
+    WP = _padded_width(W, KW, OW, stride_w, pad_left, dil_w)
+    wide = (fr or direct) and WP > W
     # Filter-row path: groups g of LG columns (kw, ci): kernel rows (LG = KW*Cin), or with dilated
     # columns kernel taps (LG = Cin); dwT (NG, Cout, LGP) holds the products' rows (filters) with the
     # columns padded to a multiple of the vector length, whose extra columns read the next inputs of
