@@ -3,6 +3,7 @@
 Nothing heavy is imported at module level: ``fastcnn --help`` answers at once
 and no kernel is compiled until a command needs it.
 """
+import os
 import signal
 import sys
 import time
@@ -124,9 +125,13 @@ def train(config, overrides, resume, overwrite, threads, no_progress):
         if group.size > 1:
             _end_process_group(group, e)
         raise
-    if result["best_accuracy"] is not None and group.is_root:
+    best = os.path.join(result["output_dir"], "best.npz")
+    if result["best_accuracy"] is not None and group.is_root and os.path.exists(best):
         click.echo(f"Best validation accuracy {result['best_accuracy']:.4f}; "
-                   f"checkpoints in {result['output_dir']} (evaluate: fastcnn eval {result['output_dir']}/best.npz)")
+                   f"checkpoints in {result['output_dir']} (evaluate: fastcnn eval {best})")
+    elif result["best_accuracy"] is not None and group.is_root:  # resumed a finished run into a new folder
+        click.echo(f"Best validation accuracy {result['best_accuracy']:.4f} (the resumed run's); no checkpoint "
+                   f"written to {result['output_dir']}")
 
 
 @cli.command(name="eval")

@@ -28,7 +28,7 @@ from .schema import (
     named_entry,
     number,
     optional,
-    string,
+    path_string,
     type_name,
 )
 
@@ -147,12 +147,12 @@ SCHEMA = {
     },
     "data": {
         "dataset": (choice(*DATASETS), REQUIRED),
-        "root": (optional(string), None),
+        "root": (optional(path_string), None),
         "batch_size": (integer(1), 64),
         "validation": (validation_value, "test"),
         "num_train": (optional(integer(1)), None),
         "num_test": (optional(integer(1)), None),
-        "path": (optional(string), None),
+        "path": (optional(path_string), None),
         "resize": (boolean, False),
         "augment": {
             "crop_padding": (integer(0), 0),
@@ -170,7 +170,7 @@ SCHEMA = {
         "early_stopping": (None, None),  # checked by _early_stopping
     },
     "output": {
-        "dir": (string, "runs/mnist"),
+        "dir": (path_string, "runs/mnist"),
     },
 }
 

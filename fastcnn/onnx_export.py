@@ -318,6 +318,10 @@ def open_onnx(path, threads=None):
             or not all(isinstance(d, int) and d > 0 for d in shape[1:])):
         got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
         raise UserError(f"{path}: expected one float32 input (batch, H, W, C) as fastcnn export writes; it has {got}")
+    outputs = session.get_outputs()
+    if not outputs or outputs[0].type != "tensor(float)" or len(outputs[0].shape or []) != 2:
+        got = ", ".join(f"{o.name} {o.type} {o.shape}" for o in outputs) or "none"
+        raise UserError(f"{path}: expected a float32 output (batch, classes) as fastcnn export writes; it has {got}")
     meta = session.get_modelmeta().custom_metadata_map
     try:
         names = json.loads(meta[META_CLASS_NAMES]) if META_CLASS_NAMES in meta else None
@@ -339,8 +343,14 @@ def open_onnx(path, threads=None):
         import numpy as np
 
         x = np.ascontiguousarray(x, np.float32)
-        return np.concatenate([session.run(None, {inputs[0].name: x[s:s + batch_size]})[0]
-                               for s in range(0, len(x), batch_size)])
+        parts = []
+        for s in range(0, len(x), batch_size):
+            out = np.asarray(session.run(None, {inputs[0].name: x[s:s + batch_size]})[0])
+            if out.ndim != 2 or len(out) != len(x[s:s + batch_size]) or out.shape[1] < 1:
+                raise UserError(f"{path}: gave an output of shape {out.shape} for {len(x[s:s + batch_size])} "
+                                f"input(s); expected (batch, classes)")
+            parts.append(out)
+        return np.concatenate(parts)
 
     return Classifier(tuple(shape[1:]), meta.get(META_DATASET), names if isinstance(names, list) else None,
                       mean, std, note, in_graph, logits)

@@ -19,6 +19,7 @@ in place from ``p.grad`` on ``step()``. Its state round-trips through
 ``state_dict()`` / ``load_state_dict()`` as flat arrays (checkpoint keys
 ``optim.<name>``).
 """
+import math
 from typing import Any, Dict, Mapping, Optional, Type
 
 import numpy as np
@@ -107,11 +108,19 @@ class Optimizer:
                 if value.shape != a.shape or value.dtype.kind != "f":
                     raise CheckpointError(f"optim.{key}: {value.dtype} {value.shape} in the checkpoint, "
                                           f"{a.dtype} {a.shape} in the model")
+                with np.errstate(invalid="ignore", over="ignore"):
+                    finite = np.isfinite(np.sum(value, dtype=np.float64))
+                if not finite:
+                    raise CheckpointError(f"optim.{key} holds NaN or Inf (a damaged checkpoint)")
+        step, lr = int(state["step"]), float(state["lr"])  # integer and number kinds checked above
+        if not 0 <= step < 2 ** 53:
+            raise CheckpointError(f"optimizer state 'optim.step' is {step}, not a step count (a damaged checkpoint)")
+        if not (math.isfinite(lr) and lr >= 0):
+            raise CheckpointError(f"optimizer state 'optim.lr' is {lr}, not a learning rate (a damaged checkpoint)")
         for slot, arrays in self._slots().items():
             for i, a in enumerate(arrays):
                 a[...] = state[f"{i}.{slot}"]
-        self.step_count = int(state["step"])
-        self.lr = float(state["lr"])
+        self.step_count, self.lr = step, lr
 
 
 class SGD(Optimizer):
@@ -142,7 +151,7 @@ class SGD(Optimizer):
     def step(self):
         first = self.step_count == 0
         for p, buf in zip(self.params, self.momentum_buffers):
-            t = p.data.dtype.type
+            t = _dtype_cast(p.data.dtype)
             kernels.sgd_update(p.data.reshape(-1), p.grad.reshape(-1), buf.reshape(-1), t(self.lr),
                                t(self.momentum), t(self.dampening), t(self.weight_decay), self.nesterov, first)
         self.step_count += 1
@@ -178,10 +187,21 @@ class Adam(Optimizer):
         bc1 = 1.0 - self.beta1 ** t_step
         bc2_sqrt = (1.0 - self.beta2 ** t_step) ** 0.5
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            t = p.data.dtype.type
+            t = _dtype_cast(p.data.dtype)
             kernels.adam_update(p.data.reshape(-1), p.grad.reshape(-1), m.reshape(-1), v.reshape(-1), t(self.lr),
                                 t(self.beta1), t(self.beta2), t(self.eps), t(self.weight_decay), self.decoupled,
                                 t(bc1), t(bc2_sqrt))
+
+
+def _dtype_cast(dtype):
+    """value -> the weights' dtype, without NumPy's overflow warning: a learning rate beyond float32's range
+    becomes Inf, the update makes the weights Inf, and the trainer stops with one line saying so."""
+    t = dtype.type
+
+    def cast(value):
+        with np.errstate(over="ignore"):
+            return t(value)
+    return cast
 
 
 class AdamW(Adam):

@@ -64,20 +64,29 @@ def _save(fig, path):
 
 
 # -- training curves ---------------------------------------------------------
+# metrics.jsonl holds one line of about 300 bytes per epoch: 64 MiB is far beyond any real run.
+MAX_METRICS_BYTES = 64 << 20
+
+
 def read_metrics(path):
-    """The records of a metrics.jsonl, one per epoch (the last one wins for a repeated epoch)."""
-    by_epoch = {}
+    """The records of a metrics.jsonl, one per epoch (the last one wins for a repeated epoch). Lines that are
+    not JSON records (a line cut short by a crash, bytes that are not UTF-8) are skipped."""
+    from .safeio import UnsafeFile, read_regular
+
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a crash
-                if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-                    by_epoch[record["epoch"]] = record
+        data = read_regular(path, MAX_METRICS_BYTES)
+    except UnsafeFile as e:
+        raise UserError(f"cannot read {path}: {e}") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    by_epoch = {}
+    for line in data.splitlines():
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # also UnicodeDecodeError
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            by_epoch[record["epoch"]] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 

@@ -28,6 +28,27 @@ from typing import Any, Dict, Type
 from .errors import ConfigError
 from .schema import REQUIRED, Schema, choice, integer, number, resolve_options
 
+
+def saved_number(state, key, minimum=None, none_ok=False):
+    """``state[key]``, a finite number (at least ``minimum``; or None when ``none_ok``) restored from a
+    checkpoint's meta; ValueError naming the key otherwise (a damaged or edited file)."""
+    value = state[key]
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (minimum is not None and value < minimum):
+        raise ValueError(f"{key!r} must be a finite number{'' if minimum is None else f' >= {minimum}'}, "
+                         f"got {value!r}")
+    return value
+
+
+def saved_count(state, key):
+    """``state[key]``, a count (0 <= n < 2**31) restored from a checkpoint's meta; ValueError otherwise."""
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 31:
+        raise ValueError(f"{key!r} must be a count (an integer >= 0), got {value!r}")
+    return value
+
 MONITORS = ("val_loss", "val_accuracy")
 
 
@@ -157,7 +178,9 @@ class PlateauSchedule(Schedule):
         return {"current": self.current, "best": self.best, "bad_epochs": self.bad_epochs}
 
     def load_state_dict(self, state):
-        self.current, self.best, self.bad_epochs = state["current"], state["best"], state["bad_epochs"]
+        self.current = saved_number(state, "current", minimum=0.0)
+        self.best = saved_number(state, "best", none_ok=True)
+        self.bad_epochs = saved_count(state, "bad_epochs")
 
 
 # Every schedule by its train.schedule.name (the order of the "known: ..." list in errors).
@@ -206,4 +229,4 @@ class EarlyStopping:
         return {"best": self.best, "bad_epochs": self.bad_epochs}
 
     def load_state_dict(self, state):
-        self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+        self.best, self.bad_epochs = saved_number(state, "best", none_ok=True), saved_count(state, "bad_epochs")

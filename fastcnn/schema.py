@@ -66,6 +66,8 @@ def number(minimum=None, maximum=None, min_exclusive=False, max_exclusive=False)
         value = float(value)
         if value != value:
             raise ConfigError(path, "must be a number, got NaN")
+        if value in (float("inf"), float("-inf")):
+            raise ConfigError(path, f"must be a finite number, got {value}")
         if minimum is not None and (value <= minimum if min_exclusive else value < minimum):
             raise ConfigError(path, f"must be {'>' if min_exclusive else '>='} {minimum}, got {value:g}")
         if maximum is not None and (value >= maximum if max_exclusive else value > maximum):
@@ -83,6 +85,14 @@ def boolean(value, path):
 def string(value, path):
     if not isinstance(value, str) or not value:
         raise ConfigError(path, f"expected a non-empty string, got {type_name(value)} ({value!r})")
+    return value
+
+
+def path_string(value, path):
+    """A file or folder name: a non-empty string without NUL characters (no file system takes those)."""
+    value = string(value, path)
+    if "\0" in value:
+        raise ConfigError(path, f"a file or folder name cannot contain a NUL character, got {value!r}")
     return value
 
 

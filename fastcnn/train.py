@@ -33,7 +33,7 @@ from .evaluate import evaluate
 from .rundir import RUN_FILES, OutputError, RunFolder, RunLock, describe_oserror
 from .runtime import set_threads, warm_up
 from .safeio import dumps_json, file_kind
-from .step import StepResult, named_layers, train_step
+from .step import StepResult, describe_param, named_layers, train_step
 from .stopping import SignalFlag
 
 
@@ -157,7 +157,8 @@ def run_together(group: Any, fn: Callable[[], Any], on: str = "all") -> Any:
 
 
 class TrainingDiverged(Exception):
-    """A NaN or Inf in the loss or a gradient with ``train.on_nan: stop`` (exit code 1, one line)."""
+    """A NaN or Inf in the loss or a gradient with ``train.on_nan: stop``, or in the weights after an update
+    (exit code 1, one line)."""
 
 
 CHECKPOINT_FILES = ("last.npz", "best.npz")
@@ -174,7 +175,7 @@ def _checked_meta(meta, path):
     out = {}
     for key in ("epoch", "batch", "skipped_steps"):
         value = meta.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 53:
             fail(key, f"must be an integer >= 0, got {value!r}")
         out[key] = value
     best = meta.get("best_accuracy")
@@ -326,10 +327,25 @@ class Trainer:
                            if getattr(self.dataset, "mean", None) is not None else None),
         }
 
+    def _require_finite_weights(self, when: str) -> None:
+        """TrainingDiverged when the updates left a weight NaN or Inf: a learning rate, momentum or weight decay
+        so large that the update overflowed while the step's loss and gradients were still finite. Such weights
+        are never validated, recorded or saved (on every process: they hold the same weights)."""
+        for key, p in self.model.named_parameters():
+            # A float64 sum is non-finite iff some element is (float32 values cannot overflow it).
+            with np.errstate(invalid="ignore", over="ignore"):
+                finite = np.isfinite(np.sum(p.data, dtype=np.float64))
+            if not finite:
+                raise TrainingDiverged(f"training diverged {when}: the updates made {key} "
+                                       f"({describe_param(self.model, key)}) NaN or Inf (train.optimizer.lr, "
+                                       f"momentum or weight_decay too large?); {self._kept()}")
+
     def _save(self, name: str, epoch: int, batch_in_epoch: int, running: dict | None) -> str:
-        """Write checkpoint ``name`` atomically; OutputError (one line, what is intact) when it fails."""
+        """Write checkpoint ``name`` atomically; OutputError (one line, what is intact) when it fails.
+        TrainingDiverged, and nothing written, when a weight is NaN or Inf."""
         from .checkpoint import save_checkpoint
 
+        self._require_finite_weights(f"before saving {name} (epoch {epoch}, batch {batch_in_epoch})")
         if not self.root:  # rank 0 writes
             return os.path.join(self.out_dir, name)
         path = self.folder.file(name)
@@ -522,6 +538,8 @@ class Trainer:
                 self.model.load_state_dict(checkpoint.model)
                 self.opt.load_state_dict(checkpoint.optim)
             except UserError as e:
+                if "damaged checkpoint" in str(e):
+                    raise UserError(f"--resume {self.resume}: {e}") from None
                 what = "optimizer (train.optimizer)" if "optim" in str(e) else "model"
                 raise UserError(f"--resume {self.resume}: does not match the config's {what}: {e}") from None
             checked = _checked_meta(checkpoint.meta, self.resume)
@@ -535,9 +553,9 @@ class Trainer:
                 self.schedule.load_state_dict(meta.get("schedule") or {})
                 if self.early_stopping and meta.get("early_stopping"):
                     self.early_stopping.load_state_dict(meta["early_stopping"])
-            except (KeyError, TypeError) as e:
-                raise UserError(f"--resume {self.resume}: schedule state does not match train.schedule "
-                                f"({e})") from None
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(f"--resume {self.resume}: the saved schedule or early-stopping state does not "
+                                f"match train.schedule / train.early_stopping, or is damaged ({e})") from None
             self.stopped_early = bool(meta.get("stopped_early", False))
             saved_threads = meta.get("threads")
             if saved_threads is not None and saved_threads != self.threads:
@@ -661,7 +679,10 @@ class Trainer:
         # Everything the run needs is loaded and checked: only now create (and lock) the output folder,
         # so a failed start leaves nothing behind and never touches an earlier run.
         self._together(lambda: self._open_output(mode), on="root")
-        if self.resume:
+        if self.resume and start_epoch >= cfg.train.epochs and not self.stopped_early:
+            self.log(f"Nothing to train: {self.resume} is at the end of epoch {start_epoch} and train.epochs is "
+                     f"{cfg.train.epochs} (raise train.epochs to train on)")
+        elif self.resume:
             self.log(f"Resuming from {self.resume}: epoch {start_epoch + 1}, batch {start_batch}")
         self._together(lambda: self._write_text("config.yaml", f"# fastcnn {__version__}, run {self.run_id}\n"
                                                 + to_yaml(cfg)), on="root")
@@ -850,6 +871,7 @@ class Trainer:
         last.npz redoes the epoch bit for bit, so a best.npz a kill left one epoch ahead is what the
         resumed run writes again.
         """
+        self._require_finite_weights(f"in epoch {epoch + 1}")
         val = evaluate(self.model, x_val, y_val, group=self.group if self.distributed else None)
         record = epoch_record(epoch, self.opt.step_count, sums, val, self.opt.lr, self.skipped_steps)
         self.history.append(record)

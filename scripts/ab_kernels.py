@@ -15,7 +15,8 @@ were bit-identical.
 
 The cases (CASES) are the layers of the benchmark suite's networks (scripts/bench_vs_torch.py
 --suite) and a few more: ResNet-20's 3x3 layers, VGG and all-conv CIFAR 3x3 layers with stride 1 and
-2, odd filter counts and kernels (5x5, 3x5), first layers on 1 or 3 channels, 1x1 layers.
+2, odd filter counts and kernels (5x5, 3x5), first layers on 1 or 3 channels, 1x1 layers, narrow
+layers (8 to 37 channels).
 """
 import argparse
 import hashlib
@@ -50,6 +51,9 @@ CASES = {
     "lenet_14x14x6_to_16_5x5": (256, 14, 14, 6, 5, 5, 16, 1, (0, 0)),
     "mnist_28x28x1_to_32": (64, 28, 28, 1, 3, 3, 32, 1, (0, 0)),
     "mnist_13x13x32_to_64": (64, 13, 13, 32, 3, 3, 64, 1, (0, 0)),
+    "narrow_28x28x8": (128, 28, 28, 8, 3, 3, 8, 1, (1, 1)),
+    "narrow_14x14x12": (128, 14, 14, 12, 3, 3, 12, 1, (1, 1)),
+    "narrow_15x15x13_to_37": (48, 15, 15, 13, 3, 3, 37, 1, (1, 1)),
 }
 PASSES = ("fwd", "inp", "wgt")
 CHUNKS = 8  # the weight gradient runs per chunk of the batch (fastcnn/shard.py GRAD_CHUNKS), at most one per image

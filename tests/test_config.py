@@ -69,6 +69,22 @@ def test_resolved_config_round_trips_through_yaml():
     (_minimal(train={"optimizer": {"name": "sgd", "betas": [0.9, 0.99]}}), "train.optimizer.betas",
      "unknown key"),
     (_minimal(trainer={}), "trainer", "did you mean 'train'"),
+    # Infinities: a learning rate, momentum or decay of Inf makes the first update overflow the weights.
+    (_minimal(train={"optimizer": {"name": "sgd", "lr": float("inf")}}), "train.optimizer.lr", "finite"),
+    (_minimal(train={"optimizer": {"name": "sgd", "lr": 0.1, "momentum": float("inf")}}),
+     "train.optimizer.momentum", "finite"),
+    (_minimal(train={"clip_grad_norm": float("inf")}), "train.clip_grad_norm", "finite"),
+    # File names: no file system takes a NUL character.
+    (_minimal(output={"dir": "runs/a\0b"}), "output.dir", "NUL"),
+    (_minimal(data={"dataset": "mnist", "root": "/tmp/x\0"}), "data.root", "NUL"),
+    # A block of 10**8 copies would be planned (and hang) before any other check.
+    (_minimal(model={"layers": [{"type": "residual", "repeat": 10 ** 8, "body": [{"type": "relu"}]},
+                                {"type": "flatten"}, {"type": "dense", "units": 10}]}),
+     "model.layers[0].repeat", "more than 10,000"),
+    (_minimal(model={"layers": [{"type": "residual", "repeat": 200, "body": [
+        {"type": "residual", "repeat": 200, "body": [{"type": "relu"}]}]},
+                                {"type": "flatten"}, {"type": "dense", "units": 10}]}),
+     "model.layers[0].repeat", "40,000 layers"),
     ({"data": {"dataset": "mnist"}}, "model", "missing"),
     ({"model": {}}, "data.dataset", "missing"),
 ])

@@ -156,3 +156,13 @@ def test_reuse_gives_the_same_batches_without_new_arrays():
         assert xb.flags.c_contiguous
         buffers.add(xb.__array_interface__["data"][0])
     assert len(buffers) == 1  # every batch lives in the one buffer
+
+
+def test_a_batch_size_beyond_the_data_allocates_only_the_data():
+    x = np.arange(5 * 3 * 2 * 1, dtype=np.float32).reshape(5, 3, 2, 1)
+    y = np.arange(5)
+    loader = BatchLoader(x, y, batch_size=10 ** 9, shuffle=False, reuse=True)  # 10**9 images would be 24 GB
+    (xb, yb), = list(loader.epoch_batches(0))
+    np.testing.assert_array_equal(xb, x)
+    np.testing.assert_array_equal(yb, y)
+    assert loader._x_buffer.shape[0] == 5 and loader._y_buffer.shape[0] == 5

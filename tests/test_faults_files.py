@@ -330,3 +330,53 @@ def test_checkpoint_that_is_a_fifo_is_refused_in_process(tmp_path):
     with pytest.raises(CheckpointError, match="a FIFO"):
         load_checkpoint(fifo)
 
+
+
+PLATEAU = ["--set", "train.schedule={name: reduce_on_plateau, patience: 1}",
+           "--set", "train.early_stopping={patience: 3}"]
+
+
+@pytest.fixture(scope="module")
+def plateau_checkpoint(tmp_path_factory):
+    """last.npz of a 1-epoch run with a plateau schedule and early stopping (their state in its meta)."""
+    from fastcnn.cli import main
+
+    out = tmp_path_factory.mktemp("plateau") / "run"
+    with pytest.raises(SystemExit) as info:
+        main(argv(out, "--set", "train.epochs=1", *PLATEAU))
+    assert info.value.code == 0
+    return out / "last.npz"
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.meta["schedule"].update(current="abc"), r"'current' must be a finite number >= 0.0, got 'abc'"),
+    (lambda c: c.meta["schedule"].update(current=[1]), r"'current' must be a finite number"),
+    (lambda c: c.meta["schedule"].update(current=-5.0), r"'current' must be a finite number >= 0.0, got -5.0"),
+    (lambda c: c.meta["schedule"].update(bad_epochs=1.5), r"'bad_epochs' must be a count"),
+    (lambda c: c.meta["early_stopping"].update(best="x"), r"'best' must be a finite number, got 'x'"),
+    (lambda c: c.optim.update(step=np.array(2 ** 64 - 1, np.uint64)), r"'optim.step' is 18446744073709551615"),
+    (lambda c: c.optim.update(step=np.array(-1)), r"'optim.step' is -1, not a step count"),
+    (lambda c: c.optim.update(lr=np.array(np.nan)), r"'optim.lr' is nan, not a learning rate"),
+    (lambda c: c.optim["0.momentum_buffer"].__setitem__((0, 0, 0, 0), np.nan),
+     r"optim.0.momentum_buffer holds NaN or Inf \(a damaged checkpoint\)"),
+])
+def test_damaged_optimizer_and_schedule_state_is_refused_at_resume(plateau_checkpoint, tmp_path, capsys,
+                                                                   change, words):
+    checkpoint = load_checkpoint(plateau_checkpoint)
+    change(checkpoint)
+    path = tmp_path / "damaged.npz"
+    save_checkpoint(path, checkpoint.model, checkpoint.optim, checkpoint.meta)
+    code, _, err = run_cli(argv(tmp_path / "resumed", "--resume", str(path), "--set", "train.epochs=2", *PLATEAU),
+                           capsys)
+    assert code == 2, err
+    assert one_line(err).startswith(f"Error: --resume {path}: ") and re.search(words, one_line(err)), err
+    assert not (tmp_path / "resumed").exists()
+
+
+def test_resuming_a_finished_run_elsewhere_says_there_is_nothing_to_train(small_checkpoint, tmp_path, capsys):
+    last = os.path.join(os.path.dirname(small_checkpoint), "last.npz")
+    epochs = load_checkpoint(last).meta["epoch"]
+    code, out, err = run_cli(argv(tmp_path / "again", "--resume", last, "--set", f"train.epochs={epochs}"), capsys)
+    assert code == 0, err
+    assert f"Nothing to train: {last} is at the end of epoch {epochs} and train.epochs is {epochs}" in out
+    assert "checkpoints in" not in out and f"no checkpoint written to {tmp_path / 'again'}" in out

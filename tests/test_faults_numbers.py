@@ -133,3 +133,36 @@ def test_other_json_output_is_strict(command, capsys):
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     strict(out)
+
+
+def test_an_update_that_overflows_the_weights_is_never_saved(tmp_path, capsys):
+    """lr 1e300 (a finite config value; Inf in float32): the first update makes the weights Inf while that
+    step's loss and gradients were finite. The epoch's end stops the run with one line; nothing is saved."""
+    out = tmp_path / "run"
+    code, text, err = run_cli(argv(out, "--set", "train.optimizer.lr=1e300", "--set", "data.batch_size=64"), capsys)
+    assert code == 1
+    assert err.startswith("Error: training diverged in epoch 1: the updates made layers.") and "NaN or Inf" in err
+    assert f"no checkpoint was written yet; {out} holds none" in err
+    assert len(err.strip().splitlines()) == 1, err  # no NumPy overflow warnings either
+    assert "epoch 1/3" not in text  # no epoch line, no validation of Inf weights
+    assert not (out / "last.npz").exists() and not (out / "best.npz").exists()
+
+
+def test_weights_made_inf_in_a_later_epoch_keep_the_earlier_checkpoints(tmp_path, capsys, monkeypatch):
+    from fastcnn import optim
+
+    original = optim.SGD.step
+
+    def step(self):
+        original(self)
+        if self.step_count == 8:  # the last step of epoch 2 (4 steps per epoch): no step sees its loss
+            self.params[0].data[0] = np.inf
+
+    monkeypatch.setattr(optim.SGD, "step", step)
+    out = tmp_path / "run"
+    code, _, err = run_cli(argv(out), capsys)
+    assert code == 1
+    assert "training diverged in epoch 2: the updates made layers.0.weight" in err
+    assert f"last.npz (end of epoch 1) and best.npz (epoch 1) are intact in {out}" in err
+    assert load_checkpoint(out / "last.npz").meta["epoch"] == 1
+    assert verify_run(str(out)) == []

@@ -397,3 +397,21 @@ def test_bench_script_smoke(tmp_path):
     (row,) = report["table"]
     assert row["fastcnn_ms"] > 0 and row["onnxruntime_ms"] > 0
     assert "ort/fastcnn" in proc.stdout
+
+
+@pytest.mark.parametrize("output_shape, node", [
+    (["N", 2, 2, 1], ("Identity", {})),                              # logits of rank 4
+    (["N"], ("ReduceMean", {"axes": [1, 2, 3], "keepdims": 0})),    # one number per image
+])
+def test_an_output_that_is_not_batch_by_classes_is_refused(tmp_path, capsys, output_shape, node):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node(node[0], ["input"], ["logits"], **node[1])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 2, 1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, output_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (tmp_path / "odd.onnx").write_bytes(model.SerializeToString())
+    np.save(tmp_path / "x.npy", np.zeros((2, 2), np.uint8))
+    _one_line_error(*run_cli(["predict", str(tmp_path / "odd.onnx"), str(tmp_path / "x.npy")], capsys)[::2],
+                    "odd.onnx", "expected a float32 output (batch, classes)")

@@ -43,8 +43,23 @@ def test_read_metrics_keeps_the_last_record_per_epoch_and_skips_broken_lines(tmp
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"epoch": 2, "val_accuracy": 0.99}) + "\n")
         f.write('{"epoch": 3, "val_acc')  # cut short by a crash
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write(b'\n{"epoch": 4, "name": "\xff\xfe"}\n')  # not UTF-8
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2] and records[1]["val_accuracy"] == 0.99
+
+
+def test_read_metrics_refuses_a_huge_file_and_a_fifo(tmp_path, monkeypatch):
+    from fastcnn import plots
+    from fastcnn.errors import UserError
+
+    run_dir = write_metrics(tmp_path / "run", epochs=3)
+    monkeypatch.setattr(plots, "MAX_METRICS_BYTES", 100)
+    with pytest.raises(UserError, match="cannot read .*metrics.jsonl"):
+        read_metrics(run_dir / "metrics.jsonl")
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    with pytest.raises(UserError, match="cannot read .*fifo.jsonl"):
+        read_metrics(tmp_path / "fifo.jsonl")
 
 
 def test_cli_plot(tmp_path, capsys):

@@ -87,8 +87,9 @@ class BatchLoader:
         order = self.order(epoch)
         b = self.batch_size
         if self.reuse and self._x_buffer is None:
-            self._x_buffer = np.empty((b, *self.x.shape[1:]), self.x.dtype)
-            self._y_buffer = np.empty(b, np.int64)
+            k = min(b, len(self.x))  # a batch_size beyond the data: one batch of all of it, never more
+            self._x_buffer = np.empty((k, *self.x.shape[1:]), self.x.dtype)
+            self._y_buffer = np.empty(k, np.int64)
         for i in range(start, nb):
             idx = order[i * b:(i + 1) * b]
             if self.reuse:

@@ -101,6 +101,11 @@ def _strip(message: str, path: str) -> str:
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
+# Layers one block may expand to (every copy, nested blocks' copies included): a `repeat` of 10**8
+# would otherwise plan (and hang on) 10**8 layers before any other check; ResNet-152 has about 150.
+MAX_BLOCK_LAYERS = 10_000
+
+
 class Residual(Layer):
     kind = "residual"
     options = {
@@ -141,8 +146,23 @@ class Residual(Layer):
             shape = out
         return plan, shape
 
+    def expanded_layers(self, limit=MAX_BLOCK_LAYERS):
+        """How many layers the block's copies hold, nested blocks expanded (counting stops past ``limit``)."""
+        from . import layer_from_config
+
+        one = 0
+        for spec in self.body_specs + (self.shortcut_specs or []):
+            one += layer_from_config(spec).expanded_layers(limit) if spec["type"] == self.kind else 1
+            if one > limit:
+                break
+        return self.repeat * one
+
     def _plan(self, in_shape, path="residual"):
         """Per copy: (in_shape, body plan, shortcut plan or None, out_shape)."""
+        size = self.expanded_layers()
+        if size > MAX_BLOCK_LAYERS:
+            raise ConfigError(f"{path}.repeat", f"the block expands to {size:,} layers ({self.repeat:,} copies, nested "
+                                                f"blocks expanded), more than {MAX_BLOCK_LAYERS:,}")
         plans, shape = [], tuple(in_shape)
         for r in range(self.repeat):
             note = f"copy {r} of {self.repeat}, input {shape}" if self.repeat > 1 else ""
