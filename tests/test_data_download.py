@@ -152,7 +152,7 @@ def test_bad_download_leaves_nothing(tmp_path, served, mode, message):
     assert "train-images-idx3-ubyte.gz" in first and str(tmp_path / "mnist") in first
     if mode != "truncated":
         assert md5["train-images-idx3-ubyte.gz"] in first  # the expected checksum, beside the one got
-    assert os.listdir(tmp_path / "mnist") == []          # no file, no temporary file
+    assert not (tmp_path / "mnist").exists()          # no file, no temporary file
 
 
 def test_wrong_md5_names_both_checksums(tmp_path, served):
@@ -163,7 +163,7 @@ def test_wrong_md5_names_both_checksums(tmp_path, served):
     first = str(info.value).splitlines()[0]
     assert "train-images-idx3-ubyte.gz" in first
     assert "0" * 32 in first and md5["train-images-idx3-ubyte.gz"] in first
-    assert os.listdir(tmp_path / "mnist") == []
+    assert not (tmp_path / "mnist").exists()
 
 
 def test_bad_first_mirror_good_second(tmp_path, served):
@@ -185,7 +185,13 @@ def test_all_mirrors_down(tmp_path):
         assert name in first
     for m in mirrors:
         assert m in msg
-    assert os.listdir(tmp_path / "mnist") == []
+    assert not (tmp_path / "mnist").exists()  # the folder it made for the files is gone again
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path):
+    with pytest.raises(DataError, match="download failed"):
+        load(tmp_path / "new" / "root", [dead_url()], None)
+    assert os.listdir(tmp_path) == []  # new/root/mnist made for the download, removed again
 
 
 def test_download_off(tmp_path):
@@ -238,7 +244,7 @@ def test_interrupted_download_removes_temp_file(tmp_path, monkeypatch, served):
     monkeypatch.setattr(dl, "_fetch_into", boom)
     with pytest.raises(KeyboardInterrupt):
         load(tmp_path, [url + "/good/"], md5)
-    assert os.listdir(tmp_path / "mnist") == []
+    assert not (tmp_path / "mnist").exists()
 
 
 def test_download_file_direct(tmp_path, served):
@@ -291,7 +297,7 @@ def test_disk_full_while_writing(tmp_path, served, monkeypatch):
     with pytest.raises(DataError, match="cannot write to the data folder .*No space left on device") as info:
         load(tmp_path, [url + "/good/"], md5)
     assert str(tmp_path / "mnist") in str(info.value)
-    assert os.listdir(tmp_path / "mnist") == []
+    assert not (tmp_path / "mnist").exists()
 
 
 def test_file_url_mirror(tmp_path):

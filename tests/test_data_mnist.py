@@ -114,6 +114,14 @@ def test_dotted_names_accepted(tmp_path):
     assert len(offline("mnist", tmp_path).y_train) == 12
 
 
+def test_a_folder_in_place_of_a_data_file_is_named(tmp_path):
+    make_fake(tmp_path / "mnist")
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").mkdir()
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: is a folder, not the data file .*move it away"):
+        offline("mnist", tmp_path)
+
+
 def test_fashion_normalization(tmp_path):
     arrays = make_fake(tmp_path / "fashion-mnist")
     ds = offline("fashion-mnist", tmp_path)

@@ -171,6 +171,7 @@ def download_files(folder, names, checksums, mirrors, *, dataset, timeout=DEFAUL
     downloads (wrong MD5, cut short) it names the file and what was wrong.
     """
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # made here, deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -178,6 +179,19 @@ def download_files(folder, names, checksums, mirrors, *, dataset, timeout=DEFAUL
     if not os.access(folder, os.W_OK):
         raise DataError(f"cannot write to the data folder {folder}: permission denied")
     names = list(names)
+    try:
+        _download_all(folder, names, checksums, mirrors, dataset, timeout, progress, hint)
+    except BaseException:
+        for p in created:  # a failed download leaves no empty folders behind (files fetched stay)
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _download_all(folder, names, checksums, mirrors, dataset, timeout, progress, hint):
+    """download_files' loop over the files, into the existing ``folder``."""
     for i, name in enumerate(names):
         failures = []  # (url, DownloadFailed)
         for mirror in mirrors:

@@ -80,11 +80,22 @@ def _candidates(name):
 
 
 def find_files(folder):
-    """{standard name: existing path or None} for the four files in ``folder``."""
+    """{standard name: existing path or None} for the four files in ``folder``; DataError when a folder (or
+    another non-file) of a file's name is in the way (it is not missing: a download could not replace it)."""
+    from fastcnn.safeio import file_kind
+
     folder = Path(folder)
     found = {}
     for name in FILE_NAMES:
-        found[name] = next((folder / c for c in _candidates(name) if (folder / c).is_file()), None)
+        found[name] = None
+        for c in _candidates(name):
+            path = folder / c
+            if path.is_file():
+                found[name] = path
+                break
+            if path.exists():
+                raise DataError(f"{path}: is {file_kind(path.stat().st_mode)}, not the data file {name}; "
+                                f"move it away")
     return found
 
 
