@@ -340,17 +340,24 @@ def test_external_data_is_not_followed(tmp_path, capsys):
     entry = weight.external_data.add()
     entry.key, entry.value = "location", "secret.bin"
     (tmp_path / "secret.bin").write_bytes(np.ones(1, np.float32).tobytes())
-    graph = helper.make_graph([helper.make_node("Conv", ["input_nchw", "w"], ["y"]),
-                               helper.make_node("Transpose", ["input"], ["input_nchw"], perm=[0, 3, 1, 2]),
-                               helper.make_node("Flatten", ["y"], ["logits"])],
-                              "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 2, 1])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [weight])
+    nodes = [helper.make_node("Conv", ["input_nchw", "w"], ["y"]),
+             helper.make_node("Transpose", ["input"], ["input_nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("Flatten", ["y"], ["logits"])]
+    _predict_with_tiny_onnx(tmp_path / "ext.onnx", nodes, ["N", 4], [weight], capsys, "not an ONNX model")
+
+
+def _predict_with_tiny_onnx(path, nodes, output_shape, initializers, capsys, words):
+    """Write an ONNX graph of ``nodes`` from input (N, 2, 2, 1) to ``logits`` of ``output_shape``; `fastcnn
+    predict` with it must fail with one line holding ``words``."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 2, 1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, output_shape)], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    (tmp_path / "ext.onnx").write_bytes(model.SerializeToString())
-    np.save(tmp_path / "x.npy", np.zeros((2, 2), np.uint8))
-    _one_line_error(*run_cli(["predict", str(tmp_path / "ext.onnx"), str(tmp_path / "x.npy")], capsys)[::2],
-                    "ext.onnx", "not an ONNX model")
+    path.write_bytes(model.SerializeToString())
+    np.save(path.parent / "x.npy", np.zeros((2, 2), np.uint8))
+    _one_line_error(*run_cli(["predict", str(path), str(path.parent / "x.npy")], capsys)[::2], path.name, words)
 
 
 def test_failed_write_leaves_the_old_file(tmp_path, capsys, monkeypatch):
@@ -404,14 +411,7 @@ def test_bench_script_smoke(tmp_path):
     (["N"], ("ReduceMean", {"axes": [1, 2, 3], "keepdims": 0})),    # one number per image
 ])
 def test_an_output_that_is_not_batch_by_classes_is_refused(tmp_path, capsys, output_shape, node):
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    graph = helper.make_graph([helper.make_node(node[0], ["input"], ["logits"], **node[1])], "g",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 2, 1])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, output_shape)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    (tmp_path / "odd.onnx").write_bytes(model.SerializeToString())
-    np.save(tmp_path / "x.npy", np.zeros((2, 2), np.uint8))
-    _one_line_error(*run_cli(["predict", str(tmp_path / "odd.onnx"), str(tmp_path / "x.npy")], capsys)[::2],
-                    "odd.onnx", "expected a float32 output (batch, classes)")
+    _predict_with_tiny_onnx(tmp_path / "odd.onnx", [helper.make_node(node[0], ["input"], ["logits"], **node[1])],
+                            output_shape, [], capsys, "expected a float32 output (batch, classes)")

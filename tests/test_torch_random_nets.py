@@ -20,6 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch not installed: PyTorch comparison skipped")
 import torch.nn.functional as F  # noqa: E402
+from test_torch_modern_nets import build_pair, to_fastcnn_layout, torch_key  # noqa: E402
 
 import fastcnn  # noqa: E402
 from fastcnn.errors import ConfigError  # noqa: E402
@@ -128,29 +129,13 @@ def valid_net(seed):
     raise AssertionError(f"no valid network drawn from seed {seed}")  # pragma: no cover
 
 
-def _fastcnn_layout(grad):
-    """A torch gradient (float64 NumPy) in fastcnn's layout: OIHW -> HWIO, (out, in) -> (in, out)."""
-    grad = grad.detach().double()
-    if grad.ndim == 4:
-        return grad.permute(2, 3, 1, 0).numpy()
-    if grad.ndim == 2:
-        return grad.T.numpy()
-    return grad.numpy()
-
-
-def _twin_key(key):
-    """fastcnn state-dict key -> the twin's (``layers.`` dropped; batch norm's gamma/beta are weight/bias)."""
-    path, name = key[len("layers."):].rsplit(".", 1)
-    return f"{path}.{ {'gamma': 'weight', 'beta': 'bias'}.get(name, name) }"
-
-
 def _twin_gradients(reference, x, labels, dtype):
     """The twin's dL/dx (NHWC) and parameter gradients (fastcnn layout, by twin key), in float64 NumPy."""
     net = torch_model(reference, torch, channels_last=False).train().to(dtype)
     xt = to_torch_input(x, torch, channels_last=False).to(dtype).clone().requires_grad_(True)
     logits = net(xt)
     F.cross_entropy(logits, torch.from_numpy(labels)).backward()
-    grads = {k: _fastcnn_layout(p.grad) for k, p in net.named_parameters()}
+    grads = {k: to_fastcnn_layout(k, p.grad.detach().double()) for k, p in net.named_parameters()}
     grads["dx"] = xt.grad.detach().double().permute(0, 2, 3, 1).numpy()
     return net, logits.detach().double().numpy(), grads
 
@@ -164,10 +149,10 @@ def _relative(a, b):
 
 def _errors(ours, exact, keys):
     """Per key, max|ours - exact| over max(|exact|, 1e-3 of the largest parameter gradient)."""
-    floor = 1e-3 * max(float(np.max(np.abs(exact[_twin_key(k)]))) for k in keys if k != "dx")
+    floor = 1e-3 * max(float(np.max(np.abs(exact[torch_key(k)]))) for k in keys if k != "dx")
     out = {}
     for key in ["dx", *keys]:
-        ref = exact["dx" if key == "dx" else _twin_key(key)]
+        ref = exact["dx" if key == "dx" else torch_key(key)]
         scale = float(np.max(np.abs(ref)))
         if key == "dx" and scale < 1e-12:
             out[key] = 0.0  # nothing reaches x (batch norm over one image, then global pooling)
@@ -182,14 +167,7 @@ def _errors(ours, exact, keys):
 def test_random_network_matches_the_torch_twin(seed, dtype):
     drawn, spec = valid_net(seed)
     r = np.random.default_rng(drawn)
-    model = fastcnn.build_model({**spec, "dtype": np.dtype(dtype).name}, seed=0)
-    for key, p in model.named_parameters():  # batch norm's 1 and 0 would hide mistakes
-        if key.endswith(("gamma", "beta")):
-            p.data[...] = r.uniform(0.5, 1.5, p.data.shape) * r.choice([-1, 1], p.data.shape)
-    for key, b in model.named_buffers():
-        b[...] = r.uniform(0.1, 0.5, b.shape) if key.endswith("running_var") else r.uniform(-.2, .2, b.shape)
-    reference = fastcnn.build_model({**spec, "dtype": "float64"}, seed=0)
-    reference.load_state_dict({k: np.asarray(v, np.float64) for k, v in model.state_dict().items()})
+    model, reference = build_pair(spec, dtype, r)
     batch = int(r.integers(2, 20))  # (batch norm over one image, then global pooling: nothing upstream counts)
     x = r.standard_normal((batch, *spec["input_shape"]))
     labels = r.integers(0, spec["num_classes"], size=batch)
@@ -200,13 +178,13 @@ def test_random_network_matches_the_torch_twin(seed, dtype):
     assert logits.dtype == dx.dtype == dtype
     net, logits_t, exact = _twin_gradients(reference, x, labels, torch.float64)
     keys = [k for k, _ in model.named_parameters()]
-    assert {_twin_key(k) for k in keys} == set(exact) - {"dx"}  # the twin holds exactly these parameters
+    assert {torch_key(k) for k in keys} == set(exact) - {"dx"}  # the twin holds exactly these parameters
     ours = {"dx": dx, **{k: p.grad for k, p in model.named_parameters()}}
     errors = _errors(ours, exact, keys)
     if dtype == np.float32:
         # The draw's conditioning: PyTorch's own float32 gradients against its float64 ones.
         _, _, torch32 = _twin_gradients(reference, x, labels, torch.float32)
-        own = _errors({"dx": torch32["dx"], **{k: torch32[_twin_key(k)] for k in keys}}, exact, keys)
+        own = _errors({"dx": torch32["dx"], **{k: torch32[torch_key(k)] for k in keys}}, exact, keys)
         errors = {k: e / max(1.0, 3 * own[k] / TOL[dtype]) for k, e in errors.items()}
     errors["logits"] = _relative(logits, logits_t)
     net.eval()
