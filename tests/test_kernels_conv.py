@@ -83,6 +83,9 @@ CASES = {
     "filter_rows_col_stride2": (2, 8, 9, 64, 128, (3, 3), (1, 2), (1, 1, 1, 1), (1, 1)),
     "filter_rows_tail_valid": (2, 9, 11, 10, 12, (3, 5), (1, 1), (0, 0, 0, 0), (1, 1)),
     "filter_rows_cout1": (2, 6, 7, 16, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    # Few filters for the vector (10 in 16 columns with 8 lanes): filter rows from 2 vectors of columns
+    # (KW*Cin = 15 in 16), x read from its zero-padded copy.
+    "filter_rows_narrow": (3, 9, 10, 5, 10, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
     # Too few columns for it (KW*Cin = 21) but enough row tiles: the row items, x and dy (Cout 20)
     # read from zero-padded copies.
     "row_items_cin7_padcols": (2, 8, 9, 7, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
@@ -113,7 +116,7 @@ WEIGHT_GRADIENT_PATHS = {
     "filter_rows_same": "filter_rows", "filter_rows_stride_dil_cols": "filter_rows",
     "filter_rows_cin_tail": "filter_rows", "filter_rows_col_stride2": "filter_rows",
     "filter_rows_tail_valid": "filter_rows", "filter_rows_cout1": "filter_rows",
-    "filter_rows_in_place": "filter_rows",
+    "filter_rows_in_place": "filter_rows", "filter_rows_narrow": "filter_rows",
     "row_items_cin7_padcols": "rows", "padded_rows_cin3_7x7_stride2": "rows", "pointwise_weight_rows_blocks": "rows",
     "padded_rows_cin1_5x5": "direct", "direct_rows_dil_pad_top": "direct", "dilation2": "im2col",
 }
@@ -236,7 +239,7 @@ def test_float32_is_computed_in_float32():
 @pytest.mark.parametrize(
     "name", ["pad_int", "dilation_2_1_pad_stride", "same_even_2x3", "cin1_cout1", "stride2_leftover",
              "padded_rows_cin1_5x5", "padded_row_items_cout24", "transposed_cin1_cout3_pad_stride_h",
-             "filter_rows_stride_dil_cols", "filter_rows_tail_valid", "row_items_cin7_padcols",
+             "filter_rows_stride_dil_cols", "filter_rows_tail_valid", "filter_rows_narrow", "row_items_cin7_padcols",
              "pointwise_rows_merged", "pointwise_weight_rows_blocks"]
 )
 def test_gradients_central_difference(name):
