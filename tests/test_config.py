@@ -149,6 +149,19 @@ def test_yaml_12_floats_duplicates_aliases_and_binary(tmp_path):
         load_config(_write(tmp_path, "model:\ndata: {dataset: mnist}\n"))
 
 
+def test_yaml_12_booleans(tmp_path):
+    """Only true/false are booleans (YAML 1.2): YAML 1.1's yes/no/on/off stay strings, so a mistyped boolean
+    is named rather than silently read."""
+    cfg = load_config(_write(tmp_path, "model: {}\ndata: {dataset: mnist, augment: {horizontal_flip: True}}\n"))
+    assert cfg.data.augment["horizontal_flip"] is True
+    for word in ("yes", "on", "n"):
+        with pytest.raises(ConfigError, match=f"data.augment.horizontal_flip: expected true or false, got .*'{word}'"):
+            text = f"model: {{}}\ndata: {{dataset: mnist, augment: {{horizontal_flip: {word}}}}}\n"
+            load_config(_write(tmp_path, text))
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load_config(f"{REPO}/configs/mnist.yaml", ["data.augment.horizontal_flip=yes"])
+
+
 def test_set_switches_an_optional_section_on(tmp_path):
     cfg = load_config(f"{REPO}/configs/mnist.yaml", ["train.early_stopping.patience=3"])
     assert cfg.train.early_stopping == {"monitor": "val_loss", "patience": 3, "min_delta": 0.0}
