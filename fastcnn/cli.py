@@ -125,13 +125,15 @@ def train(config, overrides, resume, overwrite, threads, no_progress):
         if group.size > 1:
             _end_process_group(group, e)
         raise
-    best = os.path.join(result["output_dir"], "best.npz")
-    if result["best_accuracy"] is not None and group.is_root and os.path.exists(best):
-        click.echo(f"Best validation accuracy {result['best_accuracy']:.4f}; "
-                   f"checkpoints in {result['output_dir']} (evaluate: fastcnn eval {best})")
-    elif result["best_accuracy"] is not None and group.is_root:  # resumed a finished run into a new folder
+    if result["best_accuracy"] is None or not group.is_root:
+        return
+    out, best = result["output_dir"], os.path.join(result["output_dir"], "best.npz")
+    if os.path.exists(best):
+        click.echo(f"Best validation accuracy {result['best_accuracy']:.4f}; checkpoints in {out} "
+                   f"(evaluate: fastcnn eval {best})")
+    else:  # a finished run resumed into a new folder: nothing was trained, nothing written there
         click.echo(f"Best validation accuracy {result['best_accuracy']:.4f} (the resumed run's); no checkpoint "
-                   f"written to {result['output_dir']}")
+                   f"written to {out}")
 
 
 @cli.command(name="eval")

@@ -345,10 +345,11 @@ def open_onnx(path, threads=None):
         x = np.ascontiguousarray(x, np.float32)
         parts = []
         for s in range(0, len(x), batch_size):
-            out = np.asarray(session.run(None, {inputs[0].name: x[s:s + batch_size]})[0])
-            if out.ndim != 2 or len(out) != len(x[s:s + batch_size]) or out.shape[1] < 1:
-                raise UserError(f"{path}: gave an output of shape {out.shape} for {len(x[s:s + batch_size])} "
-                                f"input(s); expected (batch, classes)")
+            xb = x[s:s + batch_size]
+            out = np.asarray(session.run(None, {inputs[0].name: xb})[0])
+            if out.ndim != 2 or len(out) != len(xb) or out.shape[1] < 1:
+                raise UserError(f"{path}: gave an output of shape {out.shape} for {len(xb)} input(s); expected "
+                                f"(batch, classes)")
             parts.append(out)
         return np.concatenate(parts)
 

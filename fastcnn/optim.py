@@ -27,8 +27,12 @@ import numpy as np
 from .errors import CheckpointError, ConfigError
 from .layers.base import kernel_module
 from .schema import Schema, boolean, number, resolve_options
+from .step import all_finite
 
 kernels = kernel_module("optim")
+# _OVERFLOW: hyperparameters are cast to the weights' dtype without NumPy's overflow warning. A learning
+# rate beyond float32's range becomes Inf, the update makes the weights Inf, and the trainer stops with
+# one line saying so (Trainer._require_finite_weights).
 
 
 def betas_pair(value, path):
@@ -108,9 +112,7 @@ class Optimizer:
                 if value.shape != a.shape or value.dtype.kind != "f":
                     raise CheckpointError(f"optim.{key}: {value.dtype} {value.shape} in the checkpoint, "
                                           f"{a.dtype} {a.shape} in the model")
-                with np.errstate(invalid="ignore", over="ignore"):
-                    finite = np.isfinite(np.sum(value, dtype=np.float64))
-                if not finite:
+                if not all_finite(value):
                     raise CheckpointError(f"optim.{key} holds NaN or Inf (a damaged checkpoint)")
         step, lr = int(state["step"]), float(state["lr"])  # integer and number kinds checked above
         if not 0 <= step < 2 ** 53:
@@ -151,9 +153,11 @@ class SGD(Optimizer):
     def step(self):
         first = self.step_count == 0
         for p, buf in zip(self.params, self.momentum_buffers):
-            t = _dtype_cast(p.data.dtype)
-            kernels.sgd_update(p.data.reshape(-1), p.grad.reshape(-1), buf.reshape(-1), t(self.lr),
-                               t(self.momentum), t(self.dampening), t(self.weight_decay), self.nesterov, first)
+            t = p.data.dtype.type
+            with np.errstate(over="ignore"):  # see _OVERFLOW
+                lr, momentum, dampening, wd = t(self.lr), t(self.momentum), t(self.dampening), t(self.weight_decay)
+            kernels.sgd_update(p.data.reshape(-1), p.grad.reshape(-1), buf.reshape(-1), lr, momentum, dampening, wd,
+                               self.nesterov, first)
         self.step_count += 1
 
 
@@ -187,21 +191,11 @@ class Adam(Optimizer):
         bc1 = 1.0 - self.beta1 ** t_step
         bc2_sqrt = (1.0 - self.beta2 ** t_step) ** 0.5
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            t = _dtype_cast(p.data.dtype)
-            kernels.adam_update(p.data.reshape(-1), p.grad.reshape(-1), m.reshape(-1), v.reshape(-1), t(self.lr),
-                                t(self.beta1), t(self.beta2), t(self.eps), t(self.weight_decay), self.decoupled,
-                                t(bc1), t(bc2_sqrt))
-
-
-def _dtype_cast(dtype):
-    """value -> the weights' dtype, without NumPy's overflow warning: a learning rate beyond float32's range
-    becomes Inf, the update makes the weights Inf, and the trainer stops with one line saying so."""
-    t = dtype.type
-
-    def cast(value):
-        with np.errstate(over="ignore"):
-            return t(value)
-    return cast
+            t = p.data.dtype.type
+            with np.errstate(over="ignore"):  # see _OVERFLOW
+                hyper = [t(h) for h in (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay)]
+            kernels.adam_update(p.data.reshape(-1), p.grad.reshape(-1), m.reshape(-1), v.reshape(-1), *hyper,
+                                self.decoupled, t(bc1), t(bc2_sqrt))
 
 
 class AdamW(Adam):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["StepResult", "train_step", "first_nonfinite_grad", "describe_param"]
+__all__ = ["StepResult", "train_step", "all_finite", "first_nonfinite_grad", "describe_param"]
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,18 @@ def train_step(model: Any, opt: Any, x: np.ndarray, y: np.ndarray, *,
     return StepResult(loss, shard.sum_int(int((logits.argmax(axis=1) == y).sum())), count)
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """True when no element of the float array ``a`` is NaN or Inf."""
+    # A float64 sum is non-finite iff some element is (float32 values cannot overflow it), and it needs no
+    # temporary array; Inf + -Inf makes a NaN, not a warning.
+    with np.errstate(invalid="ignore", over="ignore"):
+        return bool(np.isfinite(np.sum(a, dtype=np.float64)))
+
+
 def first_nonfinite_grad(model: Any) -> str | None:
     """The state-dict key of the first parameter whose gradient holds a NaN or Inf, else None."""
     for key, p in model.named_parameters():
-        # A float64 sum is non-finite iff some element is (no float32 overflow), with no temporary array.
-        if not np.isfinite(np.sum(p.grad, dtype=np.float64)):
+        if not all_finite(p.grad):
             return key
     return None
 

@@ -33,7 +33,7 @@ from .evaluate import evaluate
 from .rundir import RUN_FILES, OutputError, RunFolder, RunLock, describe_oserror
 from .runtime import set_threads, warm_up
 from .safeio import dumps_json, file_kind
-from .step import StepResult, describe_param, named_layers, train_step
+from .step import StepResult, all_finite, describe_param, named_layers, train_step
 from .stopping import SignalFlag
 
 
@@ -332,10 +332,7 @@ class Trainer:
         so large that the update overflowed while the step's loss and gradients were still finite. Such weights
         are never validated, recorded or saved (on every process: they hold the same weights)."""
         for key, p in self.model.named_parameters():
-            # A float64 sum is non-finite iff some element is (float32 values cannot overflow it).
-            with np.errstate(invalid="ignore", over="ignore"):
-                finite = np.isfinite(np.sum(p.data, dtype=np.float64))
-            if not finite:
+            if not all_finite(p.data):
                 raise TrainingDiverged(f"training diverged {when}: the updates made {key} "
                                        f"({describe_param(self.model, key)}) NaN or Inf (train.optimizer.lr, "
                                        f"momentum or weight_decay too large?); {self._kept()}")
